@@ -1,0 +1,222 @@
+"""TRPO (Schulman et al., 2015) on the shared on-policy loop.
+
+One update, on a batch of N valid transitions with advantages Â:
+
+    L(θ)   = 1/N Σ exp(log π_θ(a|s) − log π_old(a|s)) Â  (+ ent_coef · entropy)
+    g      = ∇_θ L(θ_old)
+    s      ≈ F⁻¹ g            conjugate gradient on F·v = ∇²_θ KL(π_old ‖ π_θ) v + damping·v
+    β      = sqrt(2 δ / sᵀ F s)                      (δ = target_kl)
+    θ_new  = θ_old + αᵏ β s   for the first k with L improved and KL ≤ δ (line search)
+
+The critic is then fitted by minibatch Adam on the GAE returns.  :class:`TrustRegionAgent`
+holds everything but the last line, which NPG replaces by the full step.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from trpo_lab.agents.base import OnPolicyAgent
+from trpo_lab.buffer import RolloutBatch
+from trpo_lab.config import TRPOConfig, TrustRegionConfig
+from trpo_lab.optim.cg import solve_cg
+from trpo_lab.optim.fisher import fisher_vector_product, fisher_vector_product_func, flat_grad
+from trpo_lab.optim.line_search import kl_line_search
+
+__all__ = ["TrustRegionAgent", "TRPO", "NaturalStep", "explained_variance"]
+
+
+def explained_variance(predictions: Tensor, targets: Tensor) -> Tensor:
+    """1 − Var[y − ŷ] / Var[y] (NaN when Var[y] = 0)."""
+    var_y = targets.var()
+    return 1.0 - (targets - predictions).var() / var_y
+
+
+class NaturalStep:
+    """The natural-gradient step of one update, before it is applied."""
+
+    def __init__(
+        self, full_step: Tensor, expected_improvement: Tensor, loss0: Tensor, metrics: dict[str, Tensor]
+    ) -> None:
+        self.full_step = full_step
+        self.expected_improvement = expected_improvement
+        self.loss0 = loss0
+        self.metrics = metrics
+
+
+class TrustRegionAgent(OnPolicyAgent):
+    """Shared machinery of TRPO and NPG: surrogate, natural direction, KL scaling, critic fit."""
+
+    config_class: ClassVar[type[TrustRegionConfig]] = TrustRegionConfig
+    config: TrustRegionConfig
+
+    def _setup(self) -> None:
+        self.critic_optimizer = torch.optim.Adam(self.policy.critic_parameters(), lr=self.config.learning_rate)
+
+    def _optimizer_states(self) -> dict[str, Any]:
+        return {"critic": self.critic_optimizer.state_dict()}
+
+    def _load_optimizer_states(self, states: dict[str, Any]) -> None:
+        self.critic_optimizer.load_state_dict(states["critic"])
+
+    # ------------------------------------------------------------------ pieces of the update
+    def _advantages(self, batch: RolloutBatch) -> Tensor:
+        adv = batch.advantages
+        if self.config.normalize_advantage and adv.numel() > 1:
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        return adv
+
+    def _surrogate(self, dist_params: Tensor, actions: Tensor, old_log_probs: Tensor, advantages: Tensor) -> Tensor:
+        dist = self.policy.distribution
+        ratio = torch.exp(dist.log_prob(dist_params, actions) - old_log_probs)
+        surrogate = (ratio * advantages).mean()
+        if self.config.ent_coef > 0:
+            surrogate = surrogate + self.config.ent_coef * dist.entropy(dist_params).mean()
+        return surrogate
+
+    def _fvp(self, obs: Tensor, old_params: Tensor, actor_params: list[nn.Parameter]) -> Any:
+        k = self.config.sub_sampling_factor
+        obs_sub, old_sub = (obs[::k], old_params[::k]) if k > 1 else (obs, old_params)
+        dist, policy = self.policy.distribution, self.policy
+        if self.config.fvp_backend == "func":
+            def kl_of(params: tuple[Tensor, ...]) -> Tensor:
+                flat = torch.cat([p.reshape(-1) for p in params])
+                return dist.kl(old_sub, policy.dist_params_from_flat(flat, obs_sub)).mean()
+
+            return fisher_vector_product_func(kl_of, actor_params, damping=self.config.cg_damping)
+
+        def kl_fn() -> Tensor:
+            return dist.kl(old_sub, policy.dist_params(obs_sub)).mean()
+
+        return fisher_vector_product(kl_fn, actor_params, damping=self.config.cg_damping)
+
+    def natural_step(self, obs: Tensor, batch: RolloutBatch, advantages: Tensor) -> NaturalStep:
+        """Compute s = CG(F, g) and scale it to the KL radius: β s with β = sqrt(2δ / sᵀFs)."""
+        policy = self.policy
+        actor_params = policy.actor_parameters()
+        with torch.no_grad():
+            old_params = policy.dist_params(obs)
+            old_log_probs = policy.distribution.log_prob(old_params, batch.actions)
+        surrogate = self._surrogate(policy.dist_params(obs), batch.actions, old_log_probs, advantages)
+        grad = flat_grad(surrogate, actor_params)
+        fvp = self._fvp(obs, old_params, actor_params)
+        cg = solve_cg(fvp, grad, max_iter=self.config.cg_max_steps, tol=self.config.cg_tol)
+        direction = cg.x
+        curvature = torch.dot(direction, fvp(direction))
+        # Guard sᵀFs <= 0 (numerically zero gradient): take no step rather than divide by zero.
+        safe_curvature = torch.where(curvature > 0, curvature, torch.ones_like(curvature))
+        beta = torch.where(
+            curvature > 0, torch.sqrt(2.0 * self.config.target_kl / safe_curvature), torch.zeros_like(curvature)
+        )
+        full_step = beta * direction
+        metrics = {
+            "train/surrogate": surrogate.detach(),
+            "train/cg_residual": cg.residual_norm,
+            "train/cg_iterations": cg.iterations.to(grad.dtype),
+            "train/step_curvature": curvature.detach(),
+            "train/grad_norm": grad.norm(),
+            "train/step_norm": full_step.norm(),
+        }
+        self._old = (old_params, old_log_probs)
+        return NaturalStep(full_step, torch.dot(grad, full_step), -surrogate.detach(), metrics)
+
+    def _evaluate_candidates(self, obs: Tensor, batch: RolloutBatch, advantages: Tensor) -> Any:
+        """``(K, P)`` flat actor vectors -> (losses (K,), mean KLs (K,)), without touching the module."""
+        old_params, old_log_probs = self._old
+        policy, dist = self.policy, self.policy.distribution
+
+        def one(flat: Tensor) -> tuple[Tensor, Tensor]:
+            params = policy.dist_params_from_flat(flat, obs)
+            loss = -self._surrogate(params, batch.actions, old_log_probs, advantages)
+            return loss, dist.kl(old_params, params).mean()
+
+        batched = torch.func.vmap(one)
+
+        def evaluate(candidates: Tensor) -> tuple[Tensor, Tensor]:
+            with torch.no_grad():
+                if candidates.shape[0] == 1:
+                    loss, kl = one(candidates[0])
+                    return loss.unsqueeze(0), kl.unsqueeze(0)
+                return batched(candidates)
+
+        return evaluate
+
+    @abstractmethod
+    def apply_step(self, step: NaturalStep, obs: Tensor, batch: RolloutBatch, advantages: Tensor) -> dict[str, Tensor]:
+        """Apply the scaled natural step to the actor (TRPO: line search; NPG: full step)."""
+
+    def fit_critic(self, batch: RolloutBatch) -> dict[str, Tensor]:
+        """Minibatch Adam regression of V(s) on the GAE returns for ``n_critic_updates`` epochs."""
+        policy, cfg = self.policy, self.config
+        obs_all = policy.preprocess(batch.observations)
+        critic_params = policy.critic_parameters()
+        losses = []
+        for _ in range(cfg.n_critic_updates):
+            perm = torch.randperm(batch.size, generator=self.shuffle_generator).to(obs_all.device)
+            for start in range(0, batch.size, cfg.batch_size):
+                idx = perm[start : start + cfg.batch_size]
+                loss = nn.functional.mse_loss(policy.value(obs_all[idx]), batch.returns[idx])
+                self.critic_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(critic_params, cfg.max_grad_norm)
+                self.critic_optimizer.step()
+                losses.append(loss.detach())
+        with torch.no_grad():
+            ev = explained_variance(batch.values, batch.returns)
+        return {"train/value_loss": torch.stack(losses).mean(), "train/explained_variance": ev}
+
+    def update(self, batch: RolloutBatch) -> dict[str, float]:
+        obs = self.policy.preprocess(batch.observations)
+        advantages = self._advantages(batch)
+        step = self.natural_step(obs, batch, advantages)
+        metrics = dict(step.metrics)
+        metrics.update(self.apply_step(step, obs, batch, advantages))
+        metrics.update(self.fit_critic(batch))
+        with torch.no_grad():
+            metrics["train/entropy"] = self.policy.distribution.entropy(self.policy.dist_params(obs)).mean()
+            if self.policy.log_std is not None:
+                metrics["train/std"] = self.policy.log_std.exp().mean()
+        self._old = None  # type: ignore[assignment]
+        keys = list(metrics)
+        values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).cpu().tolist()
+        return dict(zip(keys, values))
+
+
+class TRPO(TrustRegionAgent):
+    """Trust Region Policy Optimization (Schulman et al., 2015), sb3-contrib hyperparameter names.
+
+    Example:
+        >>> agent = TRPO("CartPole-v1", n_envs=8, seed=0, n_steps=256)   # doctest: +SKIP
+        >>> agent.learn(100_000, run_dir="runs/cartpole-trpo")           # doctest: +SKIP
+    """
+
+    algo: ClassVar[str] = "trpo"
+    config_class: ClassVar[type[TRPOConfig]] = TRPOConfig
+    config: TRPOConfig
+
+    def apply_step(self, step: NaturalStep, obs: Tensor, batch: RolloutBatch, advantages: Tensor) -> dict[str, Tensor]:
+        cfg = self.config
+        result = kl_line_search(
+            self.policy.actor_parameters(),
+            step.full_step.detach(),
+            self._evaluate_candidates(obs, batch, advantages),
+            loss0=step.loss0,
+            expected_improvement=step.expected_improvement.detach(),
+            kl_limit=cfg.target_kl,
+            shrinking_factor=cfg.line_search_shrinking_factor,
+            max_iter=cfg.line_search_max_iter,
+            accept_ratio=cfg.line_search_accept_ratio,
+            batched=cfg.line_search_batched,
+        )
+        return {
+            "train/kl": result.kl,
+            "train/linesearch_success": result.success.float(),
+            "train/linesearch_backtracks": result.backtracks.float(),
+            "train/step_fraction": result.step_fraction,
+            "train/expected_improvement": result.expected_improvement,
+            "train/actual_improvement": result.actual_improvement,
+        }

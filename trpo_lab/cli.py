@@ -1,0 +1,205 @@
+"""Command line: ``trpo-lab train | eval`` (also ``python -m trpo_lab``).
+
+Mistakes of the user (unknown algorithm or env, bad ``--set`` key or value, missing
+run directory) exit with status 2 and one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+__all__ = ["main", "build_parser", "CLIError"]
+
+DEFAULT_TIMESTEPS = 100_000
+
+
+class CLIError(Exception):
+    """A user mistake: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise CLIError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="trpo-lab", description="Trust-region and natural-gradient RL: train, compare, evaluate.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train one agent on one environment")
+    train.add_argument("algo", nargs="?", help="trpo, npg, acktr or ppo")
+    train.add_argument("env", nargs="?", help="Gymnasium environment id, e.g. CartPole-v1")
+    train.add_argument("--steps", type=int, default=None, help="total environment steps (default: preset or 100000)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--n-envs", type=int, default=None, help="parallel environments (default: preset or 8)")
+    train.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    train.add_argument("--run-dir", default=None, help="output folder (default: runs/ENV-ALGO-seedS)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a hyperparameter (TOML value syntax; dotted keys for policy_kwargs)")
+    train.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its checkpoint.pt")
+    train.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ev = sub.add_parser("eval", help="evaluate a trained run")
+    ev.add_argument("run_dir")
+    ev.add_argument("--episodes", type=int, default=10)
+    ev.add_argument("--stochastic", action="store_true", help="sample actions instead of the mode")
+    ev.add_argument("--seed", type=int, default=None)
+    return parser
+
+
+def _unique_run_dir(base: Path) -> Path:
+    if not base.exists():
+        return base
+    i = 2
+    while Path(f"{base}_{i}").exists():
+        i += 1
+    return Path(f"{base}_{i}")
+
+
+def _truncate_progress(run_dir: Path, timesteps: int) -> None:
+    """Drop progress rows logged after the checkpoint (a killed run may have written some)."""
+    from trpo_lab.logging import atomic_write_text
+
+    import io
+
+    path = run_dir / "progress.csv"
+    if not path.exists():
+        return
+    with path.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        return
+    header, body = rows[0], rows[1:]
+    col = header.index("timesteps")
+    kept = [r for r in body if r and r[col] and float(r[col]) <= timesteps]
+    lines = [header, *kept]
+    out = io.StringIO()
+    csv.writer(out).writerows(lines)
+    atomic_write_text(path, out.getvalue())
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from trpo_lab.agents import agent_class
+    from trpo_lab.config import config_class, parse_set_option
+    from trpo_lab.envs import check_env_id
+    from trpo_lab.presets import load_preset
+
+    if args.threads < 1:
+        raise CLIError(f"Invalid --threads: {args.threads}; expected >= 1")
+    torch.set_num_threads(args.threads)
+    if args.resume is not None:
+        return _resume(args)
+    if not args.algo or not args.env:
+        raise CLIError("trpo-lab train: ALGO and ENV are required (or --resume RUN_DIR)")
+    config_class(args.algo)  # unknown algorithm -> ValueError
+    check_env_id(args.env)
+    hyperparameters, run_settings = load_preset(args.algo, args.env)
+    overrides: dict[str, Any] = {}
+    for option in args.overrides:
+        parse_set_option(option, overrides)
+    for key, value in overrides.items():
+        if key == "policy_kwargs" and isinstance(value, dict):
+            hyperparameters.setdefault("policy_kwargs", {}).update(value)
+        else:
+            hyperparameters[key] = value
+    n_envs = args.n_envs if args.n_envs is not None else int(run_settings.get("n_envs", 8))
+    steps = args.steps if args.steps is not None else int(run_settings.get("total_timesteps", DEFAULT_TIMESTEPS))
+    if steps < 1:
+        raise CLIError(f"Invalid --steps: {steps}; expected >= 1")
+    run_dir = Path(args.run_dir) if args.run_dir else _unique_run_dir(
+        Path("runs") / f"{args.env}-{args.algo.lower()}-seed{args.seed}"
+    )
+    agent = agent_class(args.algo)(
+        args.env,
+        n_envs=n_envs,
+        seed=args.seed,
+        device=args.device,
+        vectorization=str(run_settings.get("vectorization", "sync")),
+        **hyperparameters,
+    )
+    return _run(agent, steps, run_dir, args.quiet)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from trpo_lab.agents.base import OnPolicyAgent
+    from trpo_lab.config import load_toml
+
+    run_dir = Path(args.resume)
+    config = load_toml(run_dir / "config.toml")
+    checkpoint = run_dir / "checkpoint.pt"
+    agent = OnPolicyAgent.load(checkpoint, device=args.device)
+    steps = args.steps if args.steps is not None else int(config.get("total_timesteps", DEFAULT_TIMESTEPS))
+    _truncate_progress(run_dir, agent.num_timesteps)
+    if agent.num_timesteps >= steps:
+        print(f"{run_dir}: already trained for {agent.num_timesteps} of {steps} steps; nothing to do")
+        return 0
+    return _run(agent, steps, run_dir, args.quiet)
+
+
+def _run(agent: Any, steps: int, run_dir: Path, quiet: bool) -> int:
+    try:
+        agent.learn(steps, run_dir=run_dir, progress_bar=not quiet)
+    finally:
+        agent.close()
+    returns = list(agent.episode_returns)
+    summary = f"mean return (last {len(returns)} episodes) {sum(returns) / len(returns):.2f}" if returns else ""
+    print(f"{agent.algo} on {agent.env_id}: {agent.num_timesteps} steps, {summary}; run directory {run_dir}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from trpo_lab.agents.base import OnPolicyAgent
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise CLIError(f"Run directory not found: {run_dir}")
+    if args.episodes < 1:
+        raise CLIError(f"Invalid --episodes: {args.episodes}; expected >= 1")
+    path = run_dir / "final.pt"
+    if not path.exists():
+        path = run_dir / "checkpoint.pt"
+    agent = OnPolicyAgent.load(path, n_envs=1)
+    try:
+        returns = agent.evaluate(args.episodes, deterministic=not args.stochastic, seed=args.seed)
+    finally:
+        agent.close()
+    print(
+        f"{agent.algo} on {agent.env_id}: return {np.mean(returns):.2f} +- {np.std(returns):.2f} "
+        f"over {len(returns)} episodes ({path.name})"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``trpo-lab`` console script."""
+    from trpo_lab.agents.base import NonFiniteEnvError
+
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "train":
+            return _train(args)
+        if args.command == "eval":
+            return _eval(args)
+        raise CLIError(f"trpo-lab: unknown command {args.command!r}")
+    except (CLIError, ValueError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if not message.startswith("trpo-lab"):
+            message = f"trpo-lab: error: {message}"
+        print(message, file=sys.stderr)
+        return 2
+    except NonFiniteEnvError as exc:
+        print(f"trpo-lab: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("trpo-lab: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,301 @@
+"""Typed, validated hyperparameter configs and TOML presets.
+
+Every agent's hyperparameters are a keyword-only dataclass that validates itself
+in ``__post_init__`` and raises ``ValueError`` naming the field, the bad value and
+what is allowed.  The Python constructors, the CLI's ``--set`` and the TOML presets
+in the top-level ``agents/`` folder all go through :meth:`AgentConfig.from_dict`.
+
+Names follow Stable-Baselines3 / sb3-contrib wherever the concept exists.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "AgentConfig",
+    "TrustRegionConfig",
+    "TRPOConfig",
+    "NPGConfig",
+    "PPOConfig",
+    "ACKTRConfig",
+    "CONFIGS",
+    "config_class",
+    "parse_set_option",
+    "load_toml",
+]
+
+Check = Callable[[Any], bool]
+C = TypeVar("C", bound="AgentConfig")
+
+
+def _param(default: Any, check: Check | None = None, allowed: str = "", doc: str = "") -> Any:
+    """A dataclass field with a range check used by ``AgentConfig.__post_init__``."""
+    kwargs: dict[str, Any] = {"metadata": {"check": check, "allowed": allowed, "doc": doc}}
+    if isinstance(default, (dict, list)):
+        kwargs["default_factory"] = lambda: type(default)(default)
+    else:
+        kwargs["default"] = default
+    return field(**kwargs)
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+def _unit_open_closed(v: Any) -> bool:
+    return 0 < v <= 1
+
+
+def _unit_closed(v: Any) -> bool:
+    return 0 <= v <= 1
+
+
+def _unit_open(v: Any) -> bool:
+    return 0 < v < 1
+
+
+def _type_error(name: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"Invalid {name}: {value!r} ({type(value).__name__}); expected {expected}")
+
+
+def _coerce(name: str, annotation: str, value: Any) -> Any:
+    """Check (and for floats, widen) a value against its field annotation."""
+    optional = annotation.endswith("| None")
+    base = annotation.removesuffix("| None").strip()
+    if value is None:
+        if optional:
+            return None
+        raise _type_error(name, value, f"a value of type {base}")
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise _type_error(name, value, "true or false")
+        return value
+    if base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _type_error(name, value, "an integer")
+        return value
+    if base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _type_error(name, value, "a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise _type_error(name, value, "a finite number")
+        return value
+    if base == "str":
+        if not isinstance(value, str):
+            raise _type_error(name, value, "a string")
+        return value
+    if base.startswith("dict"):
+        if not isinstance(value, Mapping):
+            raise _type_error(name, value, "a table / dict")
+        return dict(value)
+    return value
+
+
+@dataclass(kw_only=True)
+class AgentConfig:
+    """Hyperparameters shared by every on-policy agent."""
+
+    algo: ClassVar[str] = ""
+
+    n_steps: int = _param(2048, _positive, ">= 1", "steps per environment per update")
+    batch_size: int = _param(64, _positive, ">= 1", "minibatch size")
+    gamma: float = _param(0.99, _unit_open_closed, "in (0, 1]", "discount factor")
+    gae_lambda: float = _param(0.95, _unit_closed, "in [0, 1]", "GAE lambda")
+    learning_rate: float = _param(3e-4, _positive, "> 0", "learning rate")
+    normalize_advantage: bool = _param(True, doc="standardise advantages per batch")
+    ent_coef: float = _param(0.0, _non_negative, ">= 0", "entropy bonus coefficient")
+    max_grad_norm: float = _param(0.5, _positive, "> 0", "gradient norm clip")
+    normalize_obs: bool = _param(False, doc="running observation normalization (Gymnasium wrapper)")
+    normalize_reward: bool = _param(False, doc="reward scaling by the return std (Gymnasium wrapper)")
+    policy_kwargs: dict[str, Any] = _param({}, doc="net_arch, activation_fn, log_std_init, ortho_init")
+    checkpoint_every: int = _param(10, _non_negative, ">= 0 (0 disables)", "updates between checkpoints")
+    nan_policy: str = _param(
+        "raise", lambda v: v in ("raise", "skip"), "'raise' or 'skip'", "what to do with non-finite env output"
+    )
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            name = f.name
+            value = _coerce(name, str(f.type), getattr(self, name))
+            check = f.metadata.get("check")
+            if check is not None and value is not None and not check(value):
+                raise ValueError(f"Invalid {name}: {value!r}; expected {f.metadata['allowed']}")
+            setattr(self, name, value)
+        allowed_policy = {"net_arch", "activation_fn", "log_std_init", "ortho_init"}
+        unknown = set(self.policy_kwargs) - allowed_policy
+        if unknown:
+            raise ValueError(
+                f"Invalid policy_kwargs key(s) {sorted(unknown)}; expected some of {sorted(allowed_policy)}"
+            )
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls: type[C], values: Mapping[str, Any]) -> C:
+        """Build from a mapping, rejecting unknown keys with close suggestions."""
+        names = cls.field_names()
+        for key in values:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(names)}"
+                raise ValueError(f"Unknown hyperparameter {key!r} for {cls.algo or cls.__name__}{hint}")
+        return cls(**dict(values))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (TOML-serialisable): activation classes become their names."""
+        data = asdict(self)
+        act = data["policy_kwargs"].get("activation_fn")
+        if isinstance(act, type):
+            from trpo_lab.policies import ACTIVATIONS
+
+            names = [name for name, cls in ACTIVATIONS.items() if cls is act]
+            data["policy_kwargs"]["activation_fn"] = names[0] if names else act.__name__
+        return data
+
+    def replace(self: C, **changes: Any) -> C:
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+
+@dataclass(kw_only=True)
+class TrustRegionConfig(AgentConfig):
+    """Natural-gradient step on conjugate gradient over Fisher-vector products (TRPO, NPG)."""
+
+    learning_rate: float = _param(1e-3, _positive, "> 0", "critic learning rate (Adam)")
+    batch_size: int = _param(128, _positive, ">= 1", "critic minibatch size")
+    target_kl: float = _param(0.01, _positive, "> 0", "KL radius delta of the trust region")
+    cg_max_steps: int = _param(15, _positive, ">= 1", "conjugate-gradient iterations")
+    cg_damping: float = _param(0.1, _non_negative, ">= 0", "damping added to the Fisher")
+    cg_tol: float = _param(1e-10, _non_negative, ">= 0", "CG tolerance on the squared residual")
+    n_critic_updates: int = _param(10, _positive, ">= 1", "critic epochs per update")
+    sub_sampling_factor: int = _param(1, _positive, ">= 1", "use every k-th sample for the FVP")
+    fvp_backend: str = _param(
+        "autograd", lambda v: v in ("autograd", "func"), "'autograd' or 'func'", "how Fisher-vector products are formed"
+    )
+
+
+@dataclass(kw_only=True)
+class TRPOConfig(TrustRegionConfig):
+    """TRPO (Schulman et al., 2015): natural step scaled to the KL radius, then a line search."""
+
+    algo: ClassVar[str] = "trpo"
+
+    line_search_shrinking_factor: float = _param(0.8, _unit_open, "in (0, 1)", "backtracking factor")
+    line_search_max_iter: int = _param(10, _positive, ">= 1", "backtracking steps")
+    line_search_accept_ratio: float = _param(
+        0.0, _non_negative, ">= 0", "required fraction of the expected improvement (0: any improvement)"
+    )
+    line_search_batched: bool = _param(False, doc="evaluate all step sizes in one vmapped pass (GPU)")
+
+
+@dataclass(kw_only=True)
+class NPGConfig(TrustRegionConfig):
+    """Natural policy gradient (Kakade, 2001): the TRPO step with a fixed KL radius, no line search."""
+
+    algo: ClassVar[str] = "npg"
+
+
+@dataclass(kw_only=True)
+class PPOConfig(AgentConfig):
+    """PPO (Schulman et al., 2017): clipped surrogate, minibatch epochs."""
+
+    algo: ClassVar[str] = "ppo"
+
+    n_epochs: int = _param(10, _positive, ">= 1", "epochs over the rollout")
+    clip_range: float = _param(0.2, _positive, "> 0", "surrogate clip epsilon")
+    clip_range_vf: float | None = _param(None, _positive, "> 0 or none", "value clip (None: off)")
+    vf_coef: float = _param(0.5, _non_negative, ">= 0", "value loss coefficient")
+    target_kl: float | None = _param(None, _positive, "> 0 or none", "early stop at this KL (None: off)")
+    optimizer: str = _param("adam", doc="torch optimizer: adam, sgd, rmsprop, shampoo or a dotted class path")
+    optimizer_kwargs: dict[str, Any] = _param({}, doc="extra optimizer keyword arguments")
+
+
+@dataclass(kw_only=True)
+class ACKTRConfig(AgentConfig):
+    """ACKTR (Wu et al., 2017): K-FAC natural gradient for actor and critic, KL-clipped."""
+
+    algo: ClassVar[str] = "acktr"
+
+    n_steps: int = _param(20, _positive, ">= 1", "steps per environment per update")
+    learning_rate: float = _param(0.25, _positive, "> 0", "K-FAC learning rate")
+    gae_lambda: float = _param(1.0, _unit_closed, "in [0, 1]", "GAE lambda (1: n-step returns)")
+    ent_coef: float = _param(0.01, _non_negative, ">= 0", "entropy bonus coefficient")
+    vf_coef: float = _param(0.5, _non_negative, ">= 0", "value loss coefficient")
+    kl_clip: float = _param(1e-3, _positive, "> 0", "K-FAC trust region on the predicted KL")
+    damping: float = _param(1e-2, _positive, "> 0", "K-FAC damping")
+    momentum: float = _param(0.9, lambda v: 0 <= v < 1, "in [0, 1)", "K-FAC momentum")
+    stat_decay: float = _param(0.99, _unit_open, "in (0, 1)", "running-average decay of the factors")
+    inverse_every: int = _param(10, _positive, ">= 1", "updates between eigendecompositions")
+    normalize_advantage: bool = _param(False, doc="standardise advantages per batch")
+
+
+CONFIGS: dict[str, type[AgentConfig]] = {
+    "trpo": TRPOConfig,
+    "npg": NPGConfig,
+    "ppo": PPOConfig,
+    "acktr": ACKTRConfig,
+}
+
+
+def config_class(algo: str) -> type[AgentConfig]:
+    """The config dataclass for an algorithm name (case-insensitive)."""
+    key = algo.lower()
+    if key not in CONFIGS:
+        raise ValueError(f"Unknown algorithm {algo!r}; expected one of {', '.join(sorted(CONFIGS))}")
+    return CONFIGS[key]
+
+
+def parse_value(text: str) -> Any:
+    """Parse a ``--set`` value as a TOML value (numbers, booleans, arrays, inline tables), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_set_option(option: str, into: dict[str, Any]) -> None:
+    """Apply ``key=value`` (``key`` may be dotted, e.g. ``policy_kwargs.net_arch=[32,32]``) to ``into``."""
+    key, sep, value = option.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"Invalid --set {option!r}; expected key=value")
+    parts = key.split(".")
+    target = into
+    for part in parts[:-1]:
+        nested = target.setdefault(part, {})
+        if not isinstance(nested, dict):
+            raise ValueError(f"Invalid --set {option!r}: {part!r} is not a table")
+        target = nested
+    target[parts[-1]] = parse_value(value.strip())
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file; errors name the file and the problem (TOML never evaluates code)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ValueError(f"TOML file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"Unreadable TOML in {path}: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"Cannot read TOML file {path}: {exc}") from exc

@@ -1,0 +1,352 @@
+"""Actor-critic networks and action distributions.
+
+Distributions are stateless objects that work on a single *parameter tensor* per
+batch (logits for categorical actions, ``[mean, log_std]`` for Gaussians).  That
+keeps the hot rollout loop free of ``torch.distributions`` bookkeeping, makes the
+old policy a plain detached tensor for KL computations, and works unchanged under
+``torch.func.vmap`` (the batched line search).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "ActionDistribution",
+    "Categorical",
+    "DiagGaussian",
+    "MultiCategorical",
+    "ActorCritic",
+    "make_distribution",
+    "ACTIVATIONS",
+]
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "leaky_relu": nn.LeakyReLU,
+}
+
+
+class ActionDistribution(ABC):
+    """Interface of a distribution parametrised by one tensor of shape ``(batch, param_dim)``."""
+
+    param_dim: int
+
+    @abstractmethod
+    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Draw one action per row of ``params``."""
+
+    @abstractmethod
+    def mode(self, params: Tensor) -> Tensor:
+        """Most likely action per row."""
+
+    @abstractmethod
+    def log_prob(self, params: Tensor, actions: Tensor) -> Tensor:
+        """Per-sample log-probability of ``actions``."""
+
+    @abstractmethod
+    def entropy(self, params: Tensor) -> Tensor:
+        """Per-sample entropy."""
+
+    @abstractmethod
+    def kl(self, old_params: Tensor, new_params: Tensor) -> Tensor:
+        """Per-sample analytic KL(old || new)."""
+
+
+def _categorical_sample(logits: Tensor, generator: torch.Generator | None) -> Tensor:
+    # Gumbel-max: argmax(logits + Gumbel noise) is a sample of softmax(logits).
+    uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    gumbel = -torch.log(-torch.log(uniform.clamp_(1e-20, 1.0)))
+    return torch.argmax(logits + gumbel, dim=-1)
+
+
+def _categorical_kl(old_logits: Tensor, new_logits: Tensor) -> Tensor:
+    old_log_p = torch.log_softmax(old_logits, dim=-1)
+    new_log_p = torch.log_softmax(new_logits, dim=-1)
+    return (old_log_p.exp() * (old_log_p - new_log_p)).sum(-1)
+
+
+def _categorical_entropy(logits: Tensor) -> Tensor:
+    log_p = torch.log_softmax(logits, dim=-1)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+class Categorical(ActionDistribution):
+    """Softmax distribution over ``n`` actions; params are logits ``(batch, n)``."""
+
+    def __init__(self, n: int) -> None:
+        self.param_dim = n
+
+    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return _categorical_sample(params, generator)
+
+    def mode(self, params: Tensor) -> Tensor:
+        return torch.argmax(params, dim=-1)
+
+    def log_prob(self, params: Tensor, actions: Tensor) -> Tensor:
+        log_p = torch.log_softmax(params, dim=-1)
+        return log_p.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+
+    def entropy(self, params: Tensor) -> Tensor:
+        return _categorical_entropy(params)
+
+    def kl(self, old_params: Tensor, new_params: Tensor) -> Tensor:
+        return _categorical_kl(old_params, new_params)
+
+
+class MultiCategorical(ActionDistribution):
+    """Independent categoricals for a ``MultiDiscrete`` space; params are concatenated logits."""
+
+    def __init__(self, nvec: Sequence[int]) -> None:
+        self.nvec = [int(n) for n in nvec]
+        self.param_dim = sum(self.nvec)
+
+    def _split(self, params: Tensor) -> tuple[Tensor, ...]:
+        return torch.split(params, self.nvec, dim=-1)
+
+    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return torch.stack([_categorical_sample(lg, generator) for lg in self._split(params)], dim=-1)
+
+    def mode(self, params: Tensor) -> Tensor:
+        return torch.stack([torch.argmax(lg, dim=-1) for lg in self._split(params)], dim=-1)
+
+    def log_prob(self, params: Tensor, actions: Tensor) -> Tensor:
+        actions = actions.long()
+        total = torch.zeros(params.shape[:-1], device=params.device, dtype=params.dtype)
+        for i, logits in enumerate(self._split(params)):
+            log_p = torch.log_softmax(logits, dim=-1)
+            total = total + log_p.gather(-1, actions[..., i : i + 1]).squeeze(-1)
+        return total
+
+    def entropy(self, params: Tensor) -> Tensor:
+        return torch.stack([_categorical_entropy(lg) for lg in self._split(params)], dim=-1).sum(-1)
+
+    def kl(self, old_params: Tensor, new_params: Tensor) -> Tensor:
+        pairs = zip(self._split(old_params), self._split(new_params))
+        return torch.stack([_categorical_kl(o, n) for o, n in pairs], dim=-1).sum(-1)
+
+
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+class DiagGaussian(ActionDistribution):
+    """Diagonal Gaussian; params are ``[mean, log_std]`` concatenated, ``(batch, 2 * dim)``."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.param_dim = 2 * dim
+
+    def _split(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        return params[..., : self.dim], params[..., self.dim :]
+
+    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        mean, log_std = self._split(params)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + noise * log_std.exp()
+
+    def mode(self, params: Tensor) -> Tensor:
+        return self._split(params)[0]
+
+    def log_prob(self, params: Tensor, actions: Tensor) -> Tensor:
+        mean, log_std = self._split(params)
+        z = (actions - mean) * torch.exp(-log_std)
+        return (-0.5 * z.square() - log_std - _LOG_SQRT_2PI).sum(-1)
+
+    def entropy(self, params: Tensor) -> Tensor:
+        log_std = self._split(params)[1]
+        return (log_std + 0.5 + _LOG_SQRT_2PI).sum(-1)
+
+    def kl(self, old_params: Tensor, new_params: Tensor) -> Tensor:
+        # KL(N(m0, s0^2) || N(m1, s1^2)) = log(s1/s0) + (s0^2 + (m0 - m1)^2) / (2 s1^2) - 1/2
+        mean0, log_std0 = self._split(old_params)
+        mean1, log_std1 = self._split(new_params)
+        var_ratio = torch.exp(2.0 * (log_std0 - log_std1))
+        diff = (mean0 - mean1) * torch.exp(-log_std1)
+        return (log_std1 - log_std0 + 0.5 * (var_ratio + diff.square()) - 0.5).sum(-1)
+
+
+def make_distribution(action_space: gym.Space) -> ActionDistribution:
+    """The action distribution for a Gymnasium action space.
+
+    Raises:
+        ValueError: for spaces other than ``Discrete``, ``Box`` and ``MultiDiscrete``.
+    """
+    if isinstance(action_space, gym.spaces.Discrete):
+        return Categorical(int(action_space.n))
+    if isinstance(action_space, gym.spaces.MultiDiscrete):
+        if np.asarray(action_space.nvec).ndim != 1:
+            raise ValueError(f"Unsupported action space {action_space}: MultiDiscrete must be one-dimensional")
+        return MultiCategorical(list(np.asarray(action_space.nvec)))
+    if isinstance(action_space, gym.spaces.Box):
+        if len(action_space.shape) != 1:
+            raise ValueError(f"Unsupported action space {action_space}: Box actions must be one-dimensional")
+        return DiagGaussian(int(action_space.shape[0]))
+    raise ValueError(
+        f"Unsupported action space {action_space}; supported: Discrete, Box (1-D) and MultiDiscrete"
+    )
+
+
+def observation_dim(observation_space: gym.Space) -> int:
+    """Flat input size for an observation space (Box, or Discrete encoded one-hot)."""
+    if isinstance(observation_space, gym.spaces.Box):
+        return int(np.prod(observation_space.shape))
+    if isinstance(observation_space, gym.spaces.Discrete):
+        return int(observation_space.n)
+    raise ValueError(f"Unsupported observation space {observation_space}; supported: Box and Discrete")
+
+
+def _mlp(sizes: Sequence[int], activation: type[nn.Module], out_gain: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        linear = nn.Linear(sizes[i], sizes[i + 1])
+        last = i == len(sizes) - 2
+        nn.init.orthogonal_(linear.weight, gain=out_gain if last else math.sqrt(2.0))
+        nn.init.zeros_(linear.bias)
+        layers.append(linear)
+        if not last:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+def _parse_net_arch(net_arch: Any) -> tuple[list[int], list[int]]:
+    if isinstance(net_arch, dict):
+        pi, vf = net_arch.get("pi", [64, 64]), net_arch.get("vf", [64, 64])
+    elif isinstance(net_arch, (list, tuple)):
+        pi = vf = list(net_arch)
+    else:
+        raise ValueError(f"Invalid policy_kwargs.net_arch: {net_arch!r}; expected a list of sizes or dict(pi=[...], vf=[...])")
+    for name, sizes in (("pi", pi), ("vf", vf)):
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
+            raise ValueError(f"Invalid policy_kwargs.net_arch {name}: {sizes!r}; expected positive integers")
+    return list(pi), list(vf)
+
+
+def resolve_activation(activation_fn: str | type[nn.Module]) -> type[nn.Module]:
+    """Accept an activation by name (as in TOML presets) or as an ``nn.Module`` class."""
+    if isinstance(activation_fn, str):
+        key = activation_fn.lower().removeprefix("nn.")
+        if key not in ACTIVATIONS:
+            raise ValueError(
+                f"Invalid policy_kwargs.activation_fn: {activation_fn!r}; expected one of {sorted(ACTIVATIONS)}"
+            )
+        return ACTIVATIONS[key]
+    if isinstance(activation_fn, type) and issubclass(activation_fn, nn.Module):
+        return activation_fn
+    raise ValueError(f"Invalid policy_kwargs.activation_fn: {activation_fn!r}; expected a name or nn.Module class")
+
+
+class ActorCritic(nn.Module):
+    """Separate MLP actor and critic with orthogonal initialisation.
+
+    Args:
+        observation_space: ``Box`` (flattened) or ``Discrete`` (one-hot).
+        action_space: ``Discrete``, 1-D ``Box`` or ``MultiDiscrete``.
+        net_arch: Hidden sizes, shared by both networks, or ``dict(pi=[...], vf=[...])``.
+            Default ``dict(pi=[64, 64], vf=[64, 64])``.
+        activation_fn: ``"tanh"`` (default), ``"relu"``, ... or an ``nn.Module`` class.
+        log_std_init: Initial state-independent log standard deviation (Box actions).
+        ortho_init: Orthogonal init (gain sqrt(2) hidden, 0.01 policy head, 1 value head).
+
+    The actor's and critic's parameters are the explicit groups :meth:`actor_parameters`
+    and :meth:`critic_parameters`.
+    """
+
+    def __init__(
+        self,
+        observation_space: gym.Space,
+        action_space: gym.Space,
+        net_arch: Any = None,
+        activation_fn: str | type[nn.Module] = "tanh",
+        log_std_init: float = 0.0,
+        ortho_init: bool = True,
+    ) -> None:
+        super().__init__()
+        self.distribution = make_distribution(action_space)
+        self.obs_dim = observation_dim(observation_space)
+        self.one_hot_obs = isinstance(observation_space, gym.spaces.Discrete)
+        pi_arch, vf_arch = _parse_net_arch(net_arch if net_arch is not None else {"pi": [64, 64], "vf": [64, 64]})
+        activation = resolve_activation(activation_fn)
+        n_outputs = self.distribution.param_dim
+        self.is_gaussian = isinstance(self.distribution, DiagGaussian)
+        if self.is_gaussian:
+            n_outputs = n_outputs // 2
+        self.actor = _mlp([self.obs_dim, *pi_arch, n_outputs], activation, out_gain=0.01)
+        self.critic = _mlp([self.obs_dim, *vf_arch, 1], activation, out_gain=1.0)
+        if not ortho_init:
+            for module in (*self.actor, *self.critic):
+                if isinstance(module, nn.Linear):
+                    module.reset_parameters()
+        self.log_std = nn.Parameter(torch.full((n_outputs,), float(log_std_init))) if self.is_gaussian else None
+
+    def actor_parameters(self) -> list[nn.Parameter]:
+        params = list(self.actor.parameters())
+        if self.log_std is not None:
+            params.append(self.log_std)
+        return params
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        return list(self.critic.parameters())
+
+    def preprocess(self, obs: Tensor) -> Tensor:
+        if self.one_hot_obs:
+            return nn.functional.one_hot(obs.long().reshape(-1), self.obs_dim).to(torch.float32)
+        return obs.reshape(obs.shape[0], -1).to(torch.float32)
+
+    def dist_params(self, obs: Tensor) -> Tensor:
+        """Distribution parameters ``(batch, param_dim)`` for preprocessed observations."""
+        out = self.actor(obs)
+        if self.log_std is not None:
+            out = torch.cat([out, self.log_std.expand_as(out)], dim=-1)
+        return out
+
+    def actor_shapes(self) -> list[torch.Size]:
+        return [p.shape for p in self.actor_parameters()]
+
+    def dist_params_from_flat(self, flat_actor: Tensor, obs: Tensor) -> Tensor:
+        """Distribution parameters with the actor's parameters replaced by a flat vector.
+
+        ``flat_actor`` is laid out like ``parameters_to_vector(actor_parameters())``.  This is
+        a pure function of its inputs (``torch.func.functional_call``), so it can be
+        vmapped over many candidate vectors, as the batched line search does.
+        """
+        names = [name for name, _ in self.actor.named_parameters()]
+        tensors: list[Tensor] = []
+        offset = 0
+        for shape in self.actor_shapes():
+            numel = math.prod(shape)
+            tensors.append(flat_actor[offset : offset + numel].view(shape))
+            offset += numel
+        out = torch.func.functional_call(self.actor, dict(zip(names, tensors)), (obs,))
+        if self.log_std is not None:
+            out = torch.cat([out, tensors[-1].expand_as(out)], dim=-1)
+        return out
+
+    def value(self, obs: Tensor) -> Tensor:
+        """State values ``(batch,)`` for preprocessed observations."""
+        return self.critic(obs).squeeze(-1)
+
+    def act(
+        self, obs: Tensor, generator: torch.Generator | None = None, deterministic: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Sample actions for raw observations; returns ``(actions, log_probs, values)``."""
+        x = self.preprocess(obs)
+        params = self.dist_params(x)
+        dist = self.distribution
+        actions = dist.mode(params) if deterministic else dist.sample(params, generator)
+        return actions, dist.log_prob(params, actions), self.value(x)
+
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.preprocess(obs)
+        return self.dist_params(x), self.value(x)
