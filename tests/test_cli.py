@@ -1,0 +1,63 @@
+"""The CLI as a user runs it: subprocesses, exit codes, the run directory."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trpo_lab", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_train_writes_run_directory_and_eval_reads_it(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = _run(
+        "train", "trpo", "CartPole-v1", "--steps", "3000", "--n-envs", "2", "--run-dir", str(run_dir),
+        "--set", "n_steps=128", "--set", "checkpoint_every=2", "--set", "policy_kwargs.net_arch=[16]",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    for name in ("config.toml", "progress.csv", "checkpoint.pt", "final.pt"):
+        assert (run_dir / name).is_file(), name
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    with (run_dir / "progress.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {"timesteps", "episodes", "return_mean", "kl", "fps", "wall_s"} <= set(rows[0])
+    assert int(float(rows[-1]["timesteps"])) >= 3000
+    config = (run_dir / "config.toml").read_text()
+    assert 'algo = "trpo"' in config and "n_steps = 128" in config and "net_arch = [\n    16,\n]" in config
+    result = _run("eval", str(run_dir), "--episodes", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "over 3 episodes" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "trpo", "CartPol-v1"], "Unknown environment id 'CartPol-v1'; did you mean CartPole-v1"),
+        (["train", "sac", "CartPole-v1"], "Unknown algorithm 'sac'"),
+        (["train", "trpo", "CartPole-v1", "--set", "gama=0.9"], "Unknown hyperparameter 'gama'"),
+        (["train", "trpo", "CartPole-v1", "--set", "gamma=2"], "Invalid gamma: 2.0"),
+        (["train", "trpo", "CartPole-v1", "--set", "gamma"], "expected key=value"),
+        (["train", "trpo", "CartPole-v1", "--n-envs", "0"], "Invalid n_envs: 0"),
+        (["train", "trpo", "CartPole-v1", "--steps", "x"], "invalid int value"),
+        (["train", "trpo", "CartPole-v1", "--device", "cuda:7"] , "Invalid device"),
+        (["train"], "ALGO and ENV are required"),
+        (["eval", "no/such/run"], "Run directory not found"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    result = _run(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
