@@ -96,6 +96,7 @@ class PolicyProblem:
     """A tiny policy, a batch of states, the old distribution detached at the current parameters, and its KLs."""
 
     def __init__(self, kind: str, seed: int = 0, dtype: torch.dtype = torch.float64) -> None:
+        self.key = (kind, seed, dtype)
         torch.manual_seed(seed)
         self.policy = POLICIES[kind]().to(dtype)
         self.obs = torch.randn(BATCH, OBS_DIM, dtype=dtype)
@@ -121,8 +122,16 @@ class PolicyProblem:
         return self.kl_fn_of_params(unflatten(flat, self.params))
 
     def explicit_hessian(self) -> Tensor:
-        """The dense Hessian of the mean KL at the current parameters, straight from torch.autograd."""
-        return hessian(self.kl_fn_of_flat, flat_params(self.params), vectorize=True)
+        """The dense Hessian of the mean KL at the initial parameters, straight from torch.autograd.
+
+        Problems are deterministic in (kind, seed, dtype), so the matrix is computed once per key.
+        """
+        if self.key not in _HESSIANS:
+            _HESSIANS[self.key] = hessian(self.kl_fn_of_flat, flat_params(self.params), vectorize=True)
+        return _HESSIANS[self.key].clone()
+
+
+_HESSIANS: dict[tuple[str, int, torch.dtype], Tensor] = {}
 
 
 @pytest.fixture
