@@ -1,0 +1,779 @@
+"""K-FAC: Kronecker-factored approximate curvature as a ``torch.optim.Optimizer``.
+
+References:
+    J. Martens and R. Grosse, "Optimizing Neural Networks with Kronecker-factored
+    Approximate Curvature", ICML 2015 (K-FAC).
+    R. Grosse and J. Martens, "A Kronecker-factored approximate Fisher matrix for
+    convolution layers", ICML 2016 (KFC).
+    Y. Wu, E. Mansimov, S. Liao, R. Grosse and J. Ba, "Scalable trust-region method for deep
+    reinforcement learning using Kronecker-factored approximation", NeurIPS 2017 (ACKTR).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal, overload
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["KFAC"]
+
+DampingMode = Literal["eigen", "factored"]
+_DAMPING_MODES: tuple[str, ...] = ("eigen", "factored")
+
+_COUNTER_NAMES: tuple[str, ...] = (
+    "steps",
+    "eigh_retries",
+    "eigh_fallbacks",
+    "stats_rejected",
+    "nonfinite_directions",
+    "skipped_steps",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+    """A Linear or Conv2d layer whose [W | b] gradient is K-FAC preconditioned."""
+
+    name: str
+    module: nn.Linear | nn.Conv2d
+    weight_index: int
+    bias_index: int | None
+
+
+@dataclasses.dataclass
+class _PendingStatistics:
+    """Sums recorded for one layer inside one ``track_statistics()`` block."""
+
+    input_sum: Tensor | None = None
+    input_count: int = 0
+    grad_sum: Tensor | None = None
+    grad_count: int = 0
+
+
+# --------------------------------------------------------------------------------------
+# Pure numerics
+# --------------------------------------------------------------------------------------
+
+
+def _conv2d_padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) padding, in the order F.pad expects, as Conv2d applies it.
+
+    For ``padding="same"`` an odd total goes on the right/bottom, as in PyTorch's convolution.
+    """
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return (0, 0, 0, 0)
+        pads: list[int] = []
+        for kernel, dilation in zip(
+            reversed(module.kernel_size), reversed(module.dilation), strict=True
+        ):
+            total = dilation * (kernel - 1)
+            pads += [total // 2, total - total // 2]
+        return (pads[0], pads[1], pads[2], pads[3])
+    pad_h, pad_w = module.padding
+    return (pad_w, pad_w, pad_h, pad_h)
+
+
+def _layer_input_rows(module: nn.Linear | nn.Conv2d, inputs: Tensor) -> Tensor:
+    """Rows ``a`` with ``s = W a (+ b)`` for every sample and position: (rows, fan_in).
+
+    Linear: every leading index of the input is one row. Conv2d: the im2col patches
+    (padding, padding mode, stride and dilation honoured), one row per sample and output
+    position, features ordered (channel, kernel row, kernel column) like ``W.reshape(out, -1)``.
+    """
+    if isinstance(module, nn.Conv2d):
+        if inputs.dim() == 3:
+            inputs = inputs.unsqueeze(0)
+        padding = _conv2d_padding(module)
+        if any(padding):
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            inputs = F.pad(inputs, padding, mode=mode)
+        patches = F.unfold(
+            inputs, module.kernel_size, dilation=module.dilation, stride=module.stride
+        )
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return inputs.reshape(-1, module.in_features)
+
+
+def _output_grad_rows(module: nn.Linear | nn.Conv2d, grad: Tensor) -> tuple[Tensor, int]:
+    """Rows of dL/ds (one per sample and position) and the batch size (leading dimension)."""
+    if isinstance(module, nn.Conv2d):
+        if grad.dim() == 3:
+            grad = grad.unsqueeze(0)
+        return grad.movedim(1, -1).reshape(-1, grad.shape[1]), grad.shape[0]
+    batch_size = grad.shape[0] if grad.dim() >= 2 else 1
+    return grad.reshape(-1, module.out_features), batch_size
+
+
+def _with_ones_column(rows: Tensor) -> Tensor:
+    return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+
+
+def _robust_eigh(matrix: Tensor) -> tuple[tuple[Tensor, Tensor] | None, int]:
+    """Eigendecomposition of a symmetric PSD factor that never raises.
+
+    Tries ``torch.linalg.eigh`` in the matrix's dtype, then once more in float64 when that
+    raised or returned non-finite values. Negative eigenvalues (round-off on a PSD matrix)
+    are clamped at 0.
+
+    Returns:
+        ((eigenvalues, eigenvectors) in the matrix's dtype, or None when every attempt
+        failed; the number of float64 retries made).
+    """
+    symmetric = 0.5 * (matrix + matrix.mT)
+    dtypes = [matrix.dtype] if matrix.dtype == torch.float64 else [matrix.dtype, torch.float64]
+    for attempt, dtype in enumerate(dtypes):
+        try:
+            eigenvalues, eigenvectors = torch.linalg.eigh(symmetric.to(dtype))
+        except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
+            continue
+        eigenvalues = eigenvalues.to(matrix.dtype)
+        eigenvectors = eigenvectors.to(matrix.dtype)
+        if bool(torch.isfinite(eigenvalues).all() & torch.isfinite(eigenvectors).all()):
+            return (eigenvalues.clamp_min(0.0), eigenvectors), attempt
+    return None, len(dtypes) - 1
+
+
+def _eigenbasis_denominator(
+    eigenvalues_a: Tensor, eigenvalues_g: Tensor, damping: float, damping_mode: str
+) -> Tensor:
+    """The (out, fan_in) divisor applied to the gradient in the Kronecker eigenbasis.
+
+    "eigen":    λ_G λ_A^T + damping, i.e. (A ⊗ G + damping·I)^-1 exactly (ACKTR reference).
+    "factored": (λ_G + √damping / π)(λ_A + π √damping)^T, i.e. factored Tikhonov damping
+                (A + π√γ I) ⊗ (G + √γ/π I) with π² = (tr A / dim A) / (tr G / dim G)
+                (Martens & Grosse 2015, section 6.3); π = 1 when that ratio is not positive.
+    """
+    if damping_mode == "eigen":
+        return torch.outer(eigenvalues_g, eigenvalues_a) + damping
+    ratio = eigenvalues_a.mean() / eigenvalues_g.mean()
+    usable = torch.isfinite(ratio) & (ratio > 0)
+    pi = torch.where(usable, ratio, torch.ones_like(ratio)).sqrt()
+    root = math.sqrt(damping)
+    return torch.outer(eigenvalues_g + root / pi, eigenvalues_a + root * pi)
+
+
+def _precondition_matrix(
+    grad: Tensor,
+    eigenvectors_a: Tensor,
+    eigenvectors_g: Tensor,
+    denominator: Tensor,
+) -> Tensor:
+    """V = Q_G [(Q_G^T ∇W Q_A) / denominator] Q_A^T for the (out, fan_in) gradient ∇W."""
+    rotated = eigenvectors_g.mT @ grad @ eigenvectors_a
+    return eigenvectors_g @ (rotated / denominator) @ eigenvectors_a.mT
+
+
+def _kl_scale(vg_sum: float, lr: float, kl_clip: float | None) -> float:
+    """ACKTR's ν = min(1, sqrt(kl_clip / (lr² Σ⟨V, ∇⟩))).
+
+    1 when clipping is off or the quadratic term is not positive (a zero gradient: nothing to
+    clip); 0 when it is not finite (the caller skips the step).
+    """
+    if kl_clip is None:
+        return 1.0
+    quadratic = lr * lr * vg_sum
+    if not math.isfinite(quadratic):
+        return 0.0
+    if quadratic <= 0.0:
+        return 1.0
+    return min(1.0, math.sqrt(kl_clip / quadratic))
+
+
+# --------------------------------------------------------------------------------------
+# Optimizer
+# --------------------------------------------------------------------------------------
+
+
+class KFAC(torch.optim.Optimizer):
+    r"""K-FAC with ACKTR's KL-clipped step, over the Linear and Conv2d layers of a module.
+
+    For every ``nn.Linear`` and ``nn.Conv2d`` (``groups=1``) layer with ``s = W a + b``, the
+    Fisher block of the combined parameter ``[W | b]`` is approximated by ``A ⊗ G``
+    (Martens & Grosse 2015; Grosse & Martens 2016 for convolutions):
+
+    .. math::
+        A = \mathbb{E}[\bar a \bar a^\top], \quad \bar a = [a; 1] \qquad
+        G = \mathbb{E}_n\Big[\textstyle\sum_t g_{n,t} g_{n,t}^\top\Big],
+        \quad g_{n,t} = N \, \partial L / \partial s_{n,t}
+
+    - The bias is a column of ones appended to the input, so ``A`` is (fan_in + 1) square and
+      the bias gradient is the last column of the combined ``[∇W | ∇b]`` gradient.
+    - ``g`` is the gradient with respect to the layer's output (pre-activation), multiplied by
+      the batch size ``N`` (the leading dimension): the Fisher loss is assumed to be a *mean*
+      over the batch, so this recovers per-sample gradients and ``G`` is the expectation of
+      their outer products.
+    - Convolutions (KFC): ``a`` runs over the im2col patches of every output position ``t``
+      (padding, padding mode, stride and dilation honoured) and ``A`` averages over samples
+      *and* positions; ``G`` sums the outer products over positions and averages over
+      samples, so that ``A ⊗ G = T·E[a a^T] ⊗ E[g g^T]``, the KFC approximation under
+      spatially uncorrelated derivatives. Linear inputs with extra leading dimensions are
+      treated the same way (positions = all but the first dimension).
+    - Running averages: after the ``k``-th statistics update the factor is the bias-free
+      exponential average ``Σ_j β^(k-j) X_j / Σ_j β^(k-j)`` with ``β = stat_decay``, computed
+      as ``X ← X + w_k (X_k - X)``, ``w_k = (1-β) / (1-β^k)``. The first update therefore
+      sets the factor to its batch value, and early batches are not over-weighted.
+
+    With the eigendecompositions ``A = Q_A diag(λ_A) Q_A^T`` and ``G = Q_G diag(λ_G) Q_G^T``,
+    recomputed once every ``inverse_every`` statistics updates, and ``∇`` the gradient plus
+    ``weight_decay · θ``, the direction for a layer is (ACKTR's reference code)
+
+    .. math::
+        V = Q_G \big[(Q_G^\top \nabla_{[W|b]} Q_A)
+            \oslash (\lambda_G \lambda_A^\top + \gamma)\big] Q_A^\top
+          = (A \otimes G + \gamma I)^{-1} \nabla_{[W|b]}
+
+    with ``γ = damping`` (``damping_mode="eigen"``, the default). ``damping_mode="factored"``
+    uses factored Tikhonov damping ``(G + √γ/π I)^{-1} ∇ (A + π√γ I)^{-1}`` instead, with
+    ``π² = (tr A / dim A) / (tr G / dim G)`` (Martens & Grosse 2015, section 6.3).
+
+    Every other trainable parameter (LayerNorm, embeddings, free ``nn.Parameter`` such as a
+    Gaussian log-std, grouped or weight-tied layers, layers without recorded statistics)
+    takes the plain gradient as its direction, ``V = ∇``.
+
+    The step is ACKTR's trust region (Wu et al. 2017) followed by momentum:
+
+    .. math::
+        \nu = \min\Big(1, \sqrt{\kappa /
+              (\eta^2 \textstyle\sum_\theta \langle V, \nabla \rangle)}\Big),
+        \quad m \leftarrow \mu m + (1-\mu)\, \nu V, \quad \theta \leftarrow \theta - \eta m
+
+    with ``η = lr``, ``κ = kl_clip`` (``None`` disables clipping: ``ν = 1``) and ``μ = momentum``.
+    The sum runs over all parameters; ν = 1 when it is zero (a zero gradient) and the whole
+    step is skipped (counted in ``kfac/skipped_steps``) when it is not finite. Momentum is an
+    exponential average of the clipped directions, as ACKTR's reference (a TensorFlow
+    momentum optimizer with learning rate ``η(1-μ)``), so a steady step is ``η ν V`` and the KL
+    clip bounds it; the buffer starts at the first ``ν V`` (torch.optim.SGD's convention).
+
+    Robustness on long runs: a statistics batch with non-finite values is rejected
+    (``kfac/stats_rejected``); an eigendecomposition that raises or returns non-finite values
+    is retried in float64 (``kfac/eigh_retries``) and, failing that, the previous one is kept,
+    or the identity if there is none (``kfac/eigh_fallbacks``); eigenvalues are clamped at 0;
+    a parameter whose direction is not finite is left untouched, momentum buffer included
+    (``kfac/nonfinite_directions``). NaN never reaches the parameters.
+
+    Statistics are recorded only inside :meth:`track_statistics`, by a forward hook on each
+    layer (inputs) and a tensor hook on its output (output gradients); the hooks exist only
+    while the block is open, so the module can run anywhere else (``torch.inference_mode``,
+    ``torch.func``, in-place activations) untouched. A tensor hook on the output, registered
+    before any in-place activation modifies it, receives the gradient with respect to the
+    pre-activation itself, which ``register_full_backward_hook`` would refuse.
+
+    Example (supervised, with the true Fisher: the Fisher loss uses targets sampled from the
+    model's own predictive distribution, not the labels, which would give the empirical
+    Fisher; ACKTR does the same with actions sampled from the policy)::
+
+        model = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 4))
+        opt = KFAC(model, lr=0.5, kl_clip=0.1, stat_decay=0.95, inverse_every=5)
+        for x, y in loader:
+            with opt.track_statistics():
+                logits = model(x)
+                sampled = torch.distributions.Categorical(logits=logits.detach()).sample()
+                F.cross_entropy(logits, sampled).backward(retain_graph=True)
+            opt.zero_grad()
+            F.cross_entropy(logits, y).backward()
+            opt.step()
+
+    Args:
+        module: the model; its trainable parameters form the single parameter group, in
+            ``module.parameters()`` order.
+        lr: learning rate η (default 0.25, ACKTR).
+        momentum: μ in [0, 1) (default 0.9, ACKTR).
+        damping: γ ≥ 0 (default 1e-2).
+        kl_clip: κ > 0, the trust-region size, or None to disable clipping (default 1e-3).
+        stat_decay: β in [0, 1) for the running averages of A and G (default 0.99).
+        inverse_every: statistics updates between eigendecompositions, ≥ 1 (default 10). With
+            one Fisher pass per step this is "every ``inverse_every`` steps".
+        weight_decay: L2 coefficient added to the gradient before preconditioning (default 0).
+        damping_mode: "eigen" (default) or "factored", see above.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        lr: float = 0.25,
+        momentum: float = 0.9,
+        damping: float = 1e-2,
+        kl_clip: float | None = 1e-3,
+        stat_decay: float = 0.99,
+        inverse_every: int = 10,
+        weight_decay: float = 0.0,
+        damping_mode: DampingMode = "eigen",
+    ) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"Invalid module: expected an nn.Module, got {type(module).__name__}")
+        if not 0.0 <= lr < math.inf:
+            raise ValueError(f"Invalid learning rate: {lr} (expected a finite lr >= 0)")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"Invalid momentum: {momentum} (expected 0 <= momentum < 1)")
+        if not 0.0 <= damping < math.inf:
+            raise ValueError(f"Invalid damping: {damping} (expected a finite damping >= 0)")
+        if kl_clip is not None and not 0.0 < kl_clip < math.inf:
+            raise ValueError(f"Invalid kl_clip: {kl_clip} (expected a finite kl_clip > 0 or None)")
+        if not 0.0 <= stat_decay < 1.0:
+            raise ValueError(f"Invalid stat_decay: {stat_decay} (expected 0 <= stat_decay < 1)")
+        if type(inverse_every) is not int or inverse_every < 1:
+            raise ValueError(f"Invalid inverse_every: {inverse_every} (expected an int >= 1)")
+        if not 0.0 <= weight_decay < math.inf:
+            raise ValueError(
+                f"Invalid weight_decay: {weight_decay} (expected a finite weight_decay >= 0)"
+            )
+        if damping_mode not in _DAMPING_MODES:
+            raise ValueError(
+                f"Invalid damping_mode: {damping_mode!r} (expected one of {_DAMPING_MODES})"
+            )
+
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("Invalid module: it has no trainable parameters")
+        defaults: dict[str, Any] = dict(
+            lr=lr,
+            momentum=momentum,
+            damping=damping,
+            kl_clip=kl_clip,
+            stat_decay=stat_decay,
+            inverse_every=inverse_every,
+            weight_decay=weight_decay,
+            damping_mode=damping_mode,
+        )
+        super().__init__(params, defaults)
+        self._layers = _find_layers(module, params)
+        self._handles: list[RemovableHandle] = []
+        self._pending: dict[int, _PendingStatistics] | None = None
+        self._counters: dict[str, int] = dict.fromkeys(_COUNTER_NAMES, 0)
+        self._step_stats: dict[str, float] = {}
+        self._warned_missing_statistics = False
+
+    # ------------------------------------------------------------------ statistics
+
+    @contextlib.contextmanager
+    def track_statistics(self) -> Iterator[None]:
+        """Record K-FAC statistics from the forward and backward passes run inside the block.
+
+        Both the forward and the backward of the Fisher loss must run inside; the loss must
+        be a mean over the batch (leading) dimension, see the class docstring. On a normal
+        exit the recorded batch is folded into the running factors of every layer that saw
+        both inputs and output gradients; if the block raises, the batch is discarded.
+        """
+        if self._pending is not None:
+            raise RuntimeError("KFAC.track_statistics() is already active; it cannot be nested")
+        self._pending = {}
+        self._handles = [
+            layer.module.register_forward_hook(self._make_forward_hook(index), with_kwargs=True)
+            for index, layer in enumerate(self._layers)
+        ]
+        try:
+            yield
+        finally:
+            pending, self._pending = self._pending, None
+            self.remove_hooks()
+        self._fold_statistics(pending)
+
+    def remove_hooks(self) -> None:
+        """Remove the module hooks. They exist only inside :meth:`track_statistics`, which
+        removes them on exit; calling this at any other time is a harmless no-op."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _make_forward_hook(
+        self, index: int
+    ) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None]:
+        layer = self._layers[index]
+
+        def record_inputs(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> None:
+            pending = self._pending
+            if pending is None or not isinstance(output, Tensor) or not output.requires_grad:
+                return
+            inputs = args[0] if args else kwargs["input"]
+            weight = self._param(layer.weight_index)
+            with torch.no_grad():
+                rows = _layer_input_rows(layer.module, inputs.detach().to(weight.dtype))
+                if layer.bias_index is not None:
+                    rows = _with_ones_column(rows)
+                stats = pending.setdefault(index, _PendingStatistics())
+                outer = rows.mT @ rows
+                stats.input_sum = outer if stats.input_sum is None else stats.input_sum + outer
+                stats.input_count += rows.shape[0]
+            output.register_hook(self._make_grad_hook(index))
+
+        return record_inputs
+
+    def _make_grad_hook(self, index: int) -> Callable[[Tensor], None]:
+        layer = self._layers[index]
+
+        def record_output_grad(grad: Tensor) -> None:
+            pending = self._pending
+            if pending is None:
+                return
+            weight = self._param(layer.weight_index)
+            with torch.no_grad():
+                rows, batch_size = _output_grad_rows(layer.module, grad.detach().to(weight.dtype))
+                # Each backward contributes N·Σ g g^T (the batch estimate of G for a mean loss,
+                # see the class docstring), weighted by its batch size N.
+                stats = pending.setdefault(index, _PendingStatistics())
+                outer = (batch_size * batch_size) * (rows.mT @ rows)
+                stats.grad_sum = outer if stats.grad_sum is None else stats.grad_sum + outer
+                stats.grad_count += batch_size
+
+        return record_output_grad
+
+    def _fold_statistics(self, pending: dict[int, _PendingStatistics]) -> None:
+        batches: list[tuple[_Layer, Tensor, Tensor]] = []
+        for index, stats in sorted(pending.items()):
+            if stats.input_sum is None or stats.grad_sum is None:
+                continue
+            batches.append(
+                (
+                    self._layers[index],
+                    stats.input_sum / stats.input_count,
+                    stats.grad_sum / stats.grad_count,
+                )
+            )
+        if not batches:
+            return
+        finite = torch.stack(
+            [torch.isfinite(a).all() & torch.isfinite(g).all() for _, a, g in batches]
+        ).tolist()
+        stat_decay = self.param_groups[0]["stat_decay"]
+        for (layer, factor_a, factor_g), is_finite in zip(batches, finite, strict=True):
+            if not is_finite:
+                self._counters["stats_rejected"] += 1
+                continue
+            state = self.state[self._param(layer.weight_index)]
+            updates = state.get("stat_updates", 0) + 1
+            if "A" not in state:
+                state["A"], state["G"] = factor_a, factor_g
+            else:
+                weight = (1.0 - stat_decay) / (1.0 - stat_decay**updates)
+                state["A"].lerp_(factor_a, weight)
+                state["G"].lerp_(factor_g, weight)
+            state["stat_updates"] = updates
+            state["updates_since_eigh"] = state.get("updates_since_eigh", 0) + 1
+
+    # ------------------------------------------------------------------ preconditioning
+
+    def _param(self, index: int) -> Tensor:
+        param: Tensor = self.param_groups[0]["params"][index]
+        return param
+
+    def _denominator(self, state: dict[str, Any]) -> Tensor:
+        group = self.param_groups[0]
+        return _eigenbasis_denominator(
+            state["eigenvalues_A"], state["eigenvalues_G"], group["damping"], group["damping_mode"]
+        )
+
+    def _refresh_eigendecompositions(self, state: dict[str, Any]) -> None:
+        for factor in ("A", "G"):
+            result, retries = _robust_eigh(state[factor])
+            self._counters["eigh_retries"] += retries
+            if result is not None:
+                state[f"eigenvalues_{factor}"], state[f"eigenvectors_{factor}"] = result
+                continue
+            self._counters["eigh_fallbacks"] += 1
+            if f"eigenvectors_{factor}" not in state:
+                size = state[factor].shape[0]
+                identity = torch.eye(size, dtype=state[factor].dtype, device=state[factor].device)
+                state[f"eigenvalues_{factor}"] = identity.diagonal().clone()
+                state[f"eigenvectors_{factor}"] = identity
+        state["updates_since_eigh"] = 0
+
+    def _gradients(self, grads: Sequence[Tensor | None] | None) -> list[Tensor | None]:
+        """∇ + weight_decay·θ per parameter (None where there is no gradient)."""
+        group = self.param_groups[0]
+        params: list[Tensor] = group["params"]
+        if grads is None:
+            grads = [p.grad for p in params]
+        elif len(grads) != len(params):
+            raise ValueError(
+                f"Invalid grads: got {len(grads)} tensors for {len(params)} parameters"
+            )
+        weight_decay = group["weight_decay"]
+        result: list[Tensor | None] = []
+        for param, grad in zip(params, grads, strict=True):
+            if grad is None:
+                result.append(None)
+                continue
+            if grad.is_sparse:
+                raise RuntimeError("KFAC does not support sparse gradients")
+            if grad.shape != param.shape:
+                raise ValueError(
+                    f"Invalid grads: shape {tuple(grad.shape)} for a parameter of shape "
+                    f"{tuple(param.shape)}"
+                )
+            result.append(grad.add(param, alpha=weight_decay) if weight_decay else grad)
+        return result
+
+    def _directions(self, gradients: list[Tensor | None]) -> tuple[list[Tensor | None], int]:
+        """Preconditioned directions V (plain ∇ outside K-FAC layers) and the number of
+        K-FAC layers that had a gradient but no statistics yet."""
+        group = self.param_groups[0]
+        directions = list(gradients)
+        missing: list[str] = []
+        for layer in self._layers:
+            weight_grad = gradients[layer.weight_index]
+            bias_grad = None if layer.bias_index is None else gradients[layer.bias_index]
+            if weight_grad is None and bias_grad is None:
+                continue
+            weight = self._param(layer.weight_index)
+            state = self.state[weight]
+            if "A" not in state:
+                missing.append(layer.name)
+                continue
+            if (
+                "eigenvectors_A" not in state
+                or state["updates_since_eigh"] >= group["inverse_every"]
+            ):
+                self._refresh_eigendecompositions(state)
+            # The combined [∇W | ∇b] gradient, (out, fan_in [+ 1]).
+            fan_in = weight[0].numel()
+            matrix = (torch.zeros_like(weight) if weight_grad is None else weight_grad).reshape(
+                -1, fan_in
+            )
+            if layer.bias_index is not None:
+                bias_column = weight.new_zeros(weight.shape[0]) if bias_grad is None else bias_grad
+                matrix = torch.cat([matrix, bias_column.unsqueeze(1)], dim=1)
+            preconditioned = _precondition_matrix(
+                matrix, state["eigenvectors_A"], state["eigenvectors_G"], self._denominator(state)
+            )
+            if weight_grad is not None:
+                directions[layer.weight_index] = preconditioned[:, :fan_in].reshape(weight.shape)
+            if layer.bias_index is not None and bias_grad is not None:
+                directions[layer.bias_index] = preconditioned[:, -1].clone()
+        if missing and not self._warned_missing_statistics:
+            self._warned_missing_statistics = True
+            warnings.warn(
+                f"KFAC: no statistics recorded yet for layers {missing}; they take plain "
+                "gradient steps until a forward and backward pass run inside "
+                "`with optimizer.track_statistics():`",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return directions, len(missing)
+
+    @torch.no_grad()
+    def precondition(self, grads: Sequence[Tensor | None] | None = None) -> list[Tensor]:
+        """The K-FAC direction V for every parameter, without changing any parameter.
+
+        This is the direction :meth:`step` follows before the KL clip and momentum: the
+        preconditioned ``grad + weight_decay·θ`` for K-FAC layers, the plain one elsewhere.
+        Eigendecompositions that are due are refreshed.
+
+        Args:
+            grads: gradients to precondition, one per parameter in
+                ``param_groups[0]["params"]`` (= ``module.parameters()`` order, trainable
+                only), None entries meaning no gradient. Defaults to each ``param.grad``.
+
+        Returns:
+            One tensor per parameter, in the same order: zeros for a parameter without a
+            gradient or with a non-finite direction (the latter counted in
+            ``kfac/nonfinite_directions``).
+        """
+        gradients = self._gradients(grads)
+        directions, _ = self._directions(gradients)
+        present = [(i, d) for i, d in enumerate(directions) if d is not None]
+        flags = [torch.isfinite(direction).all() for _, direction in present]
+        finite: list[bool] = torch.stack(flags).tolist() if flags else []
+        result = [torch.zeros_like(p) for p in self.param_groups[0]["params"]]
+        for (index, direction), is_finite in zip(present, finite, strict=True):
+            if is_finite:
+                result[index] = direction
+            else:
+                self._counters["nonfinite_directions"] += 1
+        return result
+
+    # ------------------------------------------------------------------ step
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """KFAC has exactly one parameter group, the module's trainable parameters."""
+        if self.param_groups:
+            raise ValueError(
+                "Invalid param_group: KFAC holds exactly one group (its module's parameters); "
+                "build another KFAC for other parameters"
+            )
+        super().add_param_group(param_group)
+
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Take one KL-clipped K-FAC step (see the class docstring for the rule).
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss; it
+                runs under ``torch.enable_grad()``.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        group = self.param_groups[0]
+        lr: float = group["lr"]
+        momentum: float = group["momentum"]
+        params: list[Tensor] = group["params"]
+        gradients = self._gradients(None)
+        directions, unpreconditioned = self._directions(gradients)
+        present = [
+            (params[i], direction, gradient)
+            for i, (direction, gradient) in enumerate(zip(directions, gradients, strict=True))
+            if direction is not None and gradient is not None
+        ]
+        self._counters["steps"] += 1
+        kl_scale = 1.0
+        vg_sum = 0.0
+        if present:
+            finite_flags = torch.stack([torch.isfinite(d).all() for _, d, _ in present])
+            products = [(d * g).sum() for _, d, g in present]
+            dtype = functools.reduce(torch.promote_types, (p.dtype for p in products))
+            inner = torch.stack([p.to(dtype) for p in products])
+            inner = torch.where(finite_flags, inner, torch.zeros_like(inner))
+            # One host synchronisation per step: Σ⟨V, ∇⟩ and the per-parameter finiteness.
+            host = torch.cat([inner.sum().reshape(1), finite_flags.to(inner.dtype)]).tolist()
+            vg_sum = host[0]
+            kl_scale = _kl_scale(vg_sum, lr, group["kl_clip"])
+            if kl_scale == 0.0:
+                self._counters["skipped_steps"] += 1
+            else:
+                for (param, direction, _), flag in zip(present, host[1:], strict=True):
+                    if flag != 1.0:
+                        self._counters["nonfinite_directions"] += 1
+                        continue
+                    self._apply_update(param, direction, lr, momentum, kl_scale)
+        self._step_stats = {
+            "kfac/kl_scale": kl_scale,
+            "kfac/effective_lr": lr * kl_scale,
+            "kfac/lr": lr,
+            "kfac/vg_sum": vg_sum,
+            "kfac/predicted_kl": 0.5 * (lr * kl_scale) ** 2 * vg_sum,
+            "kfac/unpreconditioned_layers": float(unpreconditioned),
+        }
+        return loss
+
+    def _apply_update(
+        self, param: Tensor, direction: Tensor, lr: float, momentum: float, kl_scale: float
+    ) -> None:
+        if momentum == 0.0:
+            param.add_(direction, alpha=-lr * kl_scale)
+            return
+        state = self.state[param]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = direction.mul(kl_scale)
+        else:
+            buffer = state["momentum_buffer"]
+            buffer.mul_(momentum).add_(direction, alpha=(1.0 - momentum) * kl_scale)
+        param.add_(state["momentum_buffer"], alpha=-lr)
+
+    # ------------------------------------------------------------------ diagnostics and state
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """Diagnostics for logging, grouped under ``kfac/``.
+
+        From the last :meth:`step` (NaN before the first): ``kl_scale`` (ν), ``effective_lr``
+        (lr·ν), ``lr``, ``vg_sum`` (Σ⟨V, ∇⟩), ``predicted_kl`` (½ (lr ν)² Σ⟨V, ∇⟩, the
+        quadratic model of the step's KL), ``unpreconditioned_layers``. Current: ``damping``,
+        ``eig_A_min``/``eig_A_max``/``eig_G_min``/``eig_G_max`` (extremes over layers of the
+        clamped eigenvalues in use, NaN before any), ``cond_max`` (largest condition number of
+        the damped Kronecker factor over layers). Cumulative counters: ``step``,
+        ``eigh_retries``, ``eigh_fallbacks``, ``stats_rejected``, ``nonfinite_directions``,
+        ``skipped_steps``.
+        """
+        group = self.param_groups[0]
+        nan = math.nan
+        stats: dict[str, float] = {
+            key: nan
+            for key in (
+                "kfac/kl_scale",
+                "kfac/effective_lr",
+                "kfac/lr",
+                "kfac/vg_sum",
+                "kfac/predicted_kl",
+                "kfac/unpreconditioned_layers",
+            )
+        }
+        stats.update(self._step_stats)
+        stats["kfac/damping"] = float(group["damping"])
+        extremes: dict[str, list[float]] = {"A": [], "G": []}
+        conditions: list[float] = []
+        for layer in self._layers:
+            state = self.state[self._param(layer.weight_index)]
+            if "eigenvalues_A" not in state:
+                continue
+            for factor in ("A", "G"):
+                eigenvalues = state[f"eigenvalues_{factor}"]
+                extremes[factor] += [float(eigenvalues.min()), float(eigenvalues.max())]
+            denominator = self._denominator(state)
+            smallest, largest = float(denominator.min()), float(denominator.max())
+            conditions.append(largest / smallest if smallest > 0 else math.inf)
+        for factor, values in extremes.items():
+            stats[f"kfac/eig_{factor}_min"] = min(values, default=nan)
+            stats[f"kfac/eig_{factor}_max"] = max(values, default=nan)
+        stats["kfac/cond_max"] = max(conditions, default=nan)
+        stats["kfac/step"] = float(self._counters["steps"])
+        for name in _COUNTER_NAMES[1:]:
+            stats[f"kfac/{name}"] = float(self._counters[name])
+        return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim state (per parameter: factors A and G, their eigendecompositions,
+        update counters, momentum buffers) plus the optimizer-wide counters."""
+        state_dict = super().state_dict()
+        state_dict["kfac_counters"] = dict(self._counters)
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; a KFAC on an identical module then continues exactly."""
+        state_dict = dict(state_dict)
+        counters = state_dict.pop("kfac_counters", {})
+        super().load_state_dict(state_dict)
+        unknown = set(counters) - set(_COUNTER_NAMES)
+        if unknown:
+            raise ValueError(f"Invalid kfac_counters: unknown names {sorted(unknown)}")
+        self._counters.update({name: int(value) for name, value in counters.items()})
+
+
+def _find_layers(module: nn.Module, params: Sequence[Tensor]) -> list[_Layer]:
+    """The Linear and Conv2d (groups=1) layers whose weight and bias are trainable, in this
+    optimizer, and owned by no other module (tied weights take plain gradient steps)."""
+    index_of = {id(p): i for i, p in enumerate(params)}
+    owners: dict[int, int] = {}
+    for submodule in module.modules():
+        for param in submodule.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+    layers: list[_Layer] = []
+    for name, submodule in module.named_modules():
+        if not isinstance(submodule, nn.Linear | nn.Conv2d):
+            continue
+        if isinstance(submodule, nn.Conv2d) and submodule.groups != 1:
+            continue
+        own = [submodule.weight] + ([] if submodule.bias is None else [submodule.bias])
+        if any(id(p) not in index_of or owners[id(p)] > 1 for p in own):
+            continue
+        layers.append(
+            _Layer(
+                name=name or type(submodule).__name__,
+                module=submodule,
+                weight_index=index_of[id(submodule.weight)],
+                bias_index=None if submodule.bias is None else index_of[id(submodule.bias)],
+            )
+        )
+    return layers
