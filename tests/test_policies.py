@@ -107,3 +107,23 @@ def test_discrete_observations_are_one_hot() -> None:
     policy = ActorCritic(gym.spaces.Discrete(5), gym.spaces.Discrete(2))
     x = policy.preprocess(torch.tensor([0, 4]))
     torch.testing.assert_close(x, torch.eye(5)[[0, 4]])
+
+
+@pytest.mark.parametrize(
+    "action_space",
+    [gym.spaces.Discrete(3), gym.spaces.Box(-1, 1, (2,), np.float32), gym.spaces.MultiDiscrete([2, 4])],
+)
+def test_fused_rollout_forward_equals_separate_networks(action_space: gym.Space) -> None:
+    policy = ActorCritic(BOX_OBS, action_space, activation_fn="relu")
+    fused = policy.fused()
+    obs = torch.randn(9, 3)
+    params, values = fused(obs)
+    torch.testing.assert_close(params, policy.dist_params(obs))
+    torch.testing.assert_close(values, policy.value(obs))
+    for a, b in zip(fused.act(obs, torch.Generator().manual_seed(1)), policy.act(obs, torch.Generator().manual_seed(1))):
+        torch.testing.assert_close(a, b)
+
+
+def test_fused_view_falls_back_when_depths_differ() -> None:
+    policy = ActorCritic(BOX_OBS, gym.spaces.Discrete(2), net_arch=dict(pi=[8], vf=[8, 8]))
+    assert policy.fused() is policy

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -121,6 +122,10 @@ class RolloutBuffer:
         self.advantages = alloc()
         self.returns = alloc()
         self.pos = 0
+        self._numpy: dict[str, np.ndarray] | None = None
+        if self.device.type == "cpu":
+            names = ("observations", "rewards", "terminated", "truncated", "valid")
+            self._numpy = {name: getattr(self, name).numpy() for name in names}
 
     @property
     def full(self) -> bool:
@@ -131,28 +136,56 @@ class RolloutBuffer:
 
     def add(
         self,
-        obs: Tensor,
+        obs: Tensor | np.ndarray,
         actions: Tensor,
         log_probs: Tensor,
         values: Tensor,
-        rewards: Tensor,
-        terminated: Tensor,
-        truncated: Tensor,
-        valid: Tensor,
+        rewards: Tensor | np.ndarray,
+        terminated: Tensor | np.ndarray,
+        truncated: Tensor | np.ndarray,
+        valid: Tensor | np.ndarray,
     ) -> None:
-        """Store one vectorized step (each argument has leading dimension ``n_envs``)."""
+        """Store one vectorized step (each argument has leading dimension ``n_envs``).
+
+        Numpy arrays straight from the environment are accepted; on the CPU they are
+        written through numpy views of the storage (no tensor conversion per step).
+        """
         if self.pos >= self.n_steps:
             raise RuntimeError("RolloutBuffer is full; call finish() and reset() before adding more steps")
         t = self.pos
-        self.observations[t] = obs
-        self.actions[t] = actions
-        self.log_probs[t] = log_probs
-        self.values[t] = values
-        self.rewards[t] = rewards
-        self.terminated[t] = terminated
-        self.truncated[t] = truncated
-        self.valid[t] = valid
+        for name, value in (
+            ("observations", obs),
+            ("actions", actions),
+            ("log_probs", log_probs),
+            ("values", values),
+            ("rewards", rewards),
+            ("terminated", terminated),
+            ("truncated", truncated),
+            ("valid", valid),
+        ):
+            if name == "observations" and isinstance(value, Tensor) and value.data_ptr() == self.observations[t].data_ptr():
+                continue
+            if isinstance(value, np.ndarray):
+                if self._numpy is not None:
+                    self._numpy[name][t] = value
+                else:
+                    getattr(self, name)[t] = torch.as_tensor(value, device=self.device)
+            else:
+                getattr(self, name)[t] = value
         self.pos += 1
+
+    def put_observation(self, obs: np.ndarray) -> Tensor:
+        """Store the observation of the current step and return it as a tensor on the device.
+
+        On the CPU the returned tensor is a view of the storage, so the policy reads the
+        observation without another copy; :meth:`add` then receives it back and skips it.
+        """
+        t = self.pos
+        if self._numpy is not None:
+            self._numpy["observations"][t] = obs
+        else:
+            self.observations[t] = torch.as_tensor(obs, device=self.device)
+        return self.observations[t]
 
     def finish(self, last_values: Tensor, gamma: float, gae_lambda: float) -> None:
         """Compute advantages and returns; ``last_values`` is V of the observation after the last step."""

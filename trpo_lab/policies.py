@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -25,6 +25,7 @@ __all__ = [
     "DiagGaussian",
     "MultiCategorical",
     "ActorCritic",
+    "FusedActorCritic",
     "make_distribution",
     "ACTIVATIONS",
 ]
@@ -48,6 +49,11 @@ class ActionDistribution(ABC):
     def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Draw one action per row of ``params``."""
 
+    def sample_with_log_prob(self, params: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``(actions, log_probs)`` in one go (the rollout's hot path)."""
+        actions = self.sample(params, generator)
+        return actions, self.log_prob(params, actions)
+
     @abstractmethod
     def mode(self, params: Tensor) -> Tensor:
         """Most likely action per row."""
@@ -66,10 +72,14 @@ class ActionDistribution(ABC):
 
 
 def _categorical_sample(logits: Tensor, generator: torch.Generator | None) -> Tensor:
-    # Gumbel-max: argmax(logits + Gumbel noise) is a sample of softmax(logits).
-    uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-    gumbel = -torch.log(-torch.log(uniform.clamp_(1e-20, 1.0)))
-    return torch.argmax(logits + gumbel, dim=-1)
+    return _sample_from_probs(torch.softmax(logits, dim=-1), generator)
+
+
+def _sample_from_probs(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    # Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) is distributed as Categorical(p)
+    # (the Gumbel-max trick without the two logarithms); cheaper than torch.multinomial.
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return torch.argmax(probs / race, dim=-1)
 
 
 def _categorical_kl(old_logits: Tensor, new_logits: Tensor) -> Tensor:
@@ -91,6 +101,11 @@ class Categorical(ActionDistribution):
 
     def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return _categorical_sample(params, generator)
+
+    def sample_with_log_prob(self, params: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        log_p = torch.log_softmax(params, dim=-1)
+        actions = _sample_from_probs(log_p.exp(), generator)
+        return actions, log_p.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
 
     def mode(self, params: Tensor) -> Tensor:
         return torch.argmax(params, dim=-1)
@@ -247,6 +262,52 @@ def resolve_activation(activation_fn: str | type[nn.Module]) -> type[nn.Module]:
     raise ValueError(f"Invalid policy_kwargs.activation_fn: {activation_fn!r}; expected a name or nn.Module class")
 
 
+_FAST_ACTIVATIONS: dict[type[nn.Module], Callable[[Tensor], Tensor]] = {
+    nn.Tanh: torch.tanh,
+    nn.ReLU: torch.relu,
+}
+
+
+class FusedActorCritic:
+    """Inference-only actor and critic in one pass of block-diagonal layers.
+
+    Layer 1 stacks both input weight matrices; deeper layers are block-diagonal, so a batch
+    goes through ``depth`` matrix products instead of ``2 * depth`` (the per-op overhead,
+    not the arithmetic, dominates for the small batches of a rollout).  Built from the
+    current weights by :meth:`ActorCritic.fused`; rebuild it after every update.
+    """
+
+    def __init__(self, policy: ActorCritic) -> None:
+        actor = [m for m in policy.actor if isinstance(m, nn.Linear)]
+        critic = [m for m in policy.critic if isinstance(m, nn.Linear)]
+        self.layers: list[tuple[Tensor, Tensor]] = []
+        with torch.no_grad():
+            for i, (a, c) in enumerate(zip(actor, critic)):
+                weight = torch.cat([a.weight, c.weight]) if i == 0 else torch.block_diag(a.weight, c.weight)
+                self.layers.append((weight.detach().clone(), torch.cat([a.bias, c.bias]).detach().clone()))
+        activation = next(m for m in policy.actor if not isinstance(m, nn.Linear))
+        self.activation: Callable[[Tensor], Tensor] = _FAST_ACTIVATIONS.get(type(activation), activation)
+        self.n_actor_out = actor[-1].out_features
+        self.log_std = policy.log_std.detach().clone() if policy.log_std is not None else None
+        self.policy = policy
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(dist_params, values)`` for preprocessed observations."""
+        for weight, bias in self.layers[:-1]:
+            x = self.activation(torch.nn.functional.linear(x, weight, bias))
+        out = torch.nn.functional.linear(x, *self.layers[-1])
+        params = out[:, : self.n_actor_out]
+        if self.log_std is not None:
+            params = torch.cat([params, self.log_std.expand_as(params)], dim=-1)
+        return params, out[:, self.n_actor_out]
+
+    def act(self, obs: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Sampled ``(actions, log_probs, values)`` for raw observations."""
+        params, values = self(self.policy.preprocess(obs))
+        actions, log_probs = self.policy.distribution.sample_with_log_prob(params, generator)
+        return actions, log_probs, values
+
+
 class ActorCritic(nn.Module):
     """Separate MLP actor and critic with orthogonal initialisation.
 
@@ -302,7 +363,9 @@ class ActorCritic(nn.Module):
     def preprocess(self, obs: Tensor) -> Tensor:
         if self.one_hot_obs:
             return nn.functional.one_hot(obs.long().reshape(-1), self.obs_dim).to(torch.float32)
-        return obs.reshape(obs.shape[0], -1).to(torch.float32)
+        if obs.dim() != 2:
+            obs = obs.reshape(obs.shape[0], -1)
+        return obs if obs.dtype == torch.float32 else obs.to(torch.float32)
 
     def dist_params(self, obs: Tensor) -> Tensor:
         """Distribution parameters ``(batch, param_dim)`` for preprocessed observations."""
@@ -344,8 +407,20 @@ class ActorCritic(nn.Module):
         x = self.preprocess(obs)
         params = self.dist_params(x)
         dist = self.distribution
-        actions = dist.mode(params) if deterministic else dist.sample(params, generator)
-        return actions, dist.log_prob(params, actions), self.value(x)
+        if deterministic:
+            actions = dist.mode(params)
+            return actions, dist.log_prob(params, actions), self.value(x)
+        actions, log_probs = dist.sample_with_log_prob(params, generator)
+        return actions, log_probs, self.value(x)
+
+    def fused(self) -> FusedActorCritic | ActorCritic:
+        """A fast inference view (:class:`FusedActorCritic`) when actor and critic have the
+        same depth and activation, else ``self``; both offer ``act(obs, generator)``."""
+        n_actor = sum(isinstance(m, nn.Linear) for m in self.actor)
+        n_critic = sum(isinstance(m, nn.Linear) for m in self.critic)
+        if n_actor != n_critic:
+            return self
+        return FusedActorCritic(self)
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         x = self.preprocess(obs)

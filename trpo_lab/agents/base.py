@@ -191,51 +191,52 @@ class OnPolicyAgent(ABC):
 
     # ------------------------------------------------------------------ rollout
     def collect_rollout(self) -> int:
-        """Fill the buffer with ``n_steps`` vectorized steps and compute GAE; returns env steps taken."""
-        env, buffer, policy = self.env, self.buffer, self.policy
+        """Fill the buffer with ``n_steps`` vectorized steps and compute GAE; returns env steps taken.
+
+        The hot loop: one fused actor+critic forward per step (:meth:`ActorCritic.fused`),
+        observations written once into the buffer and read back as a zero-copy view, env
+        outputs stored through numpy views, and no per-step Python objects beyond Gymnasium's.
+        """
+        env, buffer = self.env, self.buffer
         if self._last_obs is None:
             self._last_obs, _ = env.reset(seed=self.seed)
             self._autoreset[:] = False
         obs = self._last_obs
         buffer.reset()
+        acting = self.policy.fused()
         steps = 0
         low = high = None
         if self._clip_actions:
             low, high = self.action_space.low, self.action_space.high  # type: ignore[attr-defined]
-        for step in range(self.config.n_steps):
-            obs_t = torch.as_tensor(obs, device=self.device)
-            with torch.inference_mode():
-                actions, log_probs, values = policy.act(obs_t, self.generator)
-            actions_np = actions.cpu().numpy()
-            env_actions = np.clip(actions_np, low, high) if low is not None else actions_np
-            next_obs, rewards, terminated, truncated, infos = env.step(env_actions)
-            if not (np.isfinite(rewards).all() and np.isfinite(next_obs).all()):
-                self._raise_non_finite(next_obs, rewards, step)
-            valid = ~self._autoreset
-            buffer.add(
-                obs_t,
-                actions,
-                log_probs,
-                values,
-                torch.as_tensor(rewards, device=self.device),
-                torch.as_tensor(terminated, device=self.device),
-                torch.as_tensor(truncated, device=self.device),
-                torch.as_tensor(valid, device=self.device),
-            )
-            steps += int(valid.sum())
-            self._autoreset = np.logical_or(terminated, truncated)
-            if "_episode" in infos:
-                done_mask = infos["_episode"]
-                for ret, length in zip(infos["episode"]["r"][done_mask], infos["episode"]["l"][done_mask]):
-                    self.episode_returns.append(float(ret))
-                    self.episode_lengths.append(float(length))
-                    self.num_episodes += 1
-            obs = next_obs
-        self._last_obs = obs
+        autoreset = self._autoreset
         with torch.inference_mode():
-            last_values = policy.value(policy.preprocess(torch.as_tensor(obs, device=self.device)))
-        buffer.finish(last_values, self.config.gamma, self.config.gae_lambda)
+            for step in range(self.config.n_steps):
+                obs_t = buffer.put_observation(obs)
+                actions, log_probs, values = acting.act(obs_t, self.generator)
+                actions_np = actions.numpy() if actions.device.type == "cpu" else actions.cpu().numpy()
+                env_actions = np.clip(actions_np, low, high) if low is not None else actions_np
+                next_obs, rewards, terminated, truncated, infos = env.step(env_actions)
+                if not (np.isfinite(rewards).all() and np.isfinite(next_obs).all()):
+                    self._raise_non_finite(next_obs, rewards, step)
+                valid = ~autoreset
+                buffer.add(obs_t, actions, log_probs, values, rewards, terminated, truncated, valid)
+                steps += int(valid.sum())
+                autoreset = terminated | truncated
+                if "_episode" in infos:
+                    self._record_episodes(infos)
+                obs = next_obs
+            last_values = self.policy.value(self.policy.preprocess(torch.as_tensor(obs, device=self.device)))
+        self._autoreset = autoreset
+        self._last_obs = obs
+        buffer.finish(last_values.clone(), self.config.gamma, self.config.gae_lambda)
         return steps
+
+    def _record_episodes(self, infos: dict[str, Any]) -> None:
+        done_mask = infos["_episode"]
+        for ret, length in zip(infos["episode"]["r"][done_mask], infos["episode"]["l"][done_mask]):
+            self.episode_returns.append(float(ret))
+            self.episode_lengths.append(float(length))
+            self.num_episodes += 1
 
     def _raise_non_finite(self, obs: np.ndarray, rewards: np.ndarray, step: int) -> None:
         bad_obs = ~np.isfinite(obs.reshape(obs.shape[0], -1)).all(axis=1)
