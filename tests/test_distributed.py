@@ -1,0 +1,117 @@
+"""torch.distributed helpers on 2 gloo processes (spawned by the test)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from trpo_lab.distributed import RankDriftError, init_distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _bootstrap(rank: int, world: int, port: int, timeout_s: float = 30.0):  # type: ignore[no-untyped-def]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    ctx = init_distributed("gloo", timeout_s=timeout_s)
+    assert ctx is not None and ctx.rank == rank and ctx.world_size == world
+    return ctx
+
+
+def _run(worker: Callable[..., None], *args: object) -> None:
+    mp.start_processes(worker, args=(_free_port(), *args), nprocs=2, start_method="spawn", join=True)
+
+
+def _reductions_worker(rank: int, port: int, out_dir: str) -> None:
+    from gymnasium.wrappers.utils import RunningMeanStd
+
+    ctx = _bootstrap(rank, 2, port)
+    # sample-weighted means: rank 0 has 1 sample of value 1, rank 1 has 3 samples of value 5
+    n_local = [1, 3][rank]
+    total = ctx.total_count(n_local)
+    mean = ctx.weighted_mean(torch.tensor([1.0, 5.0][rank]), n_local, total)
+    # gradients, one bucket
+    lin = torch.nn.Linear(2, 1)
+    ctx.broadcast_module_(lin)
+    lin.weight.grad = torch.full_like(lin.weight, float(rank + 1))
+    lin.bias.grad = None
+    ctx.all_reduce_grads_(list(lin.parameters()), n_local, total)
+    # running mean/std merge, twice, against statistics of all data
+    rng = np.random.default_rng(rank)
+    rms = RunningMeanStd(shape=(3,))
+    base = None
+    for chunk in range(2):
+        data = rng.normal(loc=rank, size=(10 + 5 * rank, 3))
+        rms.update(data)
+        base = ctx.merge_running_mean_std_(rms, base)
+        np.save(Path(out_dir) / f"data_{rank}_{chunk}.npy", data)
+    torch.save(
+        {"total": total, "mean": mean, "weight_grad": lin.weight.grad, "bias_grad": lin.bias.grad,
+         "weight": lin.weight.detach(), "rms": (rms.mean, rms.var, rms.count)},
+        Path(out_dir) / f"rank{rank}.pt",
+    )
+    # drift check passes in sync, fails once one rank changes a parameter
+    ctx.check_in_sync(lin)
+    if rank == 1:
+        with torch.no_grad():
+            lin.bias.add_(1e-3)
+    try:
+        ctx.check_in_sync(lin)
+    except RankDriftError as exc:
+        (Path(out_dir) / f"drift{rank}.txt").write_text(str(exc))
+    ctx.close()
+
+
+def test_reductions_broadcast_merge_and_drift(tmp_path: Path) -> None:
+    _run(_reductions_worker, str(tmp_path))
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert r0["total"] == r1["total"] == 4
+    torch.testing.assert_close(r0["mean"], torch.tensor(4.0))  # (1*1 + 3*5) / 4
+    torch.testing.assert_close(r0["weight_grad"], torch.full((1, 2), (1 * 1 + 3 * 2) / 4))
+    torch.testing.assert_close(r0["bias_grad"], torch.zeros(1))
+    assert torch.equal(r0["weight"], r1["weight"])
+    data = np.concatenate([np.load(tmp_path / f"data_{r}_{c}.npy") for r in (0, 1) for c in (0, 1)])
+    for r in (r0, r1):
+        mean, var, count = r["rms"]
+        np.testing.assert_allclose(mean, data.mean(0), rtol=1e-4, atol=1e-4)  # RunningMeanStd starts at count 1e-4
+        np.testing.assert_allclose(var, data.var(0), rtol=1e-3, atol=1e-3)
+        assert count == pytest.approx(len(data), abs=1e-3)
+    assert "drifted apart" in (tmp_path / "drift0.txt").read_text()
+    assert "drifted apart" in (tmp_path / "drift1.txt").read_text()
+
+
+def _dead_rank_worker(rank: int, port: int, out_dir: str) -> None:
+    ctx = _bootstrap(rank, 2, port, timeout_s=5.0)
+    if rank == 1:
+        os._exit(0)  # dies without a word
+    start = time.monotonic()
+    try:
+        ctx.all_reduce_sum(torch.ones(3))
+        ctx.all_reduce_sum(torch.ones(3))
+    except RuntimeError as exc:
+        (Path(out_dir) / "error.txt").write_text(f"{time.monotonic() - start:.1f} {type(exc).__name__}")
+
+
+def test_dead_rank_makes_the_other_fail_within_the_timeout(tmp_path: Path) -> None:
+    with pytest.raises(Exception):  # noqa: B017 - the dead rank's exit code surfaces as ProcessExitedException or not
+        _run(_dead_rank_worker, str(tmp_path))
+    text = (tmp_path / "error.txt").read_text().split()
+    assert float(text[0]) < 60.0
+
+
+def test_single_process_is_not_distributed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_distributed() is None
