@@ -1,0 +1,158 @@
+"""K-FAC preconditioning for Stable-Baselines3's actor-critic policies (A2C, PPO, ACKTR).
+
+A K-FAC policy is an SB3 ``ActorCriticPolicy`` whose ``optimizer`` is
+:class:`trpo_lab.optim.KFAC` over the whole policy network (actor and critic, Linear and
+Conv2d layers; free parameters such as a Gaussian ``log_std`` take plain gradient steps), and
+whose ``evaluate_actions`` records K-FAC statistics from a *sampled* Fisher pass each time
+the algorithm evaluates a training batch (Wu et al. 2017, ACKTR):
+
+    L_F = −mean(log π(ã|s)) + vf_fisher_coef · mean((V(s) − y)²),
+    ã ~ π(·|s) (current policy),   y = stop_gradient(V(s)) + N(0, 1)
+
+— the log-likelihood of actions drawn from the policy itself (the true Fisher, not the
+empirical one) plus the Gauss-Newton matrix of the value head read as a unit-variance
+Gaussian. SB3's A2C and PPO call ``evaluate_actions`` once per minibatch right before
+``optimizer.zero_grad(); loss.backward(); optimizer.step()``, so their update becomes a
+KL-clipped K-FAC step with no change to SB3's code::
+
+    model = A2C(KFACActorCriticPolicy, env, learning_rate=0.25, ent_coef=0.01,
+                policy_kwargs=dict(kfac_kwargs=dict(kl_clip=1e-3, damping=1e-2)))
+
+The algorithm's ``learning_rate`` (and its schedule) is K-FAC's ``lr``; ``kfac_kwargs`` hold
+the other :class:`~trpo_lab.optim.KFAC` arguments (``momentum``, ``damping``, ``kl_clip``,
+``stat_decay``, ``inverse_every``, ``weight_decay``, ``damping_mode``). Optimizer state
+(factors, eigenbases, momentum) is saved and loaded with the model's zip.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.policies import (
+    ActorCriticCnnPolicy,
+    ActorCriticPolicy,
+    MultiInputActorCriticPolicy,
+)
+from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from torch import Tensor
+
+from trpo_lab.optim.kfac import KFAC
+
+__all__ = [
+    "KFACActorCriticCnnPolicy",
+    "KFACActorCriticPolicy",
+    "KFACMultiInputActorCriticPolicy",
+    "KFACPolicyMixin",
+    "sampled_fisher_loss",
+]
+
+_KFAC_ARGUMENTS = ("momentum", "damping", "kl_clip", "stat_decay", "inverse_every", "weight_decay", "damping_mode")
+
+
+def sampled_fisher_loss(distribution: Distribution, values: Tensor, vf_fisher_coef: float = 1.0) -> Tensor:
+    """ACKTR's Fisher loss: sampled-action log-likelihood plus the value head's Gauss-Newton term.
+
+    ``−mean(log π(ã|s)) + vf_fisher_coef · mean((V − (V.detach() + ε))²)`` with ``ã`` drawn
+    from ``distribution`` (detached: a reparameterised Gaussian sample must not carry the
+    mean's gradient) and ``ε ~ N(0, 1)``. Its gradients, backpropagated inside
+    ``KFAC.track_statistics()``, give K-FAC the statistics of the policy's Fisher and of the
+    critic's Gauss-Newton matrix (Wu et al. 2017, section 3.1).
+
+    Args:
+        distribution: The policy's action distribution on the batch (with its graph).
+        values: The critic's values on the batch, any shape with one value per sample.
+        vf_fisher_coef: Weight of the value term (1.0 in ACKTR's reference code).
+    """
+    sampled = distribution.get_actions(deterministic=False).detach()
+    policy_term = -distribution.log_prob(sampled).mean()
+    values = values.flatten()
+    target = values.detach() + torch.randn_like(values)
+    return policy_term + vf_fisher_coef * (values - target).pow(2).mean()
+
+
+class KFACPolicyMixin:
+    """Makes an SB3 ``ActorCriticPolicy`` train with :class:`~trpo_lab.optim.KFAC` (see the module docstring).
+
+    Args:
+        kfac_kwargs: :class:`~trpo_lab.optim.KFAC` arguments other than the module and
+            ``lr`` (which is the algorithm's ``learning_rate``).
+        vf_fisher_coef: Weight of the critic's term in the Fisher loss. Default 1.0.
+        *args, **kwargs: The SB3 policy's own arguments (``net_arch``, ``activation_fn``,
+            ``ortho_init``, ...). ``optimizer_class``/``optimizer_kwargs`` are ignored: the
+            optimizer is K-FAC (A2C passes RMSprop unless ``use_rms_prop=False``).
+    """
+
+    optimizer: KFAC
+
+    def __init__(
+        self,
+        *args: Any,
+        kfac_kwargs: dict[str, Any] | None = None,
+        vf_fisher_coef: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        kfac_kwargs = dict(kfac_kwargs or {})
+        unknown = sorted(set(kfac_kwargs) - set(_KFAC_ARGUMENTS))
+        if unknown:
+            hint = " (the learning rate is the algorithm's learning_rate)" if "lr" in unknown else ""
+            raise ValueError(
+                f"Invalid kfac_kwargs key(s) {unknown}{hint}; expected some of {list(_KFAC_ARGUMENTS)}"
+            )
+        # The optimizer is K-FAC: drop SB3's optimizer choice (A2C injects RMSprop by default).
+        kwargs.pop("optimizer_class", None)
+        kwargs.pop("optimizer_kwargs", None)
+        if not vf_fisher_coef >= 0:
+            raise ValueError(f"Invalid vf_fisher_coef: {vf_fisher_coef!r}; expected a number >= 0")
+        self.kfac_kwargs = kfac_kwargs
+        self.vf_fisher_coef = float(vf_fisher_coef)
+        self._last_distribution: Distribution | None = None
+        super().__init__(*args, **kwargs)
+
+    def _build(self, lr_schedule: Schedule) -> None:
+        super()._build(lr_schedule)  # type: ignore[misc]
+        self.optimizer = KFAC(self, lr=lr_schedule(1), **self.kfac_kwargs)  # type: ignore[arg-type]
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data: dict[str, Any] = super()._get_constructor_parameters()  # type: ignore[misc]
+        data.update(kfac_kwargs=self.kfac_kwargs, vf_fisher_coef=self.vf_fisher_coef)
+        return data
+
+    def _get_action_dist_from_latent(self, latent_pi: Tensor) -> Distribution:
+        distribution: Distribution = super()._get_action_dist_from_latent(latent_pi)  # type: ignore[misc]
+        self._last_distribution = distribution
+        return distribution
+
+    def evaluate_actions(self, obs: PyTorchObs, actions: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """SB3's ``evaluate_actions``, plus a Fisher pass that updates K-FAC's statistics.
+
+        The pass runs only in training mode with gradients enabled (inside an algorithm's
+        ``train()``); it backpropagates :func:`sampled_fisher_loss` through the same forward
+        graph with ``torch.autograd.grad``, so no ``.grad`` is touched.
+        """
+        if not (self.training and torch.is_grad_enabled()):  # type: ignore[attr-defined]
+            return super().evaluate_actions(obs, actions)  # type: ignore[misc,no-any-return]
+        trainable = [param for param in self.parameters() if param.requires_grad]  # type: ignore[attr-defined]
+        try:
+            with self.optimizer.track_statistics():
+                values, log_prob, entropy = super().evaluate_actions(obs, actions)  # type: ignore[misc]
+                distribution = self._last_distribution
+                assert distribution is not None  # set by the forward pass just above
+                fisher_loss = sampled_fisher_loss(distribution, values, self.vf_fisher_coef)
+                torch.autograd.grad(fisher_loss, trainable, retain_graph=True, allow_unused=True)
+        finally:
+            self._last_distribution = None
+        return values, log_prob, entropy
+
+
+class KFACActorCriticPolicy(KFACPolicyMixin, ActorCriticPolicy):
+    """SB3's ``MlpPolicy`` (``ActorCriticPolicy``) trained with K-FAC."""
+
+
+class KFACActorCriticCnnPolicy(KFACPolicyMixin, ActorCriticCnnPolicy):
+    """SB3's ``CnnPolicy`` (``ActorCriticCnnPolicy``, NatureCNN) trained with K-FAC (KFC for Conv2d)."""
+
+
+class KFACMultiInputActorCriticPolicy(KFACPolicyMixin, MultiInputActorCriticPolicy):
+    """SB3's ``MultiInputPolicy`` (Dict observations) trained with K-FAC."""
