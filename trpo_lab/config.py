@@ -208,24 +208,49 @@ class TRPOConfig(TrustRegionConfig):
 
 @dataclass(kw_only=True)
 class NPGConfig(TrustRegionConfig):
-    """Natural policy gradient (Kakade, 2001): the TRPO step with a fixed KL radius, no line search."""
+    """Natural policy gradient (Kakade, 2001): the TRPO step with a fixed KL radius, no line search.
+
+    ``target_kl`` is the radius δ the full step is scaled to (β = sqrt(2δ / sᵀFs)); the KL
+    actually reached is only approximately δ, since nothing backtracks.
+    """
 
     algo: ClassVar[str] = "npg"
 
 
+PPO_OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "shampoo")
+
+
+def _optimizer_name(v: Any) -> bool:
+    return v.lower() in PPO_OPTIMIZERS or ("." in v and not v.startswith(".") and not v.endswith("."))
+
+
 @dataclass(kw_only=True)
 class PPOConfig(AgentConfig):
-    """PPO (Schulman et al., 2017): clipped surrogate, minibatch epochs."""
+    """PPO (Schulman et al., 2017): clipped surrogate, minibatch epochs, one optimizer for actor and critic."""
 
     algo: ClassVar[str] = "ppo"
 
     n_epochs: int = _param(10, _positive, ">= 1", "epochs over the rollout")
     clip_range: float = _param(0.2, _positive, "> 0", "surrogate clip epsilon")
-    clip_range_vf: float | None = _param(None, _positive, "> 0 or none", "value clip (None: off)")
+    clip_range_vf: float | None = _param(
+        None, _positive, "> 0 or none", "clip V - V_old to +-clip_range_vf, as SB3 (None: off)"
+    )
     vf_coef: float = _param(0.5, _non_negative, ">= 0", "value loss coefficient")
-    target_kl: float | None = _param(None, _positive, "> 0 or none", "early stop at this KL (None: off)")
-    optimizer: str = _param("adam", doc="torch optimizer: adam, sgd, rmsprop, shampoo or a dotted class path")
-    optimizer_kwargs: dict[str, Any] = _param({}, doc="extra optimizer keyword arguments")
+    target_kl: float | None = _param(
+        None, _positive, "> 0 or none", "stop the epochs once the approx KL exceeds 1.5 * target_kl (None: off)"
+    )
+    optimizer: str = _param(
+        "adam",
+        _optimizer_name,
+        f"one of {', '.join(PPO_OPTIMIZERS)} or a dotted torch.optim.Optimizer class path",
+        "torch optimizer: adam, adamw, sgd, rmsprop, shampoo or a dotted class path",
+    )
+    optimizer_kwargs: dict[str, Any] = _param({}, doc="extra optimizer keyword arguments (lr is learning_rate)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if "lr" in self.optimizer_kwargs:
+            raise ValueError("Invalid optimizer_kwargs: 'lr'; set learning_rate instead")
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,181 @@
+"""PPO: the clipped objective against a hand computation, the update loop, learning, save/load."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trpo_lab.agents.ppo import PPO, optimizer_class, ppo_loss
+from trpo_lab.presets import load_preset
+
+# A batch of four samples that hits every branch of the clipped surrogate with clip_range 0.2:
+#   0: A > 0, ratio 1.5  -> clipped at 1.2 (no gradient)
+#   1: A > 0, ratio 0.5  -> unclipped (min picks r·A)
+#   2: A < 0, ratio 0.5  -> clipped at 0.8 (no gradient)
+#   3: A < 0, ratio 1.5  -> unclipped (min picks r·A)
+RATIOS = [1.5, 0.5, 0.5, 1.5]
+ADVANTAGES = [2.0, 1.0, -1.0, -3.0]
+OLD_LOG_PROBS = [-1.0, -0.5, -2.0, -0.3]
+
+
+def _inputs(values: list[float], old_values: list[float], returns: list[float]) -> dict[str, torch.Tensor]:
+    old = torch.tensor(OLD_LOG_PROBS, dtype=torch.float64)
+    log_probs = (old + torch.log(torch.tensor(RATIOS, dtype=torch.float64))).requires_grad_()
+    return {
+        "log_probs": log_probs,
+        "old_log_probs": old,
+        "advantages": torch.tensor(ADVANTAGES, dtype=torch.float64),
+        "values": torch.tensor(values, dtype=torch.float64, requires_grad=True),
+        "old_values": torch.tensor(old_values, dtype=torch.float64),
+        "returns": torch.tensor(returns, dtype=torch.float64),
+        "entropy": torch.tensor([0.7, 0.6, 0.5, 0.4], dtype=torch.float64, requires_grad=True),
+    }
+
+
+def test_clipped_surrogate_and_its_gradient_equal_a_hand_computation() -> None:
+    x = _inputs(values=[1.0, 2.0, 0.0, -1.0], old_values=[0.0, 0.0, 0.0, 0.0], returns=[2.0, 1.0, 0.5, -1.0])
+    loss = ppo_loss(**x, clip_range=0.2, vf_coef=0.5, ent_coef=0.01)
+    # min(r·A, clip(r)·A) per sample: min(3.0, 2.4), min(0.5, 0.5), min(-0.5, -0.8), min(-4.5, -3.6)
+    expected_policy = -(2.4 + 0.5 - 0.8 - 4.5) / 4  # = 0.6
+    expected_value = ((2 - 1) ** 2 + (1 - 2) ** 2 + 0.5**2 + 0.0) / 4  # = 0.5625
+    expected_entropy = (0.7 + 0.6 + 0.5 + 0.4) / 4  # = 0.55
+    assert loss.policy.item() == pytest.approx(expected_policy)
+    assert loss.value.item() == pytest.approx(expected_value)
+    assert loss.entropy.item() == pytest.approx(expected_entropy)
+    assert loss.total.item() == pytest.approx(0.6 + 0.5 * 0.5625 - 0.01 * 0.55)
+    assert loss.clip_fraction.item() == pytest.approx(1.0)  # every |r - 1| = 0.5 > 0.2
+    # approx KL = mean(r - 1 - log r)
+    assert loss.approx_kl.item() == pytest.approx(np.mean([r - 1 - math.log(r) for r in RATIOS]))
+
+    loss.total.backward()
+    # d/d log π of -min(...)/N: clipped samples give 0, unclipped -r·A/N (d r / d log π = r)
+    assert x["log_probs"].grad.tolist() == pytest.approx([0.0, -0.5 * 1.0 / 4, 0.0, -1.5 * -3.0 / 4])
+    # d/dV of vf_coef · mean((R - V)²) = vf_coef · 2 (V - R) / N
+    assert x["values"].grad.tolist() == pytest.approx([0.5 * 2 * (v - r) / 4 for v, r in [(1, 2), (2, 1), (0, 0.5), (-1, -1)]])
+    assert x["entropy"].grad.tolist() == pytest.approx([-0.01 / 4] * 4)
+
+
+def test_clipping_inside_the_range_changes_nothing() -> None:
+    x = _inputs(values=[0.0] * 4, old_values=[0.0] * 4, returns=[0.0] * 4)
+    loss = ppo_loss(**x, clip_range=0.6)  # every ratio in [0.4, 1.6]: plain importance-sampled surrogate
+    assert loss.policy.item() == pytest.approx(-np.mean(np.multiply(RATIOS, ADVANTAGES)))
+    assert loss.clip_fraction.item() == 0.0
+
+
+def test_value_clipping_regresses_the_clipped_prediction() -> None:
+    # V - V_old = [1.0, 0.05, -0.5, 0.0] with clip_range_vf 0.2 -> [0.2, 0.05, -0.2, 0.0]
+    x = _inputs(values=[1.0, 0.05, -0.5, 0.0], old_values=[0.0] * 4, returns=[1.0, 1.0, -1.0, 0.5])
+    loss = ppo_loss(**x, clip_range=0.2, clip_range_vf=0.2, vf_coef=1.0)
+    clipped = [0.2, 0.05, -0.2, 0.0]
+    returns = [1.0, 1.0, -1.0, 0.5]
+    assert loss.value.item() == pytest.approx(np.mean([(r - v) ** 2 for r, v in zip(returns, clipped)]))
+    loss.value.backward()
+    # only the samples inside the clip range (1 and 3) pass a gradient
+    assert x["values"].grad.tolist() == pytest.approx([0.0, 2 * (0.05 - 1.0) / 4, 0.0, 2 * (0.0 - 0.5) / 4])
+
+
+def test_loss_matches_an_independent_formula_on_random_data() -> None:
+    gen = torch.Generator().manual_seed(3)
+    n = 32
+    old = torch.randn(n, generator=gen, dtype=torch.float64)
+    new = (old + 0.4 * torch.randn(n, generator=gen, dtype=torch.float64)).requires_grad_()
+    adv = torch.randn(n, generator=gen, dtype=torch.float64)
+    values = torch.randn(n, generator=gen, dtype=torch.float64)
+    loss = ppo_loss(new, old, adv, values, values, values, torch.zeros(n, dtype=torch.float64), clip_range=0.1)
+    loss.policy.backward()
+    ratio = np.exp(new.detach().numpy() - old.numpy())
+    a = adv.numpy()
+    # the pessimistic bound written as SB3/OpenAI write it: max(-rA, -clip(r)A)
+    per_sample = np.maximum(-ratio * a, -np.clip(ratio, 0.9, 1.1) * a)
+    assert loss.policy.item() == pytest.approx(per_sample.mean())
+    # the gradient vanishes exactly where clipping binds: A > 0 with r > 1 + ε, or A < 0 with r < 1 - ε
+    clipped = ((a > 0) & (ratio > 1.1)) | ((a < 0) & (ratio < 0.9))
+    assert 0 < clipped.sum() < n
+    np.testing.assert_allclose(new.grad.numpy(), np.where(clipped, 0.0, -ratio * a / n), atol=1e-12)
+
+
+def test_optimizer_names_resolve_and_bad_ones_are_rejected() -> None:
+    assert optimizer_class("adam") is torch.optim.Adam
+    assert optimizer_class("SGD") is torch.optim.SGD
+    assert optimizer_class("torch.optim.Adagrad") is torch.optim.Adagrad
+    with pytest.raises(ValueError, match="optimizer"):
+        PPO("CartPole-v1", n_envs=1, optimizer="nosuch")
+    with pytest.raises(ValueError, match="not a torch.optim.Optimizer"):
+        optimizer_class("torch.nn.Linear")
+    with pytest.raises(ValueError, match="optimizer_kwargs"):
+        PPO("CartPole-v1", n_envs=1, optimizer="sgd", optimizer_kwargs={"no_such_kwarg": 1})
+    with pytest.raises(ValueError, match="learning_rate"):
+        PPO("CartPole-v1", n_envs=1, optimizer_kwargs={"lr": 0.1})
+
+
+def test_one_optimizer_holds_actor_and_critic() -> None:
+    agent = PPO("Pendulum-v1", n_envs=1, optimizer="rmsprop", optimizer_kwargs={"alpha": 0.9})
+    params = {id(p) for group in agent.optimizer.param_groups for p in group["params"]}
+    assert params == {id(p) for p in agent.policy.parameters()}
+    assert isinstance(agent.optimizer, torch.optim.RMSprop)
+    assert agent.optimizer.param_groups[0]["alpha"] == 0.9
+
+
+def test_update_logs_metrics_and_early_stop_limits_the_epochs() -> None:
+    agent = PPO("CartPole-v1", n_envs=2, seed=0, n_steps=64, batch_size=32, n_epochs=4, learning_rate=3e-3)
+    agent.collect_rollout()
+    metrics = agent.update(agent.buffer.batch())
+    for key in ("train/kl", "train/approx_kl", "train/clip_fraction", "train/policy_loss", "train/value_loss",
+                "train/entropy", "train/explained_variance", "train/grad_norm", "train/loss"):
+        assert key in metrics and math.isfinite(metrics[key]), key
+    assert metrics["train/kl"] > 0
+    assert metrics["train/epochs"] == 4 and metrics["train/n_updates"] == 16 and metrics["train/early_stop"] == 0
+
+    stopping = PPO("CartPole-v1", n_envs=2, seed=0, n_steps=64, batch_size=32, n_epochs=50, learning_rate=3e-3,
+                   target_kl=1e-4)
+    stopping.collect_rollout()
+    metrics = stopping.update(stopping.buffer.batch())
+    assert metrics["train/early_stop"] == 1
+    assert metrics["train/n_updates"] < 50 * 4
+
+
+def test_shampoo_can_be_dropped_in() -> None:
+    pytest.importorskip("trpo_lab.optim.shampoo")
+    agent = PPO("CartPole-v1", n_envs=2, seed=0, n_steps=32, batch_size=32, n_epochs=2, optimizer="shampoo")
+    agent.learn(256, tensorboard=False)
+    assert type(agent.optimizer).__name__ == "Shampoo"
+    assert all(torch.isfinite(p).all() for p in agent.policy.parameters())
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_save_load_round_trip_restores_optimizer_state(tmp_path: Path, env_id: str) -> None:
+    agent = PPO(env_id, n_envs=2, seed=0, n_steps=32, batch_size=32, n_epochs=2, normalize_obs=True)
+    agent.learn(256, tensorboard=False)
+    agent.save(tmp_path / "agent.pt")
+    loaded = PPO.load(tmp_path / "agent.pt")
+    obs = np.stack([agent.observation_space.sample() for _ in range(8)])
+    np.testing.assert_array_equal(agent.predict(obs), loaded.predict(obs))
+    assert loaded.config == agent.config and loaded.num_timesteps == agent.num_timesteps
+    state, loaded_state = agent.optimizer.state_dict()["state"], loaded.optimizer.state_dict()["state"]
+    assert state.keys() == loaded_state.keys() and len(state) > 0
+    for key in state:
+        torch.testing.assert_close(state[key]["exp_avg_sq"], loaded_state[key]["exp_avg_sq"])
+
+
+def test_same_seed_same_training() -> None:
+    def train() -> list[float]:
+        agent = PPO("CartPole-v1", n_envs=2, seed=7, n_steps=32, batch_size=16, n_epochs=2)
+        agent.learn(512, tensorboard=False)
+        return [p.sum().item() for p in agent.policy.parameters()]
+
+    assert train() == train()
+
+
+@pytest.mark.slow
+def test_ppo_solves_cartpole_within_100k_steps() -> None:
+    hyperparameters, run = load_preset("ppo", "CartPole-v1")
+    budget = int(run["total_timesteps"])
+    assert budget <= 100_000
+    agent = PPO("CartPole-v1", n_envs=int(run["n_envs"]), seed=0, **hyperparameters)
+    agent.learn(budget, tensorboard=False)
+    assert agent.num_timesteps <= 100_000 + agent.n_envs * agent.config.n_steps
+    assert agent.evaluate(10).mean() >= 475

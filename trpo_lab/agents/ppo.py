@@ -1,0 +1,234 @@
+"""PPO (Schulman et al., 2017) on the shared on-policy loop.
+
+For ``n_epochs`` passes over shuffled minibatches of the rollout, with one optimizer over
+the actor and the critic (as Stable-Baselines3):
+
+    r(θ)     = exp(log π_θ(a|s) − log π_old(a|s))
+    L_policy = −1/B Σ min(r Â, clip(r, 1 − ε, 1 + ε) Â)          (Â normalized per minibatch)
+    V_clip   = V_old + clip(V_θ − V_old, −ε_v, ε_v)               (only with clip_range_vf)
+    L_value  = 1/B Σ (R − V_clip)²
+    L        = L_policy + vf_coef · L_value − ent_coef · 1/B Σ H[π_θ(·|s)]
+
+The optional early stop follows SB3: before each gradient step, the minibatch estimate
+KL ≈ 1/B Σ (r − 1 − log r) (Schulman's k3 estimator) is compared to ``1.5 · target_kl``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from trpo_lab.agents.base import OnPolicyAgent
+from trpo_lab.agents.trpo import explained_variance
+from trpo_lab.buffer import RolloutBatch, minibatches
+from trpo_lab.config import PPOConfig
+
+__all__ = ["PPO", "PPOLoss", "ppo_loss", "optimizer_class"]
+
+_TORCH_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+    "rmsprop": torch.optim.RMSprop,
+}
+
+
+class PPOLoss(NamedTuple):
+    """The terms of the PPO objective on one minibatch (every field is a 0-dim tensor).
+
+    Attributes:
+        total: ``policy + vf_coef · value − ent_coef · entropy``, the quantity minimised.
+        policy: The clipped surrogate loss ``L_policy``.
+        value: The (optionally clipped) value regression loss ``L_value``.
+        entropy: Mean entropy of the current policy on the minibatch.
+        approx_kl: ``mean(r − 1 − log r)``, detached (an unbiased, non-negative KL estimate).
+        clip_fraction: Fraction of samples with ``|r − 1| > clip_range``, detached.
+    """
+
+    total: Tensor
+    policy: Tensor
+    value: Tensor
+    entropy: Tensor
+    approx_kl: Tensor
+    clip_fraction: Tensor
+
+
+def ppo_loss(
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    advantages: Tensor,
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    entropy: Tensor,
+    *,
+    clip_range: float,
+    clip_range_vf: float | None = None,
+    vf_coef: float = 0.5,
+    ent_coef: float = 0.0,
+) -> PPOLoss:
+    """The PPO objective of one minibatch (see the module docstring for the equations).
+
+    Args:
+        log_probs: ``log π_θ(a|s)`` under the current parameters, ``(B,)``, with grad.
+        old_log_probs: ``log π_old(a|s)`` recorded during the rollout, ``(B,)``.
+        advantages: ``Â``, ``(B,)``, already normalized if that is wanted.
+        values: ``V_θ(s)``, ``(B,)``, with grad.
+        old_values: ``V_old(s)`` recorded during the rollout, ``(B,)``.
+        returns: The regression targets ``R`` (GAE returns), ``(B,)``.
+        entropy: Per-sample entropy of ``π_θ(·|s)``, ``(B,)``.
+        clip_range: ε of the ratio clip.
+        clip_range_vf: ε_v of the value clip, or ``None`` for the unclipped value loss.
+            As in SB3 the prediction is clipped around ``V_old`` and only the clipped
+            prediction is regressed (no max with the unclipped loss).
+        vf_coef: Weight of the value loss.
+        ent_coef: Weight of the entropy bonus.
+    """
+    log_ratio = log_probs - old_log_probs
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantages
+    policy_loss = -torch.min(unclipped, clipped).mean()
+    if clip_range_vf is not None:
+        values = old_values + torch.clamp(values - old_values, -clip_range_vf, clip_range_vf)
+    value_loss = (returns - values).square().mean()
+    mean_entropy = entropy.mean()
+    total = policy_loss + vf_coef * value_loss - ent_coef * mean_entropy
+    with torch.no_grad():
+        approx_kl = ((ratio - 1.0) - log_ratio).mean()
+        clip_fraction = ((ratio - 1.0).abs() > clip_range).to(ratio.dtype).mean()
+    return PPOLoss(total, policy_loss, value_loss, mean_entropy, approx_kl, clip_fraction)
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The optimizer class for ``PPOConfig.optimizer``.
+
+    ``"adam"``, ``"adamw"``, ``"sgd"``, ``"rmsprop"``, ``"shampoo"`` (``trpo_lab.optim.shampoo``,
+    imported only when asked for) or a dotted path to a ``torch.optim.Optimizer`` subclass.
+
+    Raises:
+        ValueError: unknown name, a path that does not import, or a class that is no optimizer.
+    """
+    key = name.lower()
+    if key in _TORCH_OPTIMIZERS:
+        return _TORCH_OPTIMIZERS[key]
+    if key == "shampoo":
+        module_name, class_name = "trpo_lab.optim.shampoo", "Shampoo"
+    else:
+        module_name, _, class_name = name.rpartition(".")
+    if not module_name:
+        raise ValueError(f"Invalid optimizer: {name!r}; expected one of {', '.join(_TORCH_OPTIMIZERS)}, shampoo "
+                         "or a dotted torch.optim.Optimizer class path")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"Invalid optimizer: {name!r} cannot be imported ({exc})") from exc
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ValueError(f"Invalid optimizer: {name!r} is not a torch.optim.Optimizer subclass")
+    return cls
+
+
+class PPO(OnPolicyAgent):
+    """Proximal Policy Optimization with the clipped surrogate (Schulman et al., 2017), SB3 names.
+
+    Example:
+        >>> agent = PPO("CartPole-v1", n_envs=8, seed=0, n_steps=32, batch_size=256)  # doctest: +SKIP
+        >>> agent.learn(100_000, run_dir="runs/cartpole-ppo")                         # doctest: +SKIP
+    """
+
+    algo: ClassVar[str] = "ppo"
+    config_class: ClassVar[type[PPOConfig]] = PPOConfig
+    config: PPOConfig
+
+    def _setup(self) -> None:
+        cls = optimizer_class(self.config.optimizer)
+        try:
+            self.optimizer = cls(self.policy.parameters(), lr=self.config.learning_rate, **self.config.optimizer_kwargs)
+        except TypeError as exc:
+            raise ValueError(
+                f"Invalid optimizer_kwargs {self.config.optimizer_kwargs} for {cls.__name__}: {exc}"
+            ) from exc
+
+    def _optimizer_states(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def _load_optimizer_states(self, states: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(states["optimizer"])
+
+    def _minibatch_loss(self, minibatch: RolloutBatch) -> PPOLoss:
+        cfg, policy = self.config, self.policy
+        obs = policy.preprocess(minibatch.observations)
+        params = policy.dist_params(obs)
+        advantages = minibatch.advantages
+        if cfg.normalize_advantage and advantages.numel() > 1:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        return ppo_loss(
+            policy.distribution.log_prob(params, minibatch.actions),
+            minibatch.log_probs,
+            advantages,
+            policy.value(obs),
+            minibatch.values,
+            minibatch.returns,
+            policy.distribution.entropy(params),
+            clip_range=cfg.clip_range,
+            clip_range_vf=cfg.clip_range_vf,
+            vf_coef=cfg.vf_coef,
+            ent_coef=cfg.ent_coef,
+        )
+
+    def update(self, batch: RolloutBatch) -> dict[str, float]:
+        cfg, policy = self.config, self.policy
+        parameters = list(policy.parameters())
+        obs = policy.preprocess(batch.observations)
+        with torch.no_grad():
+            old_params = policy.dist_params(obs)
+        losses: list[PPOLoss] = []
+        grad_norms: list[Tensor] = []
+        early_stop = False
+        epochs_done = 0
+        for _ in range(cfg.n_epochs):
+            for minibatch in minibatches(batch, cfg.batch_size, self.shuffle_generator):
+                loss = self._minibatch_loss(minibatch)
+                # SB3's early stop; the comparison syncs with the host, so only when asked for.
+                if cfg.target_kl is not None and float(loss.approx_kl) > 1.5 * cfg.target_kl:
+                    early_stop = True
+                    break
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.total.backward()
+                grad_norms.append(nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm))
+                self.optimizer.step()
+                losses.append(loss)
+            if early_stop:
+                break
+            epochs_done += 1
+        metrics: dict[str, Tensor] = {}
+        if losses:
+            def mean_of(name: str) -> Tensor:
+                return torch.stack([getattr(loss, name).detach() for loss in losses]).mean()
+
+            metrics = {
+                "train/loss": mean_of("total"),
+                "train/policy_loss": mean_of("policy"),
+                "train/value_loss": mean_of("value"),
+                "train/approx_kl": mean_of("approx_kl"),
+                "train/clip_fraction": mean_of("clip_fraction"),
+                "train/grad_norm": torch.stack(grad_norms).mean(),
+            }
+        with torch.no_grad():
+            new_params = policy.dist_params(obs)
+            metrics["train/kl"] = policy.distribution.kl(old_params, new_params).mean()
+            metrics["train/entropy"] = policy.distribution.entropy(new_params).mean()
+            metrics["train/explained_variance"] = explained_variance(batch.values, batch.returns)
+            if policy.log_std is not None:
+                metrics["train/std"] = policy.log_std.exp().mean()
+        keys = list(metrics)
+        values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).cpu().tolist()
+        result = dict(zip(keys, values))
+        result["train/n_updates"] = float(len(losses))
+        result["train/epochs"] = float(epochs_done)
+        result["train/early_stop"] = float(early_stop)
+        result["train/learning_rate"] = cfg.learning_rate
+        return result
