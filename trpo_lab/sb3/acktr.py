@@ -33,6 +33,7 @@ from trpo_lab.sb3.kfac import (
     KFACActorCriticCnnPolicy,
     KFACActorCriticPolicy,
     KFACMultiInputActorCriticPolicy,
+    KFACPolicyMixin,
 )
 
 __all__ = ["ACKTR"]
@@ -126,6 +127,12 @@ class ACKTR(A2C):
         device: torch.device | str = "auto",
         _init_setup_model: bool = True,
     ) -> None:
+        if not isinstance(policy, str) and not (isinstance(policy, type) and issubclass(policy, KFACPolicyMixin)):
+            raise ValueError(
+                f"Invalid policy: {getattr(policy, '__name__', policy)!r} does not train with trpo_lab.optim.KFAC; "
+                "ACKTR needs a K-FAC policy ('MlpPolicy', 'CnnPolicy', 'MultiInputPolicy' or a "
+                "trpo_lab.sb3.KFACPolicyMixin subclass)"
+            )
         policy_kwargs = dict(policy_kwargs or {})
         for key in ("kfac_kwargs", "vf_fisher_coef"):
             if key in policy_kwargs:
@@ -171,19 +178,12 @@ class ACKTR(A2C):
             _init_setup_model=_init_setup_model,
         )
 
-    def _setup_model(self) -> None:
-        super()._setup_model()
-        if not isinstance(self.policy.optimizer, KFAC):
-            raise ValueError(
-                f"Invalid policy: {type(self.policy).__name__} does not train with trpo_lab.optim.KFAC; "
-                "ACKTR needs a K-FAC policy ('MlpPolicy', 'CnnPolicy', 'MultiInputPolicy' or a "
-                "trpo_lab.sb3.KFACPolicyMixin subclass)"
-            )
-
     def train(self) -> None:
         """A2C's update with the K-FAC policy (Fisher pass, KL-clipped K-FAC step), then K-FAC's logs."""
         super().train()
-        stats = self.policy.optimizer.last_stats
+        optimizer = self.policy.optimizer
+        assert isinstance(optimizer, KFAC)  # a KFACPolicyMixin policy builds one
+        stats = optimizer.last_stats
         for name in _LOGGED_KFAC_STATS:
             self.logger.record(f"train/{name}", stats[f"kfac/{name}"])
 

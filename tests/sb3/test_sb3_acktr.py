@@ -1,0 +1,136 @@
+"""trpo_lab.sb3.ACKTR and the K-FAC policies for SB3's A2C / PPO."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import A2C, PPO
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from trpo_lab.optim import KFAC
+from trpo_lab.sb3 import ACKTR, KFACActorCriticCnnPolicy, KFACActorCriticPolicy
+
+
+def _cartpole(n_envs: int = 8) -> DummyVecEnv:
+    return make_vec_env("CartPole-v1", n_envs=n_envs, seed=0)
+
+
+def _factors(policy: torch.nn.Module, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return policy.optimizer.state[layer.weight]  # type: ignore[no-any-return, union-attr]
+
+
+def test_fisher_pass_records_the_sampled_fisher_and_the_gauss_newton_value_factor() -> None:
+    """One Fisher pass on many copies of one state: G of the action head is E[(e_ã − p)(e_ã − p)ᵀ]
+    = diag(p) − p pᵀ (actions sampled from the policy), G of the value head is E[(2ε)²] = 4
+    (value target = value + unit Gaussian noise, squared error as ACKTR's reference)."""
+    torch.manual_seed(0)
+    model = A2C(KFACActorCriticPolicy, _cartpole(1), seed=0, device="cpu")
+    policy = model.policy
+    obs = torch.tensor([[0.1, -0.2, 0.05, 0.3]]).repeat(20_000, 1)
+    actions = torch.zeros(20_000, dtype=torch.long)
+    grads_before = [p.grad for p in policy.parameters()]
+    policy.set_training_mode(True)
+    policy.evaluate_actions(obs, actions)
+    assert [p.grad for p in policy.parameters()] == grads_before  # the pass leaves .grad alone
+
+    with torch.no_grad():
+        probs = policy.get_distribution(obs[:1]).distribution.probs[0]
+    exact = torch.diag(probs) - torch.outer(probs, probs)
+    torch.testing.assert_close(_factors(policy, policy.action_net)["G"], exact, atol=0.01, rtol=0)
+    value_g = _factors(policy, policy.value_net)["G"]
+    assert value_g.shape == (1, 1) and abs(float(value_g) - 4.0) < 0.15
+    assert _factors(policy, policy.mlp_extractor.policy_net[0])["A"].shape == (5, 5)
+
+
+def test_no_statistics_outside_training() -> None:
+    model = A2C(KFACActorCriticPolicy, _cartpole(2), seed=0, device="cpu")
+    obs = torch.zeros(4, 4)
+    model.policy.set_training_mode(False)
+    model.policy.evaluate_actions(obs, torch.zeros(4, dtype=torch.long))
+    with torch.no_grad():
+        model.policy.set_training_mode(True)
+        model.policy.evaluate_actions(obs, torch.zeros(4, dtype=torch.long))
+    assert "A" not in _factors(model.policy, model.policy.action_net)
+
+
+def test_acktr_logs_kfac_and_clips_the_kl() -> None:
+    model = ACKTR("MlpPolicy", _cartpole(), seed=0, device="cpu")
+    assert isinstance(model.policy.optimizer, KFAC)
+    model.learn(1_600)
+    logged = model.logger.name_to_value
+    for key in ("train/policy_loss", "train/value_loss", "train/kl_scale", "train/predicted_kl", "train/effective_lr"):
+        assert key in logged, key
+    assert logged["train/predicted_kl"] <= model.kl_clip * (1 + 1e-6)
+    assert model.policy.optimizer.last_stats["kfac/step"] == 10
+
+
+def test_acktr_rejects_a_policy_without_kfac() -> None:
+    from stable_baselines3.common.policies import ActorCriticPolicy
+
+    with pytest.raises(ValueError, match="K-FAC policy"):
+        ACKTR(ActorCriticPolicy, _cartpole(2), device="cpu")
+    with pytest.raises(ValueError, match="kfac_kwargs"):
+        ACKTR("MlpPolicy", _cartpole(2), policy_kwargs=dict(kfac_kwargs={}), device="cpu")
+    with pytest.raises(ValueError, match="learning_rate"):
+        A2C(KFACActorCriticPolicy, _cartpole(2), policy_kwargs=dict(kfac_kwargs=dict(lr=0.1)), device="cpu")
+
+
+class _TinyImageEnv(gym.Env[np.ndarray, int]):
+    """36x36 grey images (NatureCNN's smallest input); reward 1 for action == (mean pixel > 127)."""
+
+    observation_space = gym.spaces.Box(0, 255, (36, 36, 1), np.uint8)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self._steps = 0
+        self._obs = self.np_random.integers(0, 256, (36, 36, 1), dtype=np.uint8)
+        return self._obs, {}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        reward = float(action == int(self._obs.mean() > 127))
+        self._steps += 1
+        self._obs = self.np_random.integers(0, 256, (36, 36, 1), dtype=np.uint8)
+        return self._obs, reward, False, self._steps >= 10, {}
+
+
+def test_acktr_cnn_policy_preconditions_convolutions(tmp_path: Path) -> None:
+    env = DummyVecEnv([_TinyImageEnv, _TinyImageEnv])
+    model = ACKTR("CnnPolicy", env, n_steps=5, seed=0, device="cpu", policy_kwargs=dict(features_extractor_kwargs=dict(features_dim=32)))
+    assert isinstance(model.policy, KFACActorCriticCnnPolicy)
+    model.learn(20)
+    conv = model.policy.features_extractor.cnn[0]
+    assert isinstance(conv, torch.nn.Conv2d)
+    assert _factors(model.policy, conv)["A"].shape == (8 * 8 + 1, 8 * 8 + 1)  # 1 channel, 8x8 kernel, bias
+    model.save(tmp_path / "acktr_cnn.zip")
+    loaded = ACKTR.load(tmp_path / "acktr_cnn.zip", device="cpu")
+    torch.testing.assert_close(_factors(loaded.policy, loaded.policy.features_extractor.cnn[0])["A"], _factors(model.policy, conv)["A"])
+
+
+def test_kfac_policy_in_ppo_takes_kfac_steps() -> None:
+    model = PPO(KFACActorCriticPolicy, _cartpole(2), n_steps=64, batch_size=64, n_epochs=2, learning_rate=0.1, seed=0, device="cpu")
+    model.learn(128)
+    assert model.policy.optimizer.last_stats["kfac/step"] == 2 * 2  # one rollout of 128: 2 epochs x 2 minibatches
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::tqdm.TqdmExperimentalWarning")
+def test_acktr_learns_cartpole_within_200k(tmp_path: Path, learn_to_bar: Any) -> None:
+    model = ACKTR("MlpPolicy", _cartpole(), seed=0, device="cpu", tensorboard_log=str(tmp_path / "tb"))
+    loaded = learn_to_bar(model, 200_000, tmp_path, progress_bar=True)
+    # The zip carries K-FAC's state: factors, eigenbases, momentum and counters.
+    assert loaded.policy.optimizer.state_dict()["kfac_counters"] == model.policy.optimizer.state_dict()["kfac_counters"]
+    assert any((tmp_path / "tb").rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_a2c_with_kfac_policy_learns_cartpole(tmp_path: Path, learn_to_bar: Any) -> None:
+    """SB3's own A2C, unchanged, with the K-FAC policy (ACKTR's learning rate): reaches 475."""
+    model = A2C(KFACActorCriticPolicy, _cartpole(), learning_rate=0.25, seed=0, device="cpu")
+    learn_to_bar(model, 200_000, tmp_path)
