@@ -175,21 +175,70 @@ class AgentConfig:
         return type(self).from_dict({**self.to_dict(), **changes})
 
 
+CURVATURES = ("cg", "kfac", "shampoo", "exact")
+CRITIC_OPTIMIZERS = ("adam", "lbfgs")
+DIAGNOSTICS = {"exact_every": "an integer >= 0 (0: off)"}
+
+
+def _one_of(choices: tuple[str, ...]) -> Check:
+    return lambda v: v in choices
+
+
+def _allowed(choices: tuple[str, ...]) -> str:
+    return "one of " + ", ".join(repr(c) for c in choices)
+
+
 @dataclass(kw_only=True)
 class TrustRegionConfig(AgentConfig):
-    """Natural-gradient step on conjugate gradient over Fisher-vector products (TRPO, NPG)."""
+    """The KL-scaled natural step of TRPO and NPG, its curvature backend and the critic fit.
+
+    ``curvature`` picks where the step direction s ≈ F⁻¹g comes from (see
+    :mod:`trpo_lab.agents.curvature`); whatever the backend, s is scaled to the KL radius with
+    sᵀFs from a Fisher-vector product. ``critic_optimizer`` picks minibatch Adam
+    (``n_critic_updates`` epochs of ``batch_size`` minibatches at ``learning_rate``) or
+    full-batch L-BFGS (one solve of ``critic_lbfgs_max_iter`` iterations per update, as the
+    original TRPO paper). ``diagnostics`` holds optional, costly checks; the CLI sets them with
+    ``--set diagnostics.exact_every=N``.
+    """
 
     learning_rate: float = _param(1e-3, _positive, "> 0", "critic learning rate (Adam)")
-    batch_size: int = _param(128, _positive, ">= 1", "critic minibatch size")
+    batch_size: int = _param(128, _positive, ">= 1", "critic minibatch size (Adam)")
     target_kl: float = _param(0.01, _positive, "> 0", "KL radius delta of the trust region")
+    curvature: str = _param(
+        "cg", _one_of(CURVATURES), _allowed(CURVATURES), "where the step direction s ~ F^-1 g comes from"
+    )
     cg_max_steps: int = _param(15, _positive, ">= 1", "conjugate-gradient iterations")
-    cg_damping: float = _param(0.1, _non_negative, ">= 0", "damping added to the Fisher")
+    cg_damping: float = _param(0.1, _non_negative, ">= 0", "damping added to the Fisher (every curvature backend)")
     cg_tol: float = _param(1e-10, _non_negative, ">= 0", "CG tolerance on the squared residual")
-    n_critic_updates: int = _param(10, _positive, ">= 1", "critic epochs per update")
+    critic_optimizer: str = _param(
+        "adam", _one_of(CRITIC_OPTIMIZERS), _allowed(CRITIC_OPTIMIZERS), "minibatch Adam or full-batch L-BFGS"
+    )
+    n_critic_updates: int = _param(10, _positive, ">= 1", "critic epochs per update (Adam)")
+    critic_lbfgs_max_iter: int = _param(
+        25, _positive, ">= 1", "L-BFGS iterations per critic fit (critic_optimizer = 'lbfgs')"
+    )
     sub_sampling_factor: int = _param(1, _positive, ">= 1", "use every k-th sample for the FVP")
     fvp_backend: str = _param(
         "autograd", lambda v: v in ("autograd", "func"), "'autograd' or 'func'", "how Fisher-vector products are formed"
     )
+    diagnostics: dict[str, Any] = _param({}, doc="optional checks: exact_every (log train/exact_cosine every N updates)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key, value in self.diagnostics.items():
+            if key not in DIAGNOSTICS:
+                raise ValueError(
+                    f"Invalid diagnostics key {key!r} (value {value!r}); expected one of {sorted(DIAGNOSTICS)}"
+                )
+        every = self.diagnostics.get("exact_every", 0)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ValueError(f"Invalid diagnostics.exact_every: {every!r}; expected {DIAGNOSTICS['exact_every']}")
+
+    @property
+    def exact_every(self) -> int:
+        """Updates between ``train/exact_cosine`` diagnostics (``diagnostics.exact_every``; 0: off)."""
+        every: int = self.diagnostics.get("exact_every", 0)
+        return every
 
 
 @dataclass(kw_only=True)

@@ -4,12 +4,15 @@ One update, on a batch of N valid transitions with advantages Â:
 
     L(θ)   = 1/N Σ exp(log π_θ(a|s) − log π_old(a|s)) Â  (+ ent_coef · entropy)
     g      = ∇_θ L(θ_old)
-    s      ≈ F⁻¹ g            conjugate gradient on F·v = ∇²_θ KL(π_old ‖ π_θ) v + damping·v
-    β      = sqrt(2 δ / sᵀ F s)                      (δ = target_kl)
+    s      ≈ F⁻¹ g            from the curvature backend (``curvature``): conjugate gradient on
+                              F·v = ∇²_θ KL(π_old ‖ π_θ) v + damping·v (default), K-FAC, Shampoo
+                              or the dense solve (:mod:`trpo_lab.agents.curvature`)
+    β      = sqrt(2 δ / sᵀ F s)                      (δ = target_kl, sᵀFs from one F·v product)
     θ_new  = θ_old + αᵏ β s   for the first k with L improved and KL ≤ δ (line search)
 
-The critic is then fitted by minibatch Adam on the GAE returns.  :class:`TrustRegionAgent`
-holds everything but the last line, which NPG replaces by the full step.
+The critic is then fitted on the GAE returns by minibatch Adam, or by full-batch L-BFGS as in
+the original TRPO paper (``critic_optimizer``).  :class:`TrustRegionAgent` holds everything but
+the last line, which NPG replaces by the full step.
 """
 
 from __future__ import annotations
@@ -21,9 +24,18 @@ import torch
 from torch import Tensor, nn
 
 from trpo_lab.agents.base import OnPolicyAgent
+from trpo_lab.agents.curvature import (
+    Curvature,
+    CurvatureProblem,
+    ExactCurvature,
+    check_exact_size,
+    exact_natural_gradient,
+    make_curvature,
+)
 from trpo_lab.buffer import RolloutBatch
 from trpo_lab.config import TRPOConfig, TrustRegionConfig
-from trpo_lab.optim.cg import solve_cg
+from trpo_lab.optim._flat import flat_params, total_numel
+from trpo_lab.optim.exact import cosine_similarity
 from trpo_lab.optim.fisher import fisher_vector_product, fisher_vector_product_func, flat_grad
 from trpo_lab.optim.line_search import kl_line_search
 
@@ -55,13 +67,32 @@ class TrustRegionAgent(OnPolicyAgent):
     config: TrustRegionConfig
 
     def _setup(self) -> None:
-        self.critic_optimizer = torch.optim.Adam(self.policy.critic_parameters(), lr=self.config.learning_rate)
+        cfg, critic_params = self.config, self.policy.critic_parameters()
+        self.critic_optimizer: torch.optim.Optimizer
+        if cfg.critic_optimizer == "lbfgs":
+            # One full-batch solve per update, as scipy's L-BFGS in the original TRPO code.
+            # lr = 1: the strong-Wolfe search starts from the quasi-Newton step itself.
+            # history_size = max_iter: every curvature pair of a fit is kept (the history is
+            # reset at each fit, see _fit_critic_lbfgs, so a longer one could never fill).
+            self.critic_optimizer = torch.optim.LBFGS(
+                critic_params,
+                lr=1.0,
+                max_iter=cfg.critic_lbfgs_max_iter,
+                history_size=cfg.critic_lbfgs_max_iter,
+                line_search_fn="strong_wolfe",
+            )
+        else:
+            self.critic_optimizer = torch.optim.Adam(critic_params, lr=cfg.learning_rate)
+        self.curvature: Curvature = make_curvature(self.policy, cfg, self.generator)
+        if cfg.exact_every:
+            check_exact_size(total_numel(self.policy.actor_parameters()), "diagnostics.exact_every")
 
     def _optimizer_states(self) -> dict[str, Any]:
-        return {"critic": self.critic_optimizer.state_dict()}
+        return {"critic": self.critic_optimizer.state_dict(), "curvature": self.curvature.state_dict()}
 
     def _load_optimizer_states(self, states: dict[str, Any]) -> None:
         self.critic_optimizer.load_state_dict(states["critic"])
+        self.curvature.load_state_dict(states.get("curvature", {}))
 
     # ------------------------------------------------------------------ pieces of the update
     def _advantages(self, batch: RolloutBatch) -> Tensor:
@@ -94,8 +125,26 @@ class TrustRegionAgent(OnPolicyAgent):
 
         return fisher_vector_product(kl_fn, actor_params, damping=self.config.cg_damping)
 
+    def _curvature_problem(
+        self, obs: Tensor, old_params: Tensor, actor_params: list[nn.Parameter], grad: Tensor, fvp: Any
+    ) -> CurvatureProblem:
+        k = self.config.sub_sampling_factor
+        obs_sub, old_sub = (obs[::k], old_params[::k]) if k > 1 else (obs, old_params)
+        dist, policy = self.policy.distribution, self.policy
+
+        def kl_of_flat(flat: Tensor) -> Tensor:
+            return dist.kl(old_sub, policy.dist_params_from_flat(flat, obs_sub)).mean()
+
+        return CurvatureProblem(
+            grad=grad, fvp=fvp, kl_of_flat=kl_of_flat, theta=flat_params(actor_params), fisher_obs=obs_sub
+        )
+
     def natural_step(self, obs: Tensor, batch: RolloutBatch, advantages: Tensor) -> NaturalStep:
-        """Compute s = CG(F, g) and scale it to the KL radius: β s with β = sqrt(2δ / sᵀFs)."""
+        """Take s from the curvature backend and scale it to the KL radius: β s, β = sqrt(2δ / sᵀFs).
+
+        With ``diagnostics.exact_every = N`` every N-th update (the first included) also logs
+        ``train/exact_cosine``, the cosine between s and the exact (F + damping·I)⁻¹ g.
+        """
         policy = self.policy
         actor_params = policy.actor_parameters()
         with torch.no_grad():
@@ -104,8 +153,8 @@ class TrustRegionAgent(OnPolicyAgent):
         surrogate = self._surrogate(policy.dist_params(obs), batch.actions, old_log_probs, advantages)
         grad = flat_grad(surrogate, actor_params)
         fvp = self._fvp(obs, old_params, actor_params)
-        cg = solve_cg(fvp, grad, max_iter=self.config.cg_max_steps, tol=self.config.cg_tol)
-        direction = cg.x
+        problem = self._curvature_problem(obs, old_params, actor_params, grad, fvp)
+        direction, direction_metrics = self.curvature.direction(problem)
         curvature = torch.dot(direction, fvp(direction))
         # Guard sᵀFs <= 0 (numerically zero gradient): take no step rather than divide by zero.
         safe_curvature = torch.where(curvature > 0, curvature, torch.ones_like(curvature))
@@ -115,12 +164,16 @@ class TrustRegionAgent(OnPolicyAgent):
         full_step = beta * direction
         metrics = {
             "train/surrogate": surrogate.detach(),
-            "train/cg_residual": cg.residual_norm,
-            "train/cg_iterations": cg.iterations.to(grad.dtype),
+            **direction_metrics,
             "train/step_curvature": curvature.detach(),
             "train/grad_norm": grad.norm(),
             "train/step_norm": full_step.norm(),
         }
+        every = self.config.exact_every
+        if every and self.num_updates % every == 0:
+            is_exact = isinstance(self.curvature, ExactCurvature)
+            exact = direction if is_exact else exact_natural_gradient(problem, self.config.cg_damping)
+            metrics["train/exact_cosine"] = cosine_similarity(direction, exact)
         self._old = (old_params, old_log_probs)
         return NaturalStep(full_step, torch.dot(grad, full_step), -surrogate.detach(), metrics)
 
@@ -150,9 +203,11 @@ class TrustRegionAgent(OnPolicyAgent):
         """Apply the scaled natural step to the actor (TRPO: line search; NPG: full step)."""
 
     def fit_critic(self, batch: RolloutBatch) -> dict[str, Tensor]:
-        """Minibatch Adam regression of V(s) on the GAE returns for ``n_critic_updates`` epochs."""
+        """Regress V(s) on the GAE returns: minibatch Adam for ``n_critic_updates`` epochs, or full-batch L-BFGS."""
         policy, cfg = self.policy, self.config
         obs_all = policy.preprocess(batch.observations)
+        if cfg.critic_optimizer == "lbfgs":
+            return self._fit_critic_lbfgs(obs_all, batch)
         critic_params = policy.critic_parameters()
         losses = []
         for _ in range(cfg.n_critic_updates):
@@ -168,6 +223,34 @@ class TrustRegionAgent(OnPolicyAgent):
         with torch.no_grad():
             ev = explained_variance(batch.values, batch.returns)
         return {"train/value_loss": torch.stack(losses).mean(), "train/explained_variance": ev}
+
+    def _fit_critic_lbfgs(self, obs: Tensor, batch: RolloutBatch) -> dict[str, Tensor]:
+        """One ``torch.optim.LBFGS`` solve (strong-Wolfe line search) of the full-batch MSE.
+
+        The history starts empty at every fit, as the original TRPO code's fresh scipy L-BFGS
+        call per batch: curvature pairs from the previous batch's objective, and the pair that
+        would mix the two objectives, never enter it. Logs the value loss after the fit and the
+        number of loss evaluations it took.
+        """
+        policy, optimizer = self.policy, self.critic_optimizer
+        optimizer.state.clear()
+
+        def closure() -> Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.mse_loss(policy.value(obs), batch.returns)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        evaluations = next(iter(optimizer.state.values()), {}).get("func_evals", 0)
+        with torch.no_grad():
+            loss = nn.functional.mse_loss(policy.value(obs), batch.returns)
+            ev = explained_variance(batch.values, batch.returns)
+        return {
+            "train/value_loss": loss,
+            "train/explained_variance": ev,
+            "train/critic_lbfgs_evals": torch.tensor(float(evaluations)),
+        }
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
         obs = self.policy.preprocess(batch.observations)

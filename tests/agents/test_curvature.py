@@ -1,0 +1,241 @@
+"""Curvature backends of the trust-region step, the L-BFGS critic and the exact diagnostics.
+
+Every backend is checked against the dense natural gradient (F + γI)⁻¹g of the real
+ActorCritic policy on a real rollout; the learning tests train TRPO with each backend on
+CartPole-v1 and stop at the first evaluation that clears the bar.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from trpo_lab.agents.curvature import (
+    EXACT_MAX_PARAMETERS,
+    CGCurvature,
+    Curvature,
+    CurvatureProblem,
+    exact_natural_gradient,
+    make_curvature,
+)
+from trpo_lab.agents.trpo import TRPO
+from trpo_lab.config import TRPOConfig, parse_set_option
+from trpo_lab.optim._flat import flat_params, total_numel
+from trpo_lab.optim.exact import cosine_similarity, newton_step
+from trpo_lab.presets import load_preset
+
+TINY = {"net_arch": {"pi": [8], "vf": [16]}}
+ENVS = ["CartPole-v1", "Pendulum-v1"]  # Discrete and Box actions
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@dataclass
+class Recorder(Curvature):
+    """Wraps an agent's backend and keeps the problems natural_step hands it."""
+
+    inner: Curvature
+    problems: list[CurvatureProblem] = field(default_factory=list)
+
+    def direction(self, problem: CurvatureProblem) -> tuple[Tensor, dict[str, Tensor]]:
+        self.problems.append(problem)
+        return self.inner.direction(problem)
+
+
+def _step_problem(agent: TRPO) -> tuple[CurvatureProblem, Tensor]:
+    """One rollout and natural_step; the problem the backend saw and its scaled step."""
+    recorder = Recorder(agent.curvature)
+    agent.curvature = recorder
+    agent.collect_rollout()
+    batch = agent.buffer.batch()
+    obs = agent.policy.preprocess(batch.observations)
+    step = agent.natural_step(obs, batch, agent._advantages(batch))
+    agent.curvature = recorder.inner
+    return recorder.problems[-1], step.full_step
+
+
+def _tiny_agent(env_id: str, **hyperparameters: Any) -> TRPO:
+    return TRPO(env_id, n_envs=4, seed=0, n_steps=128, policy_kwargs=TINY, **hyperparameters)
+
+
+# ---------------------------------------------------------------------------------- exact references
+@pytest.mark.parametrize("env_id", ENVS)
+def test_exact_backend_equals_cg_run_to_convergence(env_id: str) -> None:
+    agent = _tiny_agent(env_id, curvature="exact")
+    problem, _ = _step_problem(agent)
+    size = problem.grad.numel()
+    exact, _ = agent.curvature.direction(problem)
+    converged = CGCurvature(agent.policy, agent.config.replace(cg_max_steps=size, cg_tol=0.0), agent.generator)
+    cg, metrics = converged.direction(problem)
+    assert float(cosine_similarity(exact, cg)) > 0.9999
+    torch.testing.assert_close(problem.fvp(exact), problem.grad, rtol=1e-3, atol=1e-4 * float(problem.grad.norm()))
+    # The natural gradient is not the plain one, so the check above compares different things.
+    assert float(cosine_similarity(exact, problem.grad)) < 0.99
+    assert float(metrics["train/cg_residual"]) < 1e-3 * float(problem.grad.norm())
+
+
+@pytest.mark.parametrize("env_id", ENVS)
+def test_every_backend_step_is_scaled_to_the_kl_radius(env_id: str) -> None:
+    """½ βsᵀFβs = δ whatever produced s (one code path after the direction)."""
+    for curvature in ("cg", "kfac", "shampoo", "exact"):
+        agent = _tiny_agent(env_id, curvature=curvature, target_kl=0.01)
+        problem, full_step = _step_problem(agent)
+        quadratic_kl = 0.5 * torch.dot(full_step, problem.fvp(full_step))
+        assert float(quadratic_kl) == pytest.approx(0.01, rel=1e-3), curvature
+
+
+@pytest.mark.parametrize("env_id", ENVS)
+@pytest.mark.parametrize("curvature", ["kfac", "shampoo"])
+def test_kfac_and_shampoo_directions_point_along_the_natural_gradient(
+    env_id: str, curvature: str, record_property: Any
+) -> None:
+    agent = _tiny_agent(env_id, curvature=curvature, diagnostics={"exact_every": 1})
+    cosines: list[float] = []
+    agent.learn(10 * 4 * 128, callback=lambda a, m: cosines.append(m["train/exact_cosine"]) or len(cosines) < 4)
+    assert len(cosines) == 4
+    record_property("exact_cosines", [round(c, 3) for c in cosines])
+    print(f"{curvature} {env_id} cosine with (F + γI)⁻¹g over 4 updates: {[round(c, 3) for c in cosines]}")
+    assert all(0.0 < c <= 1.0 + 1e-6 for c in cosines)
+
+
+def test_newton_solves_the_quadratic_critic_fit_in_one_step_and_lbfgs_reaches_it() -> None:
+    """A linear critic makes the full-batch value loss a quadratic: Newton's step lands on its
+    least-squares minimiser, and the L-BFGS critic fit converges to the same point."""
+    agent = TRPO(
+        "CartPole-v1", n_envs=4, seed=0, n_steps=128, critic_optimizer="lbfgs",
+        policy_kwargs={"net_arch": {"pi": [8], "vf": []}},
+    )
+    agent.collect_rollout()
+    batch = agent.buffer.batch()
+    obs = agent.policy.preprocess(batch.observations).double()
+    returns = batch.returns.double()
+    critic = agent.policy.critic_parameters()
+    theta = flat_params(critic).double()
+
+    def loss(flat: Tensor) -> Tensor:
+        weight, bias = flat[:-1], flat[-1]
+        return nn.functional.mse_loss(obs @ weight + bias, returns)
+
+    design = torch.cat([obs, torch.ones(len(obs), 1, dtype=obs.dtype)], dim=1)
+    least_squares = torch.linalg.lstsq(design, returns.unsqueeze(1)).solution.squeeze(1)
+    torch.testing.assert_close(theta - newton_step(loss, theta), least_squares, rtol=1e-8, atol=1e-8)
+    before = float(loss(theta))
+    metrics = agent.fit_critic(batch)
+    fitted = flat_params(critic).double()
+    assert float(loss(fitted)) == pytest.approx(float(loss(least_squares)), rel=1e-3)
+    assert float(loss(fitted)) < 0.5 * before
+    assert 1 <= metrics["train/critic_lbfgs_evals"].item() <= 1.25 * agent.config.critic_lbfgs_max_iter + 1
+
+
+# ---------------------------------------------------------------------------------- diagnostics
+def test_exact_cosine_is_logged_every_n_updates() -> None:
+    rows: list[dict[str, float]] = []
+    agent = _tiny_agent("CartPole-v1", cg_max_steps=100, cg_tol=0.0, diagnostics={"exact_every": 2})
+    agent.learn(5 * 4 * 128, callback=lambda a, m: rows.append(m) or None)
+    logged = [i for i, row in enumerate(rows) if "train/exact_cosine" in row]
+    assert logged == [0, 2, 4]
+    assert all(rows[i]["train/exact_cosine"] > 0.9999 for i in logged)  # converged CG is exact
+
+
+def test_diagnostics_from_the_cli_set_option() -> None:
+    overrides: dict[str, Any] = {}
+    parse_set_option("diagnostics.exact_every=5", overrides)
+    parse_set_option("curvature=kfac", overrides)
+    config = TRPOConfig.from_dict(overrides)
+    assert config.exact_every == 5 and config.curvature == "kfac"
+    assert TRPOConfig().exact_every == 0
+
+
+def test_dense_fisher_refuses_large_policies() -> None:
+    agent = TRPO("CartPole-v1", n_envs=1, seed=0, n_steps=8)
+    size = total_numel(agent.policy.actor_parameters())
+    assert size > EXACT_MAX_PARAMETERS
+    for hyperparameters in ({"curvature": "exact"}, {"diagnostics": {"exact_every": 1}}):
+        with pytest.raises(ValueError, match=rf"at most {EXACT_MAX_PARAMETERS} parameters.*has {size}"):
+            TRPO("CartPole-v1", n_envs=1, seed=0, n_steps=8, **hyperparameters)
+
+
+@pytest.mark.parametrize(
+    ("hyperparameters", "pattern"),
+    [
+        ({"curvature": "newton"}, r"Invalid curvature: 'newton'; expected one of 'cg', 'kfac', 'shampoo', 'exact'"),
+        ({"critic_optimizer": "sgd"}, r"Invalid critic_optimizer: 'sgd'; expected one of 'adam', 'lbfgs'"),
+        ({"diagnostics": {"exact_cosine": 3}}, r"Invalid diagnostics key 'exact_cosine'.*\['exact_every'\]"),
+        ({"diagnostics": {"exact_every": -1}}, r"Invalid diagnostics.exact_every: -1; expected an integer >= 0"),
+        ({"critic_lbfgs_max_iter": 0}, r"Invalid critic_lbfgs_max_iter: 0; expected >= 1"),
+    ],
+)
+def test_bad_values_name_field_value_and_allowed(hyperparameters: dict[str, Any], pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        TRPOConfig(**hyperparameters)
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("curvature", ["kfac", "shampoo"])
+def test_backend_state_survives_save_and_load(tmp_path: Path, curvature: str) -> None:
+    """The loaded agent's next direction equals the original's; a fresh backend's would not."""
+    agent = _tiny_agent("Pendulum-v1", curvature=curvature)
+    agent.learn(3 * 4 * 128)
+    agent.save(tmp_path / "agent.pt")
+    loaded = TRPO.load(tmp_path / "agent.pt")
+    agent.collect_rollout()
+    batch = agent.buffer.batch()
+    obs = agent.policy.preprocess(batch.observations)
+    advantages = agent._advantages(batch)
+    loaded.generator.set_state(agent.generator.get_state())  # K-FAC samples its Fisher actions from it
+    original = agent.natural_step(obs, batch, advantages).full_step
+    restored = loaded.natural_step(obs, batch, advantages).full_step
+    torch.testing.assert_close(restored, original)
+    loaded.curvature = make_curvature(loaded.policy, loaded.config, loaded.generator)
+    assert not torch.allclose(loaded.natural_step(obs, batch, advantages).full_step, original)
+
+
+def test_lbfgs_critic_state_is_checkpointed(tmp_path: Path) -> None:
+    agent = _tiny_agent("CartPole-v1", critic_optimizer="lbfgs")
+    agent.learn(2 * 4 * 128)
+    agent.save(tmp_path / "agent.pt")
+    loaded = TRPO.load(tmp_path / "agent.pt")
+    assert isinstance(loaded.critic_optimizer, torch.optim.LBFGS)
+    saved, restored = agent.critic_optimizer.state_dict(), loaded.critic_optimizer.state_dict()
+    assert restored["param_groups"] == saved["param_groups"]
+    assert restored["state"][0]["func_evals"] == saved["state"][0]["func_evals"] > 0
+    torch.testing.assert_close(restored["state"][0]["d"], saved["state"][0]["d"])
+
+
+# ---------------------------------------------------------------------------------- learning
+LEARNING_CASES = {
+    "kfac": {"curvature": "kfac"},
+    "shampoo": {"curvature": "shampoo"},
+    # the dense Fisher needs a small actor; the critic keeps the preset's size
+    "exact": {"curvature": "exact", "policy_kwargs": {"net_arch": {"pi": [16], "vf": [64, 64]}}},
+    "lbfgs-critic": {"critic_optimizer": "lbfgs"},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(LEARNING_CASES))
+def test_trpo_solves_cartpole_within_150k_steps(case: str) -> None:
+    """Evaluate (10 deterministic episodes) once the rollout return passes 300; stop at >= 475."""
+    hyperparameters, _ = load_preset("trpo", "CartPole-v1")
+    agent = TRPO("CartPole-v1", n_envs=8, seed=0, **{**hyperparameters, **LEARNING_CASES[case]})
+    evaluations: list[tuple[int, float]] = []
+
+    def evaluate_when_promising(agent: TRPO, metrics: dict[str, float]) -> bool:
+        if metrics["rollout/return_mean"] < 300:
+            return True
+        evaluations.append((agent.num_timesteps, float(agent.evaluate(10).mean())))
+        return evaluations[-1][1] < 475
+
+    agent.learn(150_000, callback=evaluate_when_promising)
+    assert evaluations, "the rollout return never reached 300"
+    steps, best = evaluations[-1]
+    assert best >= 475, evaluations
+    assert steps <= 150_000 + agent.n_envs * agent.config.n_steps
