@@ -1,21 +1,19 @@
-"""Command line: ``trpo-lab train | eval`` (also ``python -m trpo_lab``).
+"""Command line: ``trpo-lab train | compare | eval`` (also ``python -m trpo_lab``).
 
 Mistakes of the user (unknown algorithm or env, bad ``--set`` key or value, missing
-run directory) exit with status 2 and one line on stderr, never a traceback.
+run directory, unreadable experiment file) exit with status 2 and one line on stderr,
+never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 __all__ = ["main", "build_parser", "CLIError"]
-
-DEFAULT_TIMESTEPS = 100_000
 
 
 class CLIError(Exception):
@@ -45,6 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    compare = sub.add_parser(
+        "compare", help="train a grid of algorithms x environments x seeds in parallel and compare them"
+    )
+    compare.add_argument("experiment", nargs="?", default=None,
+                         help="experiment TOML file, or a name in experiments/ (default: the built-in 'default')")
+    compare.add_argument("--algos", default=None, help="comma-separated algorithms, replacing the spec's")
+    compare.add_argument("--envs", default=None, help="comma-separated environment ids, replacing the spec's")
+    compare.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1)")
+    compare.add_argument("--steps", type=int, default=None, help="budget per run for every environment")
+    compare.add_argument("--out", default=None, help="output folder (default: compare_out/EXPERIMENT)")
+    compare.add_argument("--workers", type=int, default=None, help="worker processes (default: spec, else CPU count)")
+    compare.add_argument("--eval-episodes", type=int, default=None, help="evaluation episodes per final agent")
+    compare.add_argument("--quiet", action="store_true", help="no progress display")
+
     ev = sub.add_parser("eval", help="evaluate a trained run")
     ev.add_argument("run_dir")
     ev.add_argument("--episodes", type=int, default=10)
@@ -62,34 +74,13 @@ def _unique_run_dir(base: Path) -> Path:
     return Path(f"{base}_{i}")
 
 
-def _truncate_progress(run_dir: Path, timesteps: int) -> None:
-    """Drop progress rows logged after the checkpoint (a killed run may have written some)."""
-    from trpo_lab.logging import atomic_write_text
-
-    import io
-
-    path = run_dir / "progress.csv"
-    if not path.exists():
-        return
-    with path.open(newline="") as fh:
-        rows = list(csv.reader(fh))
-    if not rows:
-        return
-    header, body = rows[0], rows[1:]
-    col = header.index("timesteps")
-    kept = [r for r in body if r and r[col] and float(r[col]) <= timesteps]
-    lines = [header, *kept]
-    out = io.StringIO()
-    csv.writer(out).writerows(lines)
-    atomic_write_text(path, out.getvalue())
-
-
 def _train(args: argparse.Namespace) -> int:
     import torch
 
     from trpo_lab.agents import agent_class
     from trpo_lab.config import config_class, parse_set_option
     from trpo_lab.envs import check_env_id
+    from trpo_lab.experiments import DEFAULT_TIMESTEPS
     from trpo_lab.presets import load_preset
 
     if args.threads < 1:
@@ -129,19 +120,48 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from trpo_lab.agents.base import OnPolicyAgent
-    from trpo_lab.config import load_toml
+    from trpo_lab.experiments import resume_run
 
     run_dir = Path(args.resume)
-    config = load_toml(run_dir / "config.toml")
-    checkpoint = run_dir / "checkpoint.pt"
-    agent = OnPolicyAgent.load(checkpoint, device=args.device)
-    steps = args.steps if args.steps is not None else int(config.get("total_timesteps", DEFAULT_TIMESTEPS))
-    _truncate_progress(run_dir, agent.num_timesteps)
+    agent, steps = resume_run(run_dir, device=args.device)
+    if args.steps is not None:
+        steps = args.steps
     if agent.num_timesteps >= steps:
+        agent.close()
         print(f"{run_dir}: already trained for {agent.num_timesteps} of {steps} steps; nothing to do")
         return 0
     return _run(agent, steps, run_dir, args.quiet)
+
+
+def _comma_list(text: str | None, option: str) -> list[str] | None:
+    if text is None:
+        return None
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise CLIError(f"Invalid {option}: {text!r}; expected a comma-separated list")
+    return items
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from trpo_lab.experiments import load_experiment, run_experiment
+
+    for option, value in (("--workers", args.workers), ("--seeds", args.seeds), ("--steps", args.steps),
+                          ("--eval-episodes", args.eval_episodes)):
+        if value is not None and value < 1:
+            raise CLIError(f"Invalid {option}: {value}; expected >= 1")
+    experiment = load_experiment(args.experiment).with_overrides(
+        algos=_comma_list(args.algos, "--algos"),
+        envs=_comma_list(args.envs, "--envs"),
+        seeds=args.seeds,
+        steps=args.steps,
+        eval_episodes=args.eval_episodes,
+    )
+    out = Path(args.out) if args.out else Path("compare_out") / experiment.name
+    result = run_experiment(experiment, out, workers=args.workers, progress=not args.quiet)
+    print(result.report)
+    print(f"compare {experiment.name}: {len(result.records)} runs reported, {len(result.skipped)} skipped as finished, "
+          f"{len(result.failures)} failed, {result.elapsed_s:,.0f} s; see {out / 'report.md'}")
+    return 1 if result.failures else 0
 
 
 def _run(agent: Any, steps: int, run_dir: Path, quiet: bool) -> int:
@@ -188,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "train":
             return _train(args)
+        if args.command == "compare":
+            return _compare(args)
         if args.command == "eval":
             return _eval(args)
         raise CLIError(f"trpo-lab: unknown command {args.command!r}")

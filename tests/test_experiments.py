@@ -1,0 +1,208 @@
+"""`trpo-lab compare`: the runner end to end in a subprocess, rerun skipping, statistics, bad input."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trpo_lab.cli import main
+from trpo_lab.experiments import (
+    AlgoSummary,
+    experiment_from_dict,
+    iqm,
+    load_experiment,
+    mean_ci,
+    t_critical,
+    truncate_progress,
+    winner,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = """
+description = "tiny smoke experiment"
+algos = ["trpo", "ppo"]
+envs = ["CartPole-v1"]
+seeds = 2
+steps = 2000
+eval_episodes = 2
+"""
+RUN_FILES = ("config.toml", "progress.csv", "checkpoint.pt", "final.pt", "result.json", "spec.json")
+
+
+def _compare(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TRPO_LAB_PRESETS": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "trpo_lab", "compare", *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_compare_writes_every_promised_file_and_a_rerun_skips_finished_runs(tmp_path: Path) -> None:
+    import matplotlib.image
+
+    (tmp_path / "tiny.toml").write_text(TINY)
+    out = tmp_path / "out"
+    first = _compare(tmp_path, "tiny.toml", "--out", "out", "--workers", "2")
+    assert first.returncode == 0, first.stderr
+    assert "4 to run" in first.stderr
+
+    with (out / "summary.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4
+    assert {(r["algo"], r["seed"]) for r in rows} == {("trpo", "0"), ("trpo", "1"), ("ppo", "0"), ("ppo", "1")}
+    for row in rows:
+        assert {"algo", "env", "seed", "final_return", "wall_s", "fps"} <= set(row)
+        assert row["env"] == "CartPole-v1"
+        assert 8 <= float(row["final_return"]) <= 500 and float(row["wall_s"]) > 0 and float(row["fps"]) > 0
+        assert int(row["timesteps"]) >= 2000
+        run_dir = out / row["run_dir"]
+        for name in RUN_FILES:
+            assert (run_dir / name).is_file(), f"{run_dir / name} is missing"
+        assert list(run_dir.glob("events.out.tfevents.*")), "no TensorBoard events"
+
+    image = matplotlib.image.imread(out / "learning_curves.png")
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
+    assert np.ptp(image[..., :3]) > 0  # not a blank canvas
+
+    report = (out / "report.md").read_text()
+    assert "## CartPole-v1" in report and "| trpo |" in report and "| ppo |" in report
+    assert "IQM" in report and "steps/s" in report and "Winner" in report
+    assert "](learning_curves.png)" in report
+
+    results = sorted(out.glob("runs/*/result.json"))
+    mtimes = {p: p.stat().st_mtime_ns for p in results}
+    second = _compare(tmp_path, "tiny.toml", "--out", "out", "--workers", "2")
+    assert second.returncode == 0, second.stderr
+    assert "4 already finished, 0 to run" in second.stderr
+    assert second.stderr.count("skipped ") == 4
+    assert {p: p.stat().st_mtime_ns for p in results} == mtimes
+    with (out / "summary.csv").open(newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 4
+
+    # An interrupted run (checkpoint but no result yet) is resumed, not restarted; the others are kept.
+    partial = out / "runs" / "CartPole-v1-ppo-seed1"
+    rows_before = (partial / "progress.csv").read_text()
+    (partial / "result.json").unlink()
+    (partial / "final.pt").unlink()
+    third = _compare(tmp_path, "tiny.toml", "--out", "out", "--workers", "1", "--quiet")
+    assert third.returncode == 0, third.stderr
+    assert "3 already finished, 1 to run" in third.stderr
+    assert (partial / "result.json").is_file() and (partial / "final.pt").is_file()
+    assert (partial / "progress.csv").read_text() == rows_before
+    assert {p: p.stat().st_mtime_ns for p in results if p.parent != partial} == {
+        p: m for p, m in mtimes.items() if p.parent != partial
+    }
+
+
+def test_changed_settings_in_an_existing_output_folder_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "out" / "runs" / "CartPole-v1-ppo-seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "spec.json").write_text('{"algo": "ppo", "total_timesteps": 1}')
+    assert main(["compare", "--algos", "ppo", "--envs", "CartPole-v1", "--seeds", "1", "--steps", "500",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "other settings" in err and "total_timesteps" in err
+
+
+@pytest.mark.parametrize(
+    ("spec", "args", "message"),
+    [
+        ('algos = ["trpo", "sac"]\nenvs = ["CartPole-v1"]\n', [], "Unknown algorithm 'sac'"),
+        ('algos = ["trpo"]\nenvs = ["CartPole-v7"]\n', [], "Unknown environment id 'CartPole-v7'"),
+        ('algos = ["trpo"]\nsuite = "nosuch"\n', [], "Unknown env suite 'nosuch'"),
+        ('algos = ["trpo"]\nenvs = ["CartPole-v1"]\nbudget = 5\n', [], "unknown key(s) ['budget']"),
+        ('algos = ["trpo"\n', [], "Unreadable TOML"),
+        ('algos = ["trpo"]\nenvs = ["CartPole-v1"]\n', ["--workers", "0"], "Invalid --workers: 0"),
+        ('algos = ["trpo"]\nenvs = ["CartPole-v1"]\n', ["--algos", "trpo,xyz"], "Unknown algorithm 'xyz'"),
+        ('algos = ["trpo"]\nenvs = ["CartPole-v1"]\nseeds = 0\n', [], "seeds 0"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], spec: str, args: list[str], message: str
+) -> None:
+    path = tmp_path / "spec.toml"
+    path.write_text(spec)
+    assert main(["compare", str(path), "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_experiment_file_and_unknown_name(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "no/such/file.toml"]) == 2
+    assert "TOML file not found" in capsys.readouterr().err
+    assert main(["compare", "nosuchexperiment"]) == 2
+    assert "Unknown experiment 'nosuchexperiment'" in capsys.readouterr().err
+
+
+def test_command_line_overrides_reshape_the_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRPO_LAB_PRESETS", str(ROOT))
+    experiment = load_experiment(None).with_overrides(algos=["PPO", "npg"], envs=["Acrobot-v1"], seeds=2, steps=1234)
+    runs = experiment.runs("out")
+    assert [(r.algo, r.env_id, r.seed) for r in runs] == [
+        ("ppo", "Acrobot-v1", 0), ("ppo", "Acrobot-v1", 1), ("npg", "Acrobot-v1", 0), ("npg", "Acrobot-v1", 1)
+    ]
+    assert {r.total_timesteps for r in runs} == {1234}
+    # Acrobot's settings come from its suite entry (envs/classic.toml), the agent tables on top
+    ppo = runs[0]
+    assert ppo.hyperparameters["normalize_obs"] is True and ppo.n_envs == 16
+    assert ppo.run_dir == Path("out/runs/Acrobot-v1-ppo-seed0")
+
+
+def test_budgets_come_from_the_experiment_then_the_suite(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRPO_LAB_PRESETS", str(ROOT))
+    spec = {"algos": ["trpo"], "suite": "classic", "envs": ["CartPole-v1", "Pendulum-v1"],
+            "steps": {"CartPole-v1": 777}, "seeds": [5, 9]}
+    experiment = experiment_from_dict(spec, name="x", origin="test")
+    assert experiment.steps == {"CartPole-v1": 777, "Pendulum-v1": 200_000}
+    assert experiment.seeds == [5, 9]
+    with pytest.raises(ValueError, match="not in suite"):
+        experiment_from_dict({**spec, "envs": ["Hopper-v5"]}, name="x", origin="test")
+
+
+def test_t_critical_matches_scipy() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 5, 10, 29, 30, 31, 50, 100, 1000):
+        assert t_critical(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3), df
+
+
+def test_mean_ci_and_iqm_by_hand() -> None:
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    # s = 1, n = 3: half width = t_{0.975,2} / sqrt(3) = 4.303 / 1.732
+    assert mean == 2.0 and half == pytest.approx(4.303 / math.sqrt(3))
+    assert math.isnan(mean_ci([5.0])[1])
+    # 8 values: drop the 2 lowest and 2 highest
+    assert iqm([100, 1, 2, 3, 4, 5, 6, -50]) == pytest.approx((2 + 3 + 4 + 5) / 4)
+    assert iqm([7.0]) == 7.0
+
+
+def _summary(algo: str, mean: float, ci: float) -> AlgoSummary:
+    return AlgoSummary(algo=algo, seeds=3, mean=mean, ci=ci, iqm=mean, fps=1.0, wall_s=1.0, timesteps=1.0)
+
+
+def test_winner_needs_separated_intervals() -> None:
+    clear = {"ppo": _summary("ppo", 500, 5), "trpo": _summary("trpo", 300, 50)}
+    assert winner(clear).startswith("ppo")
+    overlap = {"ppo": _summary("ppo", 500, 150), "trpo": _summary("trpo", 400, 50), "acktr": _summary("acktr", 100, 1)}
+    text = winner(overlap)
+    assert text.startswith("no clear winner") and "trpo" in text and "acktr" not in text
+    single_seed = {"ppo": _summary("ppo", 500, math.nan), "trpo": _summary("trpo", 100, math.nan)}
+    assert winner(single_seed).startswith("no clear winner")
+
+
+def test_truncate_progress_drops_later_and_cut_rows(tmp_path: Path) -> None:
+    (tmp_path / "progress.csv").write_text(
+        "timesteps,updates,return_mean\n100,1,10.0\n200,2,11.0\n300,3,12.0\n400,4,13.0\n41"
+    )
+    truncate_progress(tmp_path, 200)
+    assert (tmp_path / "progress.csv").read_text().splitlines() == [
+        "timesteps,updates,return_mean", "100,1,10.0", "200,2,11.0"
+    ]
