@@ -56,7 +56,7 @@ def test_every_agent_preset_key_is_a_real_hyperparameter(path: Path) -> None:
         assert set(run) <= set(RUN_KEYS)
 
 
-@pytest.mark.parametrize("algo", ["npg", "ppo"])
+@pytest.mark.parametrize("algo", ["trpo", "npg", "ppo"])
 def test_my_agent_presets_cover_every_suite_env(algo: str) -> None:
     data = load_toml(ROOT / "agents" / f"{algo}.toml")
     for suite in ("classic", "mujoco"):
