@@ -26,7 +26,7 @@ the other :class:`~trpo_lab.optim.KFAC` arguments (``momentum``, ``damping``, ``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from stable_baselines3.common.distributions import Distribution
@@ -35,10 +35,12 @@ from stable_baselines3.common.policies import (
     ActorCriticPolicy,
     MultiInputActorCriticPolicy,
 )
-from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import Tensor
 
 from trpo_lab.optim.kfac import KFAC
+
+if TYPE_CHECKING:
+    from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 
 __all__ = [
     "KFACActorCriticCnnPolicy",
