@@ -158,7 +158,7 @@ def test_sb3_to_gymnasium_round_trips_whole_episodes(factory: Any) -> None:
     obs_d, _ = direct.reset(seed=3)
     obs, _ = bridged.reset(seed=3)
     np.testing.assert_array_equal(obs, obs_d)
-    direct_stream, actions_for_bridge = [], []
+    direct_stream = []
     autoreset = False
     for actions in _actions(direct.single_action_space, 1, STEPS):
         step = direct.step(actions)
@@ -166,7 +166,6 @@ def test_sb3_to_gymnasium_round_trips_whole_episodes(factory: Any) -> None:
             autoreset = False  # the reset step: gymnasium ignored this action
             continue
         direct_stream.append((actions, step))
-        actions_for_bridge.append(actions)
         autoreset = bool(step[2][0] or step[3][0])
     first_of_episode = True
     episodes = 0

@@ -75,7 +75,7 @@ def _as_space_dtype(obs: Any, space: gym.Space) -> Any:
     return obs
 
 
-class SB3ToGymnasiumVectorEnv(VectorEnv):  # type: ignore[misc]
+class SB3ToGymnasiumVectorEnv(VectorEnv):
     """An SB3 ``VecEnv`` as a ``gymnasium.vector.VectorEnv`` in ``AutoresetMode.NEXT_STEP``.
 
     trpo_lab's agents take it wherever they take a ``VectorEnv``, so SB3 environment stacks
@@ -241,7 +241,7 @@ class SB3ToGymnasiumVectorEnv(VectorEnv):  # type: ignore[misc]
         self.venv.close()
 
 
-class GymnasiumToSB3VecEnv(VecEnv):  # type: ignore[misc]
+class GymnasiumToSB3VecEnv(VecEnv):
     """A ``gymnasium.vector.VectorEnv`` in ``AutoresetMode.SAME_STEP`` as an SB3 ``VecEnv``.
 
     SAME_STEP is SB3's own convention, so the mapping is exact: observations and rewards pass
