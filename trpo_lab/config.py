@@ -138,12 +138,9 @@ class AgentConfig:
             if check is not None and value is not None and not check(value):
                 raise ValueError(f"Invalid {name}: {value!r}; expected {f.metadata['allowed']}")
             setattr(self, name, value)
-        allowed_policy = {"net_arch", "activation_fn", "log_std_init", "ortho_init"}
-        unknown = set(self.policy_kwargs) - allowed_policy
-        if unknown:
-            raise ValueError(
-                f"Invalid policy_kwargs key(s) {sorted(unknown)}; expected some of {sorted(allowed_policy)}"
-            )
+        from trpo_lab.policies import validate_policy_kwargs  # torch only once a config is built
+
+        validate_policy_kwargs(self.policy_kwargs)
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -27,6 +27,7 @@ __all__ = [
     "ActorCritic",
     "FusedActorCritic",
     "make_distribution",
+    "validate_policy_kwargs",
     "ACTIVATIONS",
 ]
 
@@ -196,13 +197,16 @@ def make_distribution(action_space: gym.Space) -> ActionDistribution:
     """The action distribution for a Gymnasium action space.
 
     Raises:
-        ValueError: for spaces other than ``Discrete``, ``Box`` and ``MultiDiscrete``.
+        ValueError: for spaces other than ``Discrete``, ``Box`` and ``MultiDiscrete`` (and for
+            those with a nonzero ``start``: the policy samples 0..n-1).
     """
     if isinstance(action_space, gym.spaces.Discrete):
+        _check_start(action_space, "action")
         return Categorical(int(action_space.n))
     if isinstance(action_space, gym.spaces.MultiDiscrete):
         if np.asarray(action_space.nvec).ndim != 1:
             raise ValueError(f"Unsupported action space {action_space}: MultiDiscrete must be one-dimensional")
+        _check_start(action_space, "action")
         return MultiCategorical(list(np.asarray(action_space.nvec)))
     if isinstance(action_space, gym.spaces.Box):
         if len(action_space.shape) != 1:
@@ -213,11 +217,20 @@ def make_distribution(action_space: gym.Space) -> ActionDistribution:
     )
 
 
+def _check_start(space: gym.spaces.Discrete | gym.spaces.MultiDiscrete, kind: str) -> None:
+    if np.any(np.asarray(space.start) != 0):
+        raise ValueError(
+            f"Unsupported {kind} space {space}: start={space.start}; supported: Discrete / MultiDiscrete "
+            "starting at 0 (wrap the env to shift its values)"
+        )
+
+
 def observation_dim(observation_space: gym.Space) -> int:
     """Flat input size for an observation space (Box, or Discrete encoded one-hot)."""
     if isinstance(observation_space, gym.spaces.Box):
         return int(np.prod(observation_space.shape))
     if isinstance(observation_space, gym.spaces.Discrete):
+        _check_start(observation_space, "observation")
         return int(observation_space.n)
     raise ValueError(f"Unsupported observation space {observation_space}; supported: Box and Discrete")
 
@@ -235,15 +248,45 @@ def _mlp(sizes: Sequence[int], activation: type[nn.Module], out_gain: float) -> 
     return nn.Sequential(*layers)
 
 
+POLICY_KWARGS = ("net_arch", "activation_fn", "log_std_init", "ortho_init")
+
+
+def validate_policy_kwargs(policy_kwargs: Mapping[str, Any]) -> None:
+    """Check ``policy_kwargs`` without building a network (configs call this).
+
+    Raises:
+        ValueError: an unknown key, or a value :class:`ActorCritic` would reject, naming both.
+    """
+    unknown = sorted(set(policy_kwargs) - set(POLICY_KWARGS))
+    if unknown:
+        raise ValueError(f"Invalid policy_kwargs key(s) {unknown}; expected some of {list(POLICY_KWARGS)}")
+    if "net_arch" in policy_kwargs:
+        _parse_net_arch(policy_kwargs["net_arch"])
+    if "activation_fn" in policy_kwargs:
+        resolve_activation(policy_kwargs["activation_fn"])
+    if "log_std_init" in policy_kwargs:
+        value = policy_kwargs["log_std_init"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"Invalid policy_kwargs.log_std_init: {value!r}; expected a finite number")
+    if "ortho_init" in policy_kwargs and not isinstance(policy_kwargs["ortho_init"], bool):
+        raise ValueError(f"Invalid policy_kwargs.ortho_init: {policy_kwargs['ortho_init']!r}; expected true or false")
+
+
 def _parse_net_arch(net_arch: Any) -> tuple[list[int], list[int]]:
     if isinstance(net_arch, dict):
+        unknown = sorted(set(net_arch) - {"pi", "vf"})
+        if unknown:
+            raise ValueError(f"Invalid policy_kwargs.net_arch key(s) {unknown}; expected 'pi' and/or 'vf'")
         pi, vf = net_arch.get("pi", [64, 64]), net_arch.get("vf", [64, 64])
     elif isinstance(net_arch, (list, tuple)):
         pi = vf = list(net_arch)
     else:
         raise ValueError(f"Invalid policy_kwargs.net_arch: {net_arch!r}; expected a list of sizes or dict(pi=[...], vf=[...])")
     for name, sizes in (("pi", pi), ("vf", vf)):
-        if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
+        positive = isinstance(sizes, (list, tuple)) and all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes
+        )
+        if not positive:
             raise ValueError(f"Invalid policy_kwargs.net_arch {name}: {sizes!r}; expected positive integers")
     return list(pi), list(vf)
 
