@@ -202,7 +202,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``trpo-lab`` console script."""
-    from trpo_lab.agents.base import NonFiniteEnvError
+    from trpo_lab.agents.base import NonFiniteError
 
     try:
         args = build_parser().parse_args(argv)
@@ -219,9 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             message = f"trpo-lab: error: {message}"
         print(message, file=sys.stderr)
         return 2
-    except NonFiniteEnvError as exc:
+    except NonFiniteError as exc:
         print(f"trpo-lab: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("trpo-lab: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # TrainingInterrupted says which signal and where the checkpoint is
+        print(f"trpo-lab: interrupted{f': {exc}' if str(exc) else ''}", file=sys.stderr)
+        return 128 + getattr(exc, "signum", 2)

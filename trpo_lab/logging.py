@@ -9,6 +9,7 @@ metric under its grouped name.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import tempfile
@@ -34,7 +35,11 @@ TIMING_COLUMNS = ("fps", "wall_s", "time/update_s", "time/rollout_s")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and rename."""
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and rename.
+
+    A reader (or a crash) sees the old file or the new one, never a mix; the folder is
+    fsynced too, so the rename itself survives a power cut (POSIX).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -48,6 +53,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -62,6 +81,25 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+def _trim_progress(path: Path, last_update: int | None) -> list[str] | None:
+    """Keep the header and the complete rows up to ``last_update``; return the header."""
+    text = path.read_text()
+    rows = list(csv.reader(io.StringIO(text, newline="")))
+    if not rows:
+        return None
+    header, body = rows[0], rows[1:]
+    torn = bool(body) and not text.endswith("\n")  # the last row was cut short mid-write
+    kept = [row for row in (body[:-1] if torn else body) if len(row) == len(header)]
+    if last_update is not None and "updates" in header:
+        col = header.index("updates")
+        kept = [row for row in kept if row[col] and float(row[col]) <= last_update]
+    if len(kept) != len(body):
+        out = io.StringIO()
+        csv.writer(out).writerows([header, *kept])
+        atomic_write_text(path, out.getvalue())
+    return header
+
+
 class RunLogger:
     """Writes one row per update to ``progress.csv`` and TensorBoard, and drives a console bar.
 
@@ -70,7 +108,11 @@ class RunLogger:
         total_timesteps: For the progress bar.
         progress_bar: Show a rich progress bar.
         tensorboard: Write TensorBoard events into ``run_dir``.
-        resume: Append to an existing ``progress.csv`` instead of starting a new one.
+        resume: Append to an existing ``progress.csv`` instead of starting a new one.  Rows
+            of updates after ``start_updates`` (logged by a run killed after its last
+            checkpoint) and a row cut short by the kill are dropped first, atomically.
+        start_timesteps: Where the progress bar starts.
+        start_updates: Updates already done (the checkpoint's); ``None`` keeps every row.
     """
 
     def __init__(
@@ -81,6 +123,7 @@ class RunLogger:
         tensorboard: bool = True,
         resume: bool = False,
         start_timesteps: int = 0,
+        start_updates: int | None = None,
     ) -> None:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._csv_file: TextIO | None = None
@@ -93,9 +136,7 @@ class RunLogger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             csv_path = self.run_dir / "progress.csv"
             if resume and csv_path.exists():
-                with csv_path.open(newline="") as fh:
-                    header = next(csv.reader(fh), None)
-                self._columns = header
+                self._columns = _trim_progress(csv_path, start_updates)
             self._csv_file = csv_path.open("a" if resume else "w", newline="")
             if self._columns is not None:
                 self._csv_writer = csv.writer(self._csv_file)
@@ -144,6 +185,14 @@ class RunLogger:
             status = f"return {ret:8.2f}" if math.isfinite(ret) else ""
             status += f"  {metrics.get('time/fps', 0.0):,.0f} steps/s"
             self._progress.update(self._task, completed=step, status=status)
+
+    def sync(self) -> None:
+        """Flush ``progress.csv`` to disk (called before each checkpoint, so the rows up to it survive a crash)."""
+        if self._csv_file is not None:
+            self._csv_file.flush()
+            os.fsync(self._csv_file.fileno())
+        if self._tb is not None:
+            self._tb.flush()
 
     def close(self) -> None:
         if self._csv_file is not None:

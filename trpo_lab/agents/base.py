@@ -2,17 +2,44 @@
 
 Agents differ only in :meth:`OnPolicyAgent._setup` (their optimizers) and
 :meth:`OnPolicyAgent.update` (one update from a flat batch).  Collection, GAE,
-normalization, logging, checkpointing and evaluation are written once, here.
+normalization, logging, checkpointing and evaluation are written once, here, and so is
+what keeps a long run safe (issue #9):
+
+* **Non-finite environment output** is caught below the normalization wrappers
+  (:class:`~trpo_lab.envs.NonFiniteGuard`): ``nan_policy = "raise"`` stops with
+  :class:`NonFiniteEnvError` naming the env index and rollout step; ``"skip"`` drops the
+  transition, cuts the advantage chain before it and counts it (``rollout/nonfinite_skipped``).
+* **Non-finite updates** are rejected: the parameters and optimizer state are snapshotted
+  before :meth:`OnPolicyAgent.update` and restored if anything came out NaN or inf
+  (``train/rejected_updates``); :attr:`OnPolicyAgent.max_consecutive_rejections` rejections
+  in a row stop the run with :class:`NonFiniteUpdateError`.
+* **Interruptions**: SIGINT/SIGTERM during :meth:`OnPolicyAgent.learn` finish the current
+  update, write ``checkpoint.pt`` and raise :class:`TrainingInterrupted`.  A checkpoint holds
+  the vector env's state at the rollout boundary, so resuming from it reproduces the
+  uninterrupted run's ``progress.csv`` exactly (sync envs on the CPU).
+* **Untrusted files**: checkpoints load with ``torch.load(weights_only=True)`` and are
+  checked field by field; anything else is refused with a ``ValueError``.
+
+Minibatches (PPO, the TRPO critic) are ``batch_size`` samples with a smaller last one: the
+number of valid transitions per rollout changes from update to update (auto-reset slots and
+skipped non-finite steps are dropped), so no ``batch_size`` divides every batch, and a
+``batch_size`` larger than the rollout simply means one full-batch step.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import pickle
+import signal
+import sys
+import threading
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -25,22 +52,54 @@ from gymnasium.wrappers.vector import NormalizeObservation
 from trpo_lab.buffer import RolloutBatch, RolloutBuffer
 from trpo_lab.config import AgentConfig
 from trpo_lab.envs import (
+    EnvStateError,
+    NonFiniteEnvError,
+    NonFiniteError,
+    NonFiniteGuard,
+    _first_line,
+    _to_numpy,
+    _to_tensors,
     find_wrapper,
     load_normalization_state,
+    load_vector_env_state,
     make_vec_env,
     normalization_state,
+    vector_env_state,
 )
 from trpo_lab.logging import RunLogger, atomic_write_bytes, atomic_write_text
 from trpo_lab.policies import ActorCritic
 
-__all__ = ["OnPolicyAgent", "NonFiniteEnvError", "CHECKPOINT_FORMAT", "space_signature", "read_checkpoint"]
+__all__ = [
+    "OnPolicyAgent",
+    "NonFiniteError",
+    "NonFiniteEnvError",
+    "NonFiniteUpdateError",
+    "TrainingInterrupted",
+    "CHECKPOINT_FORMAT",
+    "space_signature",
+    "read_checkpoint",
+]
 
 CHECKPOINT_FORMAT = "trpo_lab.agent/1"
 A = TypeVar("A", bound="OnPolicyAgent")
 
 
-class NonFiniteEnvError(RuntimeError):
-    """An environment returned NaN or inf in an observation or reward."""
+class NonFiniteUpdateError(NonFiniteError):
+    """Several updates in a row produced NaN or inf parameters (each was rejected and undone)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped :meth:`OnPolicyAgent.learn` after writing a checkpoint.
+
+    A ``KeyboardInterrupt``, so code that treats Ctrl-C as "stop" keeps doing so.
+
+    Attributes:
+        signum: The signal received.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 def space_signature(space: gym.Space) -> dict[str, Any]:
@@ -54,40 +113,86 @@ def space_signature(space: gym.Space) -> dict[str, Any]:
     return {"type": type(space).__name__}
 
 
-def _to_tensors(value: Any) -> Any:
-    """Replace numpy arrays by tensors, recursively (checkpoints hold only tensors and plain data)."""
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(np.array(value))
-    if isinstance(value, dict):
-        return {k: _to_tensors(v) for k, v in value.items()}
-    return value
-
-
-def _to_numpy(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.numpy()
-    if isinstance(value, dict):
-        return {k: _to_numpy(v) for k, v in value.items()}
-    return value
+# Top-level checkpoint fields and their types, checked before anything is used.
+_CHECKPOINT_FIELDS: dict[str, tuple[type, ...]] = {
+    "algo": (str,),
+    "env_id": (str, type(None)),
+    "n_envs": (int,),
+    "seed": (int,),
+    "config": (dict,),
+    "observation_space": (dict,),
+    "action_space": (dict,),
+    "policy": (dict,),
+    "optimizers": (dict,),
+    "normalization": (dict,),
+    "counters": (dict,),
+    "episodes": (dict,),
+    "rng": (dict,),
+}
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint safely (``weights_only=True``: tensors and plain data only).
 
+    A file that holds anything else, such as a pickle whose ``__reduce__`` would run code,
+    is refused before any of it is executed.
+
     Raises:
-        ValueError: missing, truncated, corrupt or foreign file, or one that tries to load code.
+        ValueError: missing, truncated, corrupt or foreign file, a file with Python objects
+            other than tensors and plain data, or one whose fields are missing or mistyped.
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"Checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"Cannot load checkpoint {path}: the file is empty")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or unsafe files
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"Cannot load checkpoint {path}: not a valid trpo_lab checkpoint ({first_line})") from exc
-    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says enough
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = _unpickling_detail(str(exc))
+        if "GLOBAL" in detail:
+            raise ValueError(
+                f"Cannot load checkpoint {path}: refused, it refers to Python code or classes ({detail}); "
+                "checkpoints may hold only tensors and plain data, and nothing in the file was run"
+            ) from None
+        raise ValueError(
+            f"Cannot load checkpoint {path}: not a weights-only PyTorch checkpoint ({detail}); "
+            "nothing in the file was run"
+        ) from None
+    except Exception as exc:  # torch raises many types for truncated or corrupt files
+        raise ValueError(
+            f"Cannot load checkpoint {path}: the file is truncated or corrupt ({_first_line(exc).split('. ')[0]})"
+        ) from None
+    if not isinstance(data, dict) or not str(data.get("format", "")).startswith("trpo_lab.agent/"):
         raise ValueError(f"Cannot load checkpoint {path}: not a trpo_lab checkpoint (format {CHECKPOINT_FORMAT})")
+    if data["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"Cannot load checkpoint {path}: format {data['format']!r}; "
+            f"this version of trpo_lab reads {CHECKPOINT_FORMAT!r}"
+        )
+    for key, types in _CHECKPOINT_FIELDS.items():
+        if key not in data:
+            raise ValueError(f"Cannot load checkpoint {path}: field {key!r} is missing (damaged file?)")
+        if isinstance(data[key], bool) or not isinstance(data[key], types):
+            expected = " or ".join("None" if t is type(None) else t.__name__ for t in types)
+            raise ValueError(
+                f"Cannot load checkpoint {path}: field {key!r} is a {type(data[key]).__name__}; expected {expected}"
+            )
     return data
+
+
+def _unpickling_detail(message: str) -> str:
+    """The informative line of torch's weights-only refusal (which GLOBAL or opcode it stopped at)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line:
+            return line
+    for line in lines:
+        if line.startswith("Unsupported"):
+            return line
+    return lines[-1] if lines else "unpickling refused"
 
 
 class OnPolicyAgent(ABC):
@@ -95,7 +200,9 @@ class OnPolicyAgent(ABC):
 
     Args:
         env: A Gymnasium id, a callable returning a ``gymnasium.Env``, or a ready
-            ``gymnasium.vector.VectorEnv`` in ``NEXT_STEP`` autoreset mode.
+            ``gymnasium.vector.VectorEnv`` in ``NEXT_STEP`` autoreset mode (which gets a
+            :class:`~trpo_lab.envs.NonFiniteGuard` on top unless it has one: build it with
+            ``make_vec_env`` to have the guard below its normalization wrappers).
         n_envs: Number of parallel environments (ignored when ``env`` is a VectorEnv).
         seed: Seeds the environments, the network initialisation and all sampling.
         device: Torch device for the networks, the buffer and the update.
@@ -106,6 +213,8 @@ class OnPolicyAgent(ABC):
 
     algo: ClassVar[str] = ""
     config_class: ClassVar[type[AgentConfig]] = AgentConfig
+    max_consecutive_rejections: ClassVar[int] = 10
+    """Rejected (non-finite) updates in a row after which :meth:`learn` stops."""
 
     def __init__(
         self,
@@ -120,14 +229,16 @@ class OnPolicyAgent(ABC):
         self.config = self.config_class.from_dict(hyperparameters)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"Invalid seed: {seed!r}; expected an integer")
+        if env_kwargs is not None and not isinstance(env_kwargs, Mapping):
+            raise ValueError(f"Invalid env_kwargs: {env_kwargs!r}; expected a dict of keyword arguments for gym.make")
         self.seed = seed
         self.device = _resolve_device(device)
         self.vectorization = vectorization
         self.env_kwargs = dict(env_kwargs or {})
         if isinstance(env, VectorEnv):
             self.env_id: str | None = env.spec.id if env.spec is not None else None
-            self.env = env
-            env.reset(seed=seed)
+            self.env = _guarded(env, self.config.nan_policy)
+            self.env.reset(seed=seed)
         else:
             self.env_id = env if isinstance(env, str) else None
             self.env = make_vec_env(
@@ -139,7 +250,18 @@ class OnPolicyAgent(ABC):
                 normalize_reward=self.config.normalize_reward,
                 gamma=self.config.gamma,
                 env_kwargs=self.env_kwargs,
+                nan_policy=self.config.nan_policy,  # type: ignore[arg-type]
             )
+        try:
+            self._build(env)
+        except BaseException:
+            if not isinstance(env, VectorEnv):  # ours to close (async workers would outlive us)
+                self.env.close()
+            raise
+
+    def _build(self, env: Any) -> None:
+        """Everything of ``__init__`` after the environment exists."""
+        seed = self.seed
         self._env_spec = env if not isinstance(env, VectorEnv) else None
         self.n_envs = self.env.num_envs
         self.observation_space = self.env.single_observation_space
@@ -158,19 +280,29 @@ class OnPolicyAgent(ABC):
             if isinstance(self.observation_space, gym.spaces.Box)
             else ()
         )
-        self.buffer = RolloutBuffer(
-            self.config.n_steps, self.n_envs, obs_shape, action_shape, action_dtype, self.device,
-            obs_dtype=torch.float32 if isinstance(self.observation_space, gym.spaces.Box) else torch.long,
-        )
+        try:
+            self.buffer = RolloutBuffer(
+                self.config.n_steps, self.n_envs, obs_shape, action_shape, action_dtype, self.device,
+                obs_dtype=torch.float32 if isinstance(self.observation_space, gym.spaces.Box) else torch.long,
+            )
+        except RuntimeError:  # out of memory
+            raise ValueError(
+                f"Invalid n_steps: {self.config.n_steps}; a rollout buffer of n_steps x n_envs = "
+                f"{self.config.n_steps} x {self.n_envs} does not fit in memory; lower n_steps or n_envs"
+            ) from None
         self._clip_actions = isinstance(self.action_space, gym.spaces.Box)
         self.num_timesteps = 0
         self.num_updates = 0
         self.num_episodes = 0
+        self.num_nonfinite_skipped = 0
+        self.num_rejected_updates = 0
+        self._consecutive_rejections = 0
         self.wall_time = 0.0
         self.episode_returns: deque[float] = deque(maxlen=100)
         self.episode_lengths: deque[float] = deque(maxlen=100)
         self._last_obs: np.ndarray | None = None
         self._autoreset = np.zeros(self.n_envs, dtype=bool)
+        self._reset_seed = seed  # seed of the first env.reset of a rollout (see load_state_dict)
         self._setup()
 
     # ------------------------------------------------------------------ algorithm hooks
@@ -196,40 +328,72 @@ class OnPolicyAgent(ABC):
         The hot loop: one fused actor+critic forward per step (:meth:`ActorCritic.fused`),
         observations written once into the buffer and read back as a zero-copy view, env
         outputs stored through numpy views, and no per-step Python objects beyond Gymnasium's.
+
+        With ``nan_policy = "skip"``, a step at which sub-environment ``i`` returned NaN or
+        inf (the :class:`~trpo_lab.envs.NonFiniteGuard` has already reset it and zeroed the
+        reward) is stored as an invalid slot, like an auto-reset slot, and the slot before it
+        is marked truncated: its advantage bootstraps from ``V`` of the last finite
+        observation instead of running through the dropped step.  The next slot starts the
+        new episode from the reset observation.
+
+        Raises:
+            NonFiniteEnvError: ``nan_policy = "raise"`` and an environment returned NaN or inf,
+                or more than half of this rollout's transitions had to be dropped.
         """
         env, buffer = self.env, self.buffer
         if self._last_obs is None:
-            self._last_obs, _ = env.reset(seed=self.seed)
+            self._last_obs, _ = env.reset(seed=self._reset_seed)
             self._autoreset[:] = False
         obs = self._last_obs
         buffer.reset()
         acting = self.policy.fused()
-        steps = 0
+        steps = skipped = step = 0
         low = high = None
         if self._clip_actions:
             low, high = self.action_space.low, self.action_space.high  # type: ignore[attr-defined]
         autoreset = self._autoreset
-        with torch.inference_mode():
-            for step in range(self.config.n_steps):
-                obs_t = buffer.put_observation(obs)
-                actions, log_probs, values = acting.act(obs_t, self.generator)
-                actions_np = actions.numpy() if actions.device.type == "cpu" else actions.cpu().numpy()
-                env_actions = np.clip(actions_np, low, high) if low is not None else actions_np
-                next_obs, rewards, terminated, truncated, infos = env.step(env_actions)
-                if not (np.isfinite(rewards).all() and np.isfinite(next_obs).all()):
-                    self._raise_non_finite(next_obs, rewards, step)
-                valid = ~autoreset
-                buffer.add(obs_t, actions, log_probs, values, rewards, terminated, truncated, valid)
-                steps += int(valid.sum())
-                autoreset = terminated | truncated
-                if "_episode" in infos:
-                    self._record_episodes(infos)
-                obs = next_obs
-            last_values = self.policy.value(self.policy.preprocess(torch.as_tensor(obs, device=self.device)))
+        try:
+            with torch.inference_mode():
+                for step in range(self.config.n_steps):
+                    obs_t = buffer.put_observation(obs)
+                    actions, log_probs, values = acting.act(obs_t, self.generator)
+                    actions_np = actions.numpy() if actions.device.type == "cpu" else actions.cpu().numpy()
+                    env_actions = np.clip(actions_np, low, high) if low is not None else actions_np
+                    next_obs, rewards, terminated, truncated, infos = env.step(env_actions)
+                    valid = ~autoreset
+                    if "_nonfinite" in infos:
+                        skipped += self._drop_non_finite(step, infos["_nonfinite"], valid)
+                    buffer.add(obs_t, actions, log_probs, values, rewards, terminated, truncated, valid)
+                    steps += int(valid.sum())
+                    autoreset = terminated | truncated
+                    if "_episode" in infos:
+                        self._record_episodes(infos)
+                    obs = next_obs
+                last_values = self.policy.value(self.policy.preprocess(torch.as_tensor(obs, device=self.device)))
+        except NonFiniteEnvError as exc:
+            raise NonFiniteEnvError(
+                f"{exc} at rollout step {step} (update {self.num_updates + 1}, timestep {self.num_timesteps + steps}); "
+                "check the environment, wrap it to sanitise its output, or set nan_policy='skip' to drop such steps",
+                exc.env_index,
+            ) from None
         self._autoreset = autoreset
         self._last_obs = obs
+        if 2 * skipped > self.config.n_steps * self.n_envs:
+            raise NonFiniteEnvError(
+                f"{skipped} of the {self.config.n_steps * self.n_envs} transitions of update {self.num_updates + 1} "
+                "were NaN or inf and had to be dropped (nan_policy='skip'); the environment is broken"
+            )
         buffer.finish(last_values.clone(), self.config.gamma, self.config.gae_lambda)
         return steps
+
+    def _drop_non_finite(self, step: int, bad: np.ndarray, valid: np.ndarray) -> int:
+        """Invalidate the slots of sub-environments whose output was non-finite (see :meth:`collect_rollout`)."""
+        valid &= ~bad
+        if step > 0:
+            self.buffer.truncated[step - 1, torch.as_tensor(bad, device=self.buffer.device)] = True
+        count = int(bad.sum())
+        self.num_nonfinite_skipped += count
+        return count
 
     def _record_episodes(self, infos: dict[str, Any]) -> None:
         done_mask = infos["_episode"]
@@ -237,17 +401,6 @@ class OnPolicyAgent(ABC):
             self.episode_returns.append(float(ret))
             self.episode_lengths.append(float(length))
             self.num_episodes += 1
-
-    def _raise_non_finite(self, obs: np.ndarray, rewards: np.ndarray, step: int) -> None:
-        bad_obs = ~np.isfinite(obs.reshape(obs.shape[0], -1)).all(axis=1)
-        bad_rew = ~np.isfinite(rewards)
-        env_index = int(np.flatnonzero(bad_obs | bad_rew)[0])
-        what = "observation" if bad_obs[env_index] else "reward"
-        raise NonFiniteEnvError(
-            f"Environment {env_index} returned a non-finite {what} at rollout step {step} "
-            f"(update {self.num_updates}, timestep {self.num_timesteps}); "
-            "check the environment or wrap it to sanitise its output"
-        )
 
     # ------------------------------------------------------------------ training loop
     def learn(
@@ -260,6 +413,13 @@ class OnPolicyAgent(ABC):
     ) -> A:
         """Train until ``num_timesteps >= total_timesteps`` (counted over all agents' lifetime).
 
+        Continuing a loaded agent into its old ``run_dir`` resumes the run: ``progress.csv``
+        is cut back to the checkpoint's update and appended to.
+
+        SIGINT and SIGTERM (in the main thread) let the current update finish, then write
+        ``checkpoint.pt`` and raise :class:`TrainingInterrupted`; a second signal stops at
+        once.  The previous handlers are restored when ``learn`` returns.
+
         Args:
             total_timesteps: Total environment steps (valid transitions) to train for.
             run_dir: If given, write ``config.toml``, ``progress.csv``, TensorBoard events,
@@ -267,44 +427,93 @@ class OnPolicyAgent(ABC):
             progress_bar: Show a live console progress bar.
             callback: Called after each update with ``(agent, metrics)``; returning ``False`` stops.
             tensorboard: Write TensorBoard events into ``run_dir``.
+
+        Raises:
+            NonFiniteEnvError: an environment returned NaN or inf (``nan_policy = "raise"``).
+            NonFiniteUpdateError: :attr:`max_consecutive_rejections` updates in a row came out
+                non-finite; the last good parameters are checkpointed first.
+            TrainingInterrupted: SIGINT or SIGTERM; the checkpoint has been written.
+            ValueError: invalid ``total_timesteps`` or a ``run_dir`` that cannot be written.
         """
         if isinstance(total_timesteps, bool) or not isinstance(total_timesteps, int) or total_timesteps < 1:
             raise ValueError(f"Invalid total_timesteps: {total_timesteps!r}; expected an integer >= 1")
         run_path = Path(run_dir) if run_dir is not None else None
         resume = run_path is not None and self.num_updates > 0 and (run_path / "progress.csv").exists()
-        if run_path is not None:
-            run_path.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_path / "config.toml", self.config_toml(total_timesteps))
-        logger = RunLogger(
-            run_path,
-            total_timesteps,
-            progress_bar=progress_bar,
-            tensorboard=tensorboard,
-            resume=resume,
-            start_timesteps=self.num_timesteps,
-        )
         try:
-            while self.num_timesteps < total_timesteps:
-                metrics = self._train_one_update()
-                logger.log(metrics)
-                if run_path is not None and self.config.checkpoint_every and (
-                    self.num_updates % self.config.checkpoint_every == 0
-                ):
-                    self.save(run_path / "checkpoint.pt")
-                if callback is not None and callback(self, metrics) is False:
-                    break
-        finally:
-            logger.close()
+            if run_path is not None:
+                run_path.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(run_path / "config.toml", self.config_toml(total_timesteps))
+            logger = RunLogger(
+                run_path,
+                total_timesteps,
+                progress_bar=progress_bar,
+                tensorboard=tensorboard,
+                resume=resume,
+                start_timesteps=self.num_timesteps,
+                start_updates=self.num_updates,
+            )
+        except OSError as exc:
+            raise ValueError(f"Invalid run_dir: {run_dir}; cannot write there ({exc.strerror or exc})") from None
+        stop = _StopRequest()
+        with _stop_on_signals(stop):
+            try:
+                while self.num_timesteps < total_timesteps and stop.signum is None:
+                    metrics = self._train_one_update()
+                    logger.log(metrics)
+                    if run_path is not None and self.config.checkpoint_every and (
+                        self.num_updates % self.config.checkpoint_every == 0
+                    ):
+                        self._checkpoint(run_path, logger)
+                    if self._consecutive_rejections >= self.max_consecutive_rejections:
+                        if run_path is not None:
+                            self._checkpoint(run_path, logger)
+                        raise NonFiniteUpdateError(
+                            f"{self._consecutive_rejections} updates in a row (the last at update {self.num_updates}) "
+                            "produced NaN or inf parameters or optimizer state and were undone; the policy is still "
+                            f"the one from update {self.num_updates - self._consecutive_rejections}. Lower the step "
+                            "size (learning_rate, target_kl, kl_clip), scale or normalise the rewards "
+                            "(normalize_reward = true), or check the environment"
+                        )
+                    if callback is not None and callback(self, metrics) is False:
+                        break
+                interrupted = stop.signum is not None and self.num_timesteps < total_timesteps
+                if interrupted and run_path is not None:
+                    self._checkpoint(run_path, logger)
+            finally:
+                logger.close()
+        if interrupted and stop.signum is not None:  # a signal during the last update lets the run finish
+            name = signal.Signals(stop.signum).name
+            where = f"; checkpoint written to {run_path / 'checkpoint.pt'}" if run_path is not None else ""
+            raise TrainingInterrupted(
+                f"{name} received: stopped after update {self.num_updates} (timestep {self.num_timesteps}){where}",
+                stop.signum,
+            )
         if run_path is not None:
             self.save(run_path / "checkpoint.pt")
             self.save(run_path / "final.pt")
         return self
 
+    def _checkpoint(self, run_path: Path, logger: RunLogger) -> None:
+        logger.sync()  # progress.csv on disk at least up to the checkpoint's update
+        self.save(run_path / "checkpoint.pt")
+
     def _train_one_update(self) -> dict[str, float]:
         start = time.perf_counter()
         steps = self.collect_rollout()
         rollout_done = time.perf_counter()
-        metrics = self.update(self.buffer.batch())
+        snapshot = self._snapshot()
+        try:
+            metrics = self.update(self.buffer.batch())
+            rejected = not self._finite_after_update()
+        except torch.linalg.LinAlgError as exc:  # a factorisation of NaN or singular curvature
+            metrics, rejected = {"train/linalg_error": 1.0}, True
+            warnings.warn(f"Update {self.num_updates + 1} failed ({_first_line(exc)}); it is undone", stacklevel=2)
+        if rejected:
+            self._restore(snapshot)
+            self.num_rejected_updates += 1
+            self._consecutive_rejections += 1
+        else:
+            self._consecutive_rejections = 0
         end = time.perf_counter()
         self.num_timesteps += steps
         self.num_updates += 1
@@ -319,6 +528,9 @@ class OnPolicyAgent(ABC):
                 "rollout/return_mean": float(returns.mean()) if returns.size else math.nan,
                 "rollout/return_std": float(returns.std()) if returns.size else math.nan,
                 "rollout/length_mean": float(lengths.mean()) if lengths.size else math.nan,
+                "rollout/nonfinite_skipped": float(self.num_nonfinite_skipped),
+                "train/update_rejected": float(rejected),
+                "train/rejected_updates": float(self.num_rejected_updates),
                 "time/fps": steps / max(end - start, 1e-9),
                 "time/wall_s": self.wall_time,
                 "time/rollout_s": rollout_done - start,
@@ -326,6 +538,28 @@ class OnPolicyAgent(ABC):
             }
         )
         return metrics
+
+    # ------------------------------------------------------------------ update guard
+    def _snapshot(self) -> tuple[list[torch.Tensor], Any]:
+        """Copies of the parameters and the optimizer state, taken before :meth:`update`."""
+        with torch.no_grad():
+            params = [p.detach().clone() for p in self.policy.parameters()]
+        return params, _clone_tree(self._optimizer_states())
+
+    def _restore(self, snapshot: tuple[list[torch.Tensor], Any]) -> None:
+        params, optimizer_states = snapshot
+        with torch.no_grad():
+            for param, saved in zip(self.policy.parameters(), params):
+                param.copy_(saved)
+        self._load_optimizer_states(optimizer_states)
+
+    def _finite_after_update(self) -> bool:
+        """Whether every parameter and floating optimizer-state tensor is finite (one host sync)."""
+        tensors = [p.detach().reshape(-1) for p in self.policy.parameters()]
+        tensors += [
+            t.detach().reshape(-1) for t in _floating_tensors(self._optimizer_states()) if t.device == self.device
+        ]  # (Adam keeps its step counts on the CPU even for CUDA parameters)
+        return bool(torch.isfinite(torch.cat(tensors)).all())
 
     # ------------------------------------------------------------------ inference
     def _normalize_obs(self, obs: np.ndarray) -> np.ndarray:
@@ -403,6 +637,13 @@ class OnPolicyAgent(ABC):
         return tomli_w.dumps(data)
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: networks, optimizers, counters, RNGs, and the
+        environments at the rollout boundary (``env_state``; ``None`` with ``env_state_error``
+        saying why for envs :func:`~trpo_lab.envs.vector_env_state` cannot capture)."""
+        try:
+            env_state, env_state_error = vector_env_state(self.env), None
+        except EnvStateError as exc:
+            env_state, env_state_error = None, str(exc)
         return {
             "format": CHECKPOINT_FORMAT,
             "algo": self.algo,
@@ -421,10 +662,18 @@ class OnPolicyAgent(ABC):
                 "num_timesteps": self.num_timesteps,
                 "num_updates": self.num_updates,
                 "num_episodes": self.num_episodes,
+                "num_nonfinite_skipped": self.num_nonfinite_skipped,
+                "num_rejected_updates": self.num_rejected_updates,
+                "consecutive_rejections": self._consecutive_rejections,
+                "reset_seed": self._reset_seed,
                 "wall_time": self.wall_time,
             },
             "episodes": {"returns": list(self.episode_returns), "lengths": list(self.episode_lengths)},
             "rng": {"generator": self.generator.get_state(), "shuffle": self.shuffle_generator.get_state()},
+            "env_state": env_state,
+            "env_state_error": env_state_error,
+            "last_obs": None if self._last_obs is None else torch.from_numpy(np.array(self._last_obs)),
+            "autoreset": torch.from_numpy(np.array(self._autoreset, dtype=bool)),
         }
 
     def save(self, path: str | Path) -> None:
@@ -434,23 +683,82 @@ class OnPolicyAgent(ABC):
         atomic_write_bytes(path, buffer.getvalue())
 
     def load_state_dict(self, data: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (from :func:`read_checkpoint`).
+
+        The environments continue from the saved state when the checkpoint has one for the
+        same number of environments; otherwise (an env :func:`~trpo_lab.envs.vector_env_state`
+        cannot capture, such as async or Box2D envs) they restart from a fresh reset with
+        seed ``seed + num_updates``, with a warning: training continues, but not bit-for-bit
+        as the uninterrupted run would have.
+
+        Raises:
+            ValueError: the checkpoint does not fit this agent (other spaces or network shapes,
+                or a damaged field); nothing has been changed then.
+        """
         for key, space in (("observation_space", self.observation_space), ("action_space", self.action_space)):
             if data[key] != space_signature(space):
                 raise ValueError(
                     f"Checkpoint {key} {data[key]} does not match the environment's {space_signature(space)}"
                 )
-        self.policy.load_state_dict(data["policy"])
-        self._load_optimizer_states(data["optimizers"])
-        load_normalization_state(self.env, _to_numpy(data["normalization"]))
-        counters = data["counters"]
-        self.num_timesteps = int(counters["num_timesteps"])
-        self.num_updates = int(counters["num_updates"])
-        self.num_episodes = int(counters["num_episodes"])
-        self.wall_time = float(counters["wall_time"])
-        self.episode_returns.extend(data["episodes"]["returns"])
-        self.episode_lengths.extend(data["episodes"]["lengths"])
-        self.generator.set_state(data["rng"]["generator"])
-        self.shuffle_generator.set_state(data["rng"]["shuffle"])
+        own = self.policy.state_dict()
+        saved = data["policy"]
+        if set(saved) != set(own):
+            extra, missing = sorted(set(saved) - set(own)), sorted(set(own) - set(saved))
+            raise ValueError(
+                f"Checkpoint policy does not fit this network: extra parameters {extra}, missing {missing} "
+                "(another policy_kwargs.net_arch?)"
+            )
+        for name, tensor in own.items():
+            if not isinstance(saved[name], torch.Tensor) or saved[name].shape != tensor.shape:
+                shape = tuple(saved[name].shape) if isinstance(saved[name], torch.Tensor) else type(saved[name]).__name__
+                raise ValueError(
+                    f"Checkpoint policy parameter {name!r} has shape {shape}; this network needs {tuple(tensor.shape)}"
+                )
+        try:
+            self.policy.load_state_dict(saved)
+            self._load_optimizer_states(data["optimizers"])
+            load_normalization_state(self.env, _to_numpy(data["normalization"]))
+            counters = data["counters"]
+            self.num_timesteps = int(counters["num_timesteps"])
+            self.num_updates = int(counters["num_updates"])
+            self.num_episodes = int(counters["num_episodes"])
+            self.num_nonfinite_skipped = int(counters.get("num_nonfinite_skipped", 0))
+            self.num_rejected_updates = int(counters.get("num_rejected_updates", 0))
+            self._consecutive_rejections = int(counters.get("consecutive_rejections", 0))
+            self.wall_time = float(counters["wall_time"])
+            self.episode_returns.clear()
+            self.episode_lengths.clear()
+            self.episode_returns.extend(float(r) for r in data["episodes"]["returns"])
+            self.episode_lengths.extend(float(n) for n in data["episodes"]["lengths"])
+            self.generator.set_state(data["rng"]["generator"])
+            self.shuffle_generator.set_state(data["rng"]["shuffle"])
+        except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+            raise ValueError(f"Checkpoint does not fit this {self.algo or 'agent'}: {_first_line(exc)}") from None
+        self._load_env_state(data)
+
+    def _load_env_state(self, data: Mapping[str, Any]) -> None:
+        if data["n_envs"] != self.n_envs:  # e.g. evaluation with other env counts: not a continuation
+            self._last_obs, self._reset_seed = None, self.seed + self.num_updates
+            return
+        reason = data.get("env_state_error") or "the checkpoint holds no environment state"
+        if data.get("env_state") is not None:
+            try:
+                load_vector_env_state(self.env, data["env_state"])
+            except (EnvStateError, KeyError, TypeError) as exc:
+                reason = str(exc)
+            else:
+                last_obs = data.get("last_obs")
+                self._last_obs = None if last_obs is None else last_obs.numpy().copy()
+                self._autoreset = data["autoreset"].numpy().astype(bool)
+                self._reset_seed = int(data["counters"].get("reset_seed", self.seed))
+                return
+        self._last_obs, self._reset_seed = None, self.seed + self.num_updates
+        self._autoreset = np.zeros(self.n_envs, dtype=bool)
+        warnings.warn(
+            f"Resuming without the environments' state ({reason}); they restart from a fresh reset "
+            f"with seed {self._reset_seed}, so the run will not repeat the uninterrupted one exactly",
+            stacklevel=3,
+        )
 
     @classmethod
     def load(
@@ -462,11 +770,18 @@ class OnPolicyAgent(ABC):
     ) -> A:
         """Rebuild an agent from a checkpoint written by :meth:`save`.
 
+        With the checkpoint's own environment settings, the agent continues exactly where
+        the saved one stopped (``learn`` it into the same ``run_dir`` to resume a run).
+
         Args:
             path: The checkpoint file.
             env: Environment to attach; defaults to the checkpoint's env id.
             device: Defaults to ``"cpu"``.
             **overrides: Constructor arguments to change (``n_envs``, ``vectorization``).
+
+        Raises:
+            ValueError: unreadable, unsafe or damaged checkpoint, one of another algorithm,
+                or one whose spaces or networks do not fit ``env``.
         """
         data = read_checkpoint(path)
         if cls.algo and data["algo"] != cls.algo:
@@ -477,7 +792,10 @@ class OnPolicyAgent(ABC):
         if not cls.algo:
             from trpo_lab.agents import agent_class
 
-            agent_cls = agent_class(data["algo"])  # type: ignore[assignment]
+            try:
+                agent_cls = agent_class(data["algo"])  # type: ignore[assignment]
+            except ValueError as exc:
+                raise ValueError(f"Checkpoint {path}: {exc}") from None
         env = env if env is not None else data["env_id"]
         if env is None:
             raise ValueError(f"Checkpoint {path} was trained on a custom env factory; pass env= to load it")
@@ -489,12 +807,96 @@ class OnPolicyAgent(ABC):
             "device": device or "cpu",
         }
         kwargs.update(overrides)
-        agent = agent_cls(env, **kwargs, **data["config"])
-        agent.load_state_dict(data)
+        try:
+            agent = agent_cls(env, **kwargs, **data["config"])
+        except ValueError as exc:
+            raise ValueError(f"Checkpoint {path}: {exc}") from None
+        try:
+            agent.load_state_dict(data)
+        except BaseException:
+            agent.close()
+            raise
         return agent
 
     def close(self) -> None:
         self.env.close()
+
+
+def _guarded(env: VectorEnv, nan_policy: str) -> VectorEnv:
+    """``env`` with a :class:`NonFiniteGuard` on top unless it already has one (of the same policy)."""
+    guard = find_wrapper(env, NonFiniteGuard)
+    if guard is None:
+        return NonFiniteGuard(env, nan_policy)  # type: ignore[arg-type]
+    if guard.nan_policy != nan_policy:
+        raise ValueError(
+            f"Invalid nan_policy: {nan_policy!r}, but the given VectorEnv has a NonFiniteGuard with "
+            f"nan_policy={guard.nan_policy!r}; build it with make_vec_env(..., nan_policy={nan_policy!r})"
+        )
+    return env
+
+
+def _clone_tree(value: Any) -> Any:
+    """Deep copy of nested dicts / lists / tuples, cloning tensors (optimizer state_dicts)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _clone_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone_tree(v) for v in value)
+    return value
+
+
+def _floating_tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _floating_tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _floating_tensors(item)
+
+
+class _StopRequest:
+    """The first SIGINT/SIGTERM received during :meth:`OnPolicyAgent.learn`."""
+
+    signum: int | None = None
+
+
+@contextmanager
+def _stop_on_signals(stop: _StopRequest) -> Iterator[None]:
+    """While inside: SIGINT/SIGTERM set ``stop.signum`` (a second one raises KeyboardInterrupt).
+
+    Only in the main thread (Python delivers signals there); signals that are ignored
+    (``SIG_IGN``, e.g. under ``nohup``) stay ignored; the previous handlers come back on exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.signum is not None:
+            raise KeyboardInterrupt
+        stop.signum = signum
+        print(
+            f"trpo-lab: {signal.Signals(signum).name} received; finishing this update and writing a checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(signum)
+        if current is signal.SIG_IGN:
+            continue
+        previous[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old if old is not None else signal.SIG_DFL)
 
 
 def _drop_none(data: dict[str, Any]) -> dict[str, Any]:
