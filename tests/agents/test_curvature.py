@@ -20,9 +20,9 @@ from trpo_lab.agents.curvature import (
     CGCurvature,
     Curvature,
     CurvatureProblem,
-    exact_natural_gradient,
     make_curvature,
 )
+from trpo_lab.agents.npg import NPG
 from trpo_lab.agents.trpo import TRPO
 from trpo_lab.config import TRPOConfig, parse_set_option
 from trpo_lab.optim._flat import flat_params, total_numel
@@ -133,6 +133,19 @@ def test_newton_solves_the_quadratic_critic_fit_in_one_step_and_lbfgs_reaches_it
     assert float(loss(fitted)) == pytest.approx(float(loss(least_squares)), rel=1e-3)
     assert float(loss(fitted)) < 0.5 * before
     assert 1 <= metrics["train/critic_lbfgs_evals"].item() <= 1.25 * agent.config.critic_lbfgs_max_iter + 1
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "shampoo", "exact"])
+def test_npg_takes_the_full_step_of_any_backend(curvature: str) -> None:
+    """NPG shares natural_step: its unsearched step lands near the KL radius with every backend."""
+    kls: list[float] = []
+    agent = NPG(
+        "CartPole-v1", n_envs=4, seed=0, n_steps=128, policy_kwargs=TINY, curvature=curvature,
+        critic_optimizer="lbfgs", target_kl=0.01,
+    )
+    agent.learn(3 * 4 * 128, callback=lambda a, m: kls.append(m["train/kl"]) or None)
+    assert len(kls) >= 3
+    assert all(0.002 < kl < 0.05 for kl in kls), kls
 
 
 # ---------------------------------------------------------------------------------- diagnostics

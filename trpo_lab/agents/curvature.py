@@ -58,8 +58,8 @@ __all__ = [
 
 #: Largest actor (in parameters) for which the dense Fisher is formed, by ``curvature="exact"``
 #: and by ``diagnostics.exact_every``. The explicit KL Hessian costs one backward pass over the
-#: Fisher batch per parameter, plus an O(P³) solve: about 0.1 s per update for P ≈ 100 and 5 s
-#: for P = 2,000 on one CPU core with 2,048 states. ``net_arch=[16]`` gives 114 parameters on
+#: Fisher batch per parameter, plus an O(P³) solve: about 0.2 s per update for P ≈ 100 and 4 s
+#: for P ≈ 2,000 on one CPU core with 2,048 states. ``net_arch=[16]`` gives 114 parameters on
 #: CartPole-v1 and 82 on Pendulum-v1; the default ``[64, 64]`` gives 4,610 and 4,545.
 EXACT_MAX_PARAMETERS = 2_000
 
