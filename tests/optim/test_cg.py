@@ -182,3 +182,31 @@ def test_no_host_sync_on_cuda(dtype: torch.dtype) -> None:
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     torch.testing.assert_close(result.x, torch.linalg.solve(matrix, b), rtol=1e-3, atol=1e-4)
+
+
+def test_stop_early_gives_the_same_result_with_fewer_products() -> None:
+    torch.manual_seed(5)
+    diagonal = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64).repeat_interleave(4)
+    b = torch.randn(12, dtype=torch.float64)
+    calls = {"n": 0}
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return diagonal * v
+
+    full = solve_cg(matvec, b, max_iter=10, tol=1e-20)
+    assert calls["n"] == 10
+    calls["n"] = 0
+    early = solve_cg(matvec, b, max_iter=10, tol=1e-20, stop_early=True)
+    assert calls["n"] <= 4  # 3 distinct eigenvalues: converged after 3 products, the 4th sees it
+    torch.testing.assert_close(early.x, full.x, rtol=0, atol=1e-12)
+    assert int(early.iterations) == int(full.iterations) == 3
+
+
+def test_residual_vector_gives_the_matrix_product_of_the_solution() -> None:
+    torch.manual_seed(6)
+    m = torch.randn(6, 6, dtype=torch.float64)
+    matrix = m @ m.T + 6 * torch.eye(6, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64)
+    result = solve_cg(lambda v: matrix @ v, b, max_iter=3, tol=0.0)
+    torch.testing.assert_close(b - result.residual, matrix @ result.x)

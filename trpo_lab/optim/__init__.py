@@ -14,6 +14,7 @@ from trpo_lab.optim.cg import CGResult, conjugate_gradient, solve_cg
 from trpo_lab.optim.fisher import fisher_vector_product, fisher_vector_product_func, flat_grad
 from trpo_lab.optim.kfac import KFAC
 from trpo_lab.optim.line_search import LineSearchResult, kl_line_search
+from trpo_lab.optim.trust_region import scale_to_kl_radius
 from trpo_lab.optim.shampoo import InverseRootError, Shampoo, matrix_inverse_root
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "flat_params",
     "kl_line_search",
     "matrix_inverse_root",
+    "scale_to_kl_radius",
     "solve_cg",
     "unflatten",
 ]
