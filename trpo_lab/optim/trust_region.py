@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from torch import Tensor
 import torch
+from torch import Tensor
 
 __all__ = ["scale_to_kl_radius"]
 

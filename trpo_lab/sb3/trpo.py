@@ -22,6 +22,8 @@ at 1e-10).
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import copy
 import warnings
 from typing import Any, ClassVar, NamedTuple, TypeVar
@@ -45,6 +47,7 @@ from torch.nn import functional as F
 
 from trpo_lab.optim._flat import assign_flat_, flat_params
 from trpo_lab.optim.cg import solve_cg
+from trpo_lab.optim.trust_region import scale_to_kl_radius
 from trpo_lab.optim.fisher import fisher_vector_product
 from trpo_lab.optim.line_search import kl_line_search
 
@@ -242,12 +245,9 @@ class NaturalGradientAlgorithm(OnPolicyAlgorithm):
             raise RuntimeError("The policy's action distribution depends on no trainable parameter")
         grad = torch.cat([grad.reshape(-1) for grad in grads if grad is not None])
         fvp = fisher_vector_product(lambda: self._mean_kl(batch), actor_params, damping=self.cg_damping)
-        cg = solve_cg(fvp, grad, max_iter=self.cg_max_steps, tol=self.cg_tol)
-        curvature = torch.dot(cg.x, fvp(cg.x))
-        # sᵀFs <= 0 only for a numerically zero gradient: take no step rather than divide by zero.
-        safe_curvature = torch.where(curvature > 0, curvature, torch.ones_like(curvature))
-        beta = torch.where(curvature > 0, torch.sqrt(2.0 * self.target_kl / safe_curvature), 0.0)
-        full_step = beta * cg.x
+        cg = solve_cg(fvp, grad, max_iter=self.cg_max_steps, tol=self.cg_tol, stop_early=grad.device.type == "cpu")
+        # (F + damping·I) s = g − r: sᵀFs without another Fisher-vector product.
+        full_step = scale_to_kl_radius(cg.x, torch.dot(cg.x, grad - cg.residual), self.target_kl)
         return NaturalGradientStep(
             actor_params=actor_params,
             direction=cg.x,
@@ -280,9 +280,9 @@ class NaturalGradientAlgorithm(OnPolicyAlgorithm):
 
         return evaluate
 
+    @abstractmethod
     def apply_step(self, step: NaturalGradientStep, batch: _Batch) -> dict[str, float]:
         """Apply the scaled step to the actor; returns ``train/...`` metrics (at least ``kl_divergence_loss``)."""
-        raise NotImplementedError
 
     def fit_critic(self, actor_params: list[nn.Parameter]) -> float:
         """``n_critic_updates`` epochs of minibatch MSE regression of V on the returns.
