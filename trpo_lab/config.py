@@ -301,16 +301,33 @@ class PPOConfig(AgentConfig):
 
 @dataclass(kw_only=True)
 class ACKTRConfig(AgentConfig):
-    """ACKTR (Wu et al., 2017): K-FAC natural gradient for actor and critic, KL-clipped."""
+    """ACKTR (Wu et al., 2017): K-FAC natural gradient for actor and critic, KL-clipped.
+
+    One K-FAC step per rollout on the whole batch (``batch_size`` is unused). ``kl_clip``
+    and ``vf_kl_clip`` are the trust regions of the actor's and the critic's K-FAC
+    (``η² ν² gᵀ F̂⁻¹ g ≤ kl_clip``, twice the predicted KL; for the critic about
+    ``4 E[(ΔV)²]``); ``learning_rate`` η and the other K-FAC settings are shared by both.
+    Defaults are the ACKTR paper's, except ``vf_kl_clip`` and ``ent_coef = 0`` (tuned on
+    CartPole-v1 and Pendulum-v1). See :mod:`trpo_lab.agents.acktr`.
+    """
 
     algo: ClassVar[str] = "acktr"
 
     n_steps: int = _param(20, _positive, ">= 1", "steps per environment per update")
-    learning_rate: float = _param(0.25, _positive, "> 0", "K-FAC learning rate")
+    learning_rate: float = _param(0.25, _positive, "> 0", "K-FAC learning rate (actor and critic)")
+    lr_schedule: str = _param(
+        "constant",
+        lambda v: v in ("constant", "linear"),
+        "'constant' or 'linear'",
+        "learning-rate schedule; 'linear' decays to 0 over learn()'s total_timesteps",
+    )
     gae_lambda: float = _param(1.0, _unit_closed, "in [0, 1]", "GAE lambda (1: n-step returns)")
-    ent_coef: float = _param(0.01, _non_negative, ">= 0", "entropy bonus coefficient")
+    ent_coef: float = _param(0.0, _non_negative, ">= 0", "entropy bonus coefficient")
     vf_coef: float = _param(0.5, _non_negative, ">= 0", "value loss coefficient")
-    kl_clip: float = _param(1e-3, _positive, "> 0", "K-FAC trust region on the predicted KL")
+    kl_clip: float = _param(1e-3, _positive, "> 0", "actor K-FAC trust region (2x the predicted KL)")
+    vf_kl_clip: float | None = _param(
+        0.1, _positive, "> 0 or none", "critic K-FAC trust region, about 4 E[dV^2] (None: off)"
+    )
     damping: float = _param(1e-2, _positive, "> 0", "K-FAC damping")
     momentum: float = _param(0.9, lambda v: 0 <= v < 1, "in [0, 1)", "K-FAC momentum")
     stat_decay: float = _param(0.99, _unit_open, "in (0, 1)", "running-average decay of the factors")

@@ -1,0 +1,301 @@
+"""ACKTR end to end: learning bars, the true-Fisher pass, save/load and resume, action spaces,
+config validation, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+import trpo_lab.agents.acktr as acktr_module
+from trpo_lab.agents.acktr import ACKTR
+from trpo_lab.cli import main as cli_main
+from trpo_lab.presets import load_preset
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _preset_agent(env_id: str, seed: int = 0) -> tuple[ACKTR, int]:
+    hyperparameters, run = load_preset("acktr", env_id)
+    agent = ACKTR(env_id, n_envs=int(run.get("n_envs", 8)), seed=seed, **hyperparameters)
+    return agent, int(run["total_timesteps"])
+
+
+# ---------------------------------------------------------------------- learning
+
+
+@pytest.mark.slow
+def test_acktr_solves_cartpole_within_200k_steps() -> None:
+    agent, budget = _preset_agent("CartPole-v1")
+    assert budget <= 200_000
+    agent.learn(budget)
+    assert agent.num_timesteps <= 200_000 + agent.n_envs * agent.config.n_steps
+    assert agent.evaluate(10).mean() >= 475
+
+
+@pytest.mark.slow
+def test_acktr_learns_pendulum_within_300k_steps() -> None:
+    agent, budget = _preset_agent("Pendulum-v1")
+    assert budget <= 300_000
+    before = agent.evaluate(10).mean()
+    agent.learn(budget)
+    after = agent.evaluate(10).mean()
+    assert after >= -400
+    assert after > before + 400  # a random Gaussian policy scores about -1200
+
+
+# ---------------------------------------------------------------------- the Fisher pass
+
+
+def _linears(module: nn.Module) -> list[nn.Linear]:
+    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+def test_fisher_pass_samples_actions_from_the_current_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The actor's factors are built from actions drawn from π(·|s), not the batch actions,
+    and the K-FAC statistics of an update come from the Fisher pass alone."""
+    agent = ACKTR("CartPole-v1", n_envs=4, seed=0, n_steps=32)
+    agent.collect_rollout()  # actions from the initial, near-uniform policy
+    batch = agent.buffer.batch()
+    obs = agent.policy.preprocess(batch.observations)
+    # Make the current policy differ from the one that collected the batch: π(0|s) ≈ 0.98.
+    actor_layers = _linears(agent.policy.actor)
+    with torch.no_grad():
+        actor_layers[-1].bias.copy_(torch.tensor([2.0, -2.0]))
+    with torch.no_grad():
+        logits_before = agent.policy.dist_params(obs)
+
+    calls: list[dict[str, Any]] = []
+    original = acktr_module.fisher_losses
+
+    def spy(policy: Any, dist_params: Tensor, values: Tensor, generator: Any = None) -> Any:
+        actor_loss, critic_loss, sampled = original(policy, dist_params, values, generator)
+        calls.append(
+            {
+                "dist_params": dist_params.detach().clone(),
+                "sampled": sampled.clone(),
+                "critic_loss": critic_loss.detach().clone(),
+                "generator": generator,
+            }
+        )
+        return actor_loss, critic_loss, sampled
+
+    monkeypatch.setattr(acktr_module, "fisher_losses", spy)
+    agent.update(batch)
+
+    assert len(calls) == 1
+    call = calls[0]
+    assert call["generator"] is agent.fisher_generator
+    torch.testing.assert_close(call["dist_params"], logits_before, rtol=0, atol=0)
+    sampled = call["sampled"]
+    assert sampled.shape == batch.actions.shape
+    assert (sampled == 0).float().mean() > 0.9
+    assert 0.3 < (batch.actions == 0).float().mean() < 0.7
+
+    # Exactly one statistics batch per layer, and no hooks left outside the Fisher pass.
+    critic_layers = _linears(agent.policy.critic)
+    for optimizer, layers in ((agent.actor_optimizer, actor_layers), (agent.critic_optimizer, critic_layers)):
+        for layer in layers:
+            assert optimizer.state[layer.weight]["stat_updates"] == 1
+            assert not layer._forward_hooks
+
+    # First statistics update => the factor is the batch value. For the logits layer the
+    # per-sample output gradient of -log softmax(z)[a] is p - e_a, so G = E[(p - e_a)(p - e_a)^T].
+    def output_factor(actions: Tensor) -> Tensor:
+        probabilities = torch.softmax(logits_before, dim=-1)
+        residual = probabilities - nn.functional.one_hot(actions.long(), probabilities.shape[-1])
+        return residual.T @ residual / residual.shape[0]
+
+    last_actor = actor_layers[-1]
+    factor_g = agent.actor_optimizer.state[last_actor.weight]["G"]
+    torch.testing.assert_close(factor_g, output_factor(sampled), rtol=1e-4, atol=1e-6)
+    empirical = output_factor(batch.actions)
+    assert (factor_g - empirical).abs().max() > 0.1  # the empirical Fisher of the batch actions
+
+    # A of the first layer: E[[s; 1][s; 1]^T] over the batch states.
+    rows = torch.cat([obs, torch.ones(obs.shape[0], 1)], dim=1)
+    first_a = agent.actor_optimizer.state[actor_layers[0].weight]["A"]
+    torch.testing.assert_close(first_a, rows.T @ rows / rows.shape[0], rtol=1e-4, atol=1e-6)
+
+    # Critic (Gauss-Newton target V + eps): the value layer's G is E[(2 eps)^2] = 4 * its loss.
+    last_critic = critic_layers[-1]
+    factor_g_critic = agent.critic_optimizer.state[last_critic.weight]["G"]
+    torch.testing.assert_close(factor_g_critic, (4 * call["critic_loss"]).reshape(1, 1), rtol=1e-4, atol=1e-6)
+
+    # A second update adds exactly one more statistics batch.
+    agent.collect_rollout()
+    agent.update(agent.buffer.batch())
+    assert agent.actor_optimizer.state[last_actor.weight]["stat_updates"] == 2
+    assert agent.critic_optimizer.state[last_critic.weight]["stat_updates"] == 2
+
+
+def test_log_std_takes_the_plain_step_inside_the_actor_kfac() -> None:
+    agent = ACKTR("Pendulum-v1", n_envs=2, seed=0, n_steps=32)
+    params = agent.actor_optimizer.param_groups[0]["params"]
+    assert [id(p) for p in params] == [id(p) for p in agent.policy.actor_parameters()]
+    assert params[-1] is agent.policy.log_std
+    before = agent.policy.log_std.detach().clone()
+    agent.collect_rollout()
+    metrics = agent.update(agent.buffer.batch())
+    assert metrics["kfac/actor/unpreconditioned_layers"] == 0.0
+    assert not torch.equal(agent.policy.log_std, before)
+
+
+# ---------------------------------------------------------------------- save / load / resume
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_save_load_predict_round_trip(tmp_path: Path, env_id: str) -> None:
+    agent = ACKTR(env_id, n_envs=2, seed=0, n_steps=16, normalize_obs=True)
+    agent.learn(320)
+    agent.save(tmp_path / "agent.pt")
+    loaded = ACKTR.load(tmp_path / "agent.pt")
+    obs = np.stack([agent.observation_space.sample() for _ in range(16)])
+    np.testing.assert_array_equal(agent.predict(obs), loaded.predict(obs))
+    np.testing.assert_array_equal(agent.predict(obs[0]), loaded.predict(obs[0]))
+    assert loaded.num_timesteps == agent.num_timesteps
+    assert loaded.config == agent.config
+
+
+def _assert_same_state(a: ACKTR, b: ACKTR) -> None:
+    for p, q in zip(a.policy.state_dict().values(), b.policy.state_dict().values(), strict=True):
+        assert torch.equal(p, q)
+    for opt_a, opt_b in ((a.actor_optimizer, b.actor_optimizer), (a.critic_optimizer, b.critic_optimizer)):
+        state_a, state_b = opt_a.state_dict(), opt_b.state_dict()
+        assert state_a["kfac_counters"] == state_b["kfac_counters"]
+        assert state_a["state"].keys() == state_b["state"].keys()
+        for index, entries in state_a["state"].items():
+            for key, value in entries.items():
+                other = state_b["state"][index][key]
+                assert torch.equal(value, other) if isinstance(value, Tensor) else value == other, key
+
+
+def test_resume_continues_bit_identically(tmp_path: Path) -> None:
+    """A checkpoint holds everything the next updates depend on: weights, K-FAC factors,
+    their eigendecompositions, momentum buffers and counters, the Fisher pass's generator
+    (and, from the shared loop, the env state and the rollout generator)."""
+    kwargs = {"n_envs": 2, "seed": 3, "n_steps": 16, "inverse_every": 2, "normalize_obs": True}
+    original = ACKTR("CartPole-v1", **kwargs)
+    original.learn(16 * 2 * 5)  # 5 updates: factors, eigendecompositions and momentum exist
+    original.save(tmp_path / "mid.pt")
+    loaded = ACKTR.load(tmp_path / "mid.pt")
+    _assert_same_state(original, loaded)
+    logs: list[list[dict[str, float]]] = []
+    for agent in (original, loaded):
+        log: list[dict[str, float]] = []
+        agent.learn(agent.num_timesteps + 16 * 2 * 4, callback=lambda a, m, log=log: log.append(m) or None)
+        logs.append([{k: v for k, v in m.items() if not k.startswith("time/") or k == "time/timesteps"} for m in log])
+    assert len(logs[0]) >= 4
+    for row_a, row_b in zip(*logs, strict=True):
+        assert list(row_a) == list(row_b)
+        np.testing.assert_array_equal(list(row_a.values()), list(row_b.values()))
+    _assert_same_state(original, loaded)
+
+
+# ---------------------------------------------------------------------- action spaces
+
+
+class _MultiDiscreteEnv(gym.Env[np.ndarray, np.ndarray]):
+    """Reward 1 per component of the action that matches the sign pattern of the observation."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, shape=(3,), dtype=np.float32)
+    action_space = gym.spaces.MultiDiscrete([3, 2])
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self._t = 0
+        self._obs = self.np_random.uniform(-1, 1, size=3).astype(np.float32)
+        return self._obs, {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        target = (int(self._obs[0] > 0) + int(self._obs[1] > 0), int(self._obs[2] > 0))
+        reward = float(sum(int(a) == t for a, t in zip(action, target)))
+        self._t += 1
+        self._obs = self.np_random.uniform(-1, 1, size=3).astype(np.float32)
+        return self._obs, reward, False, self._t >= 20, {}
+
+
+@pytest.mark.parametrize("env", ["CartPole-v1", "Pendulum-v1", _MultiDiscreteEnv], ids=["discrete", "box", "multidiscrete"])
+def test_action_spaces_update_without_nan(env: Any) -> None:
+    agent = ACKTR(env, n_envs=2, seed=0, n_steps=16, inverse_every=2)
+    dist = agent.policy.distribution
+    for _ in range(4):
+        agent.collect_rollout()
+        batch = agent.buffer.batch()
+        obs = agent.policy.preprocess(batch.observations)
+        with torch.no_grad():
+            before = agent.policy.dist_params(obs)
+        metrics = agent.update(batch)
+        with torch.no_grad():
+            kl = dist.kl(before, agent.policy.dist_params(obs)).mean().item()
+        assert math.isfinite(metrics["train/kl"]) and metrics["train/kl"] >= 0
+        assert metrics["train/kl"] == pytest.approx(kl, rel=1e-5, abs=1e-9)
+        for key in ("train/policy_loss", "train/value_loss", "train/entropy", "kfac/actor/kl_scale", "kfac/critic/kl_scale"):
+            assert math.isfinite(metrics[key]), key
+        assert metrics["kfac/actor/eigh_fallbacks"] == 0.0
+    assert all(torch.isfinite(p).all() for p in agent.policy.parameters())
+    assert agent.actor_optimizer.last_stats["kfac/step"] == 4.0
+
+
+# ---------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kl_clip": 0}, r"Invalid kl_clip: 0.0; expected > 0"),
+        ({"kl_clip": -1e-3}, r"Invalid kl_clip: -0.001; expected > 0"),
+        ({"vf_kl_clip": 0}, r"Invalid vf_kl_clip: 0.0; expected > 0 or none"),
+        ({"damping": 0}, r"Invalid damping: 0.0; expected > 0"),
+        ({"momentum": 1.0}, r"Invalid momentum: 1.0; expected in \[0, 1\)"),
+        ({"momentum": -0.1}, r"Invalid momentum: -0.1; expected in \[0, 1\)"),
+        ({"stat_decay": 1.0}, r"Invalid stat_decay: 1.0; expected in \(0, 1\)"),
+        ({"inverse_every": 0}, r"Invalid inverse_every: 0; expected >= 1"),
+        ({"learning_rate": 0}, r"Invalid learning_rate: 0.0; expected > 0"),
+        ({"vf_coef": -1}, r"Invalid vf_coef: -1.0; expected >= 0"),
+        ({"lr_schedule": "cosine"}, r"Invalid lr_schedule: 'cosine'; expected 'constant' or 'linear'"),
+        ({"kl_clp": 1e-3}, r"Unknown hyperparameter 'kl_clp' for acktr; did you mean kl_clip"),
+    ],
+)
+def test_bad_hyperparameters_are_named(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ACKTR("CartPole-v1", n_envs=1, **kwargs)
+
+
+def test_linear_schedule_decays_the_learning_rate() -> None:
+    agent = ACKTR("CartPole-v1", n_envs=2, seed=0, n_steps=16, lr_schedule="linear", learning_rate=0.2)
+    seen: list[tuple[float, float]] = []
+    agent.learn(320, callback=lambda a, m: seen.append((m["train/learning_rate"], m["time/timesteps"])) or None)
+    steps_before = [0.0] + [timesteps for _, timesteps in seen[:-1]]
+    expected = [0.2 * (1 - steps / 320) for steps in steps_before]
+    np.testing.assert_allclose([rate for rate, _ in seen], expected, rtol=1e-12)
+    assert agent.actor_optimizer.last_stats["kfac/lr"] == seen[-1][0]
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def test_cli_trains_and_resumes_acktr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    args = ["train", "acktr", "CartPole-v1", "--steps", "480", "--n-envs", "2", "--run-dir", str(run_dir), "--quiet"]
+    assert cli_main(args) == 0
+    with (run_dir / "progress.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) >= 480 // (2 * 20)
+    assert float(rows[-1]["timesteps"]) >= 480
+    for column in ("kl", "kfac/actor/kl_scale", "kfac/critic/cond_max", "kfac/actor/eigh_fallbacks", "train/policy_loss"):
+        assert rows[-1][column] != "", column
+    assert cli_main(["train", "--resume", str(run_dir), "--steps", "640", "--quiet"]) == 0
+    resumed = ACKTR.load(run_dir / "final.pt")
+    assert resumed.num_timesteps >= 640
+    assert resumed.actor_optimizer.last_stats["kfac/step"] == resumed.num_updates > len(rows)
