@@ -556,8 +556,9 @@ class OnPolicyAgent(ABC):
     def _finite_after_update(self) -> bool:
         """Whether every parameter and floating optimizer-state tensor is finite (one host sync)."""
         tensors = [p.detach().reshape(-1) for p in self.policy.parameters()]
+        device = tensors[0].device
         tensors += [
-            t.detach().reshape(-1) for t in _floating_tensors(self._optimizer_states()) if t.device == self.device
+            t.detach().reshape(-1) for t in _floating_tensors(self._optimizer_states()) if t.device == device
         ]  # (Adam keeps its step counts on the CPU even for CUDA parameters)
         return bool(torch.isfinite(torch.cat(tensors)).all())
 
