@@ -693,8 +693,8 @@ class OnPolicyAgent(ABC):
         as the uninterrupted run would have.
 
         Raises:
-            ValueError: the checkpoint does not fit this agent (other spaces or network shapes,
-                or a damaged field); nothing has been changed then.
+            ValueError: the checkpoint does not fit this agent: other spaces or network shapes
+                (checked before anything is changed) or a damaged field.
         """
         for key, space in (("observation_space", self.observation_space), ("action_space", self.action_space)):
             if data[key] != space_signature(space):
