@@ -1,0 +1,125 @@
+"""Per-update cost of K-FAC in ACKTR: ACKTR against the same agent with a first-order step.
+
+The baseline, ``FirstOrderACKTR`` below, is ACKTR with K-FAC preconditioning disabled and
+nothing else changed: no Fisher pass, so the K-FAC optimizers have no statistics and take
+their documented fallback, the plain gradient, under the same momentum, KL-clip scaling and
+gradient clip. The difference in time is therefore exactly what K-FAC adds: the Fisher
+pass's backward and its hooks, the factor updates, the eigendecompositions (every
+``inverse_every`` updates, so updates are timed in blocks of that many) and the
+preconditioning. Both agents update from the same rollout batch, in interleaved blocks,
+on one thread; the figure is the ratio of the median per-update times.
+
+The ACKTR paper's "10-25% more per update" (Wu et al., 2017, table 3) is measured as
+timesteps per second of whole training runs, environment included. ``--loop-steps N`` also
+measures that: interleaved ``learn(N)`` runs of both agents, env-steps/s and their ratio.
+
+Throughput against SB3's A2C (env-steps/s, whole training loop) is benchmarks/throughput.py:
+
+    python benchmarks/throughput.py --algo acktr --env CartPole-v1 --steps 50000 --repeats 3
+
+This script:
+
+    python benchmarks/acktr_overhead.py --env CartPole-v1 --blocks 15 --loop-steps 30000
+    python benchmarks/acktr_overhead.py --env Pendulum-v1
+    python benchmarks/acktr_overhead.py --env CartPole-v1 --n-steps 256 --hidden 256 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from trpo_lab.agents.acktr import ACKTR
+from trpo_lab.buffer import RolloutBatch
+from trpo_lab.presets import load_preset
+
+
+class FirstOrderACKTR(ACKTR):
+    """ACKTR without K-FAC preconditioning: the forward pass without the Fisher pass."""
+
+    def forward_with_fisher_pass(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        return self.policy.dist_params(obs), self.policy.value(obs)
+
+
+def _time_block(agent: ACKTR, batch: RolloutBatch, updates: int) -> float:
+    start = time.perf_counter()
+    for _ in range(updates):
+        agent.update(batch)
+    return (time.perf_counter() - start) / updates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="CartPole-v1")
+    parser.add_argument("--n-envs", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--n-steps", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--hidden", type=int, nargs="+", default=None, help="hidden sizes (default: the preset's)")
+    parser.add_argument("--blocks", type=int, default=15, help="timed blocks per agent, interleaved")
+    parser.add_argument("--loop-steps", type=int, default=0, help="also time learn() runs of this many env steps")
+    parser.add_argument("--loop-repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="KFAC: no statistics recorded yet")
+
+    hyperparameters, run = load_preset("acktr", args.env)
+    if args.n_steps is not None:
+        hyperparameters["n_steps"] = args.n_steps
+    if args.hidden is not None:
+        hyperparameters["policy_kwargs"] = {**hyperparameters.get("policy_kwargs", {}), "net_arch": args.hidden}
+    n_envs = args.n_envs or int(run.get("n_envs", 8))
+    kwargs: dict[str, Any] = {"n_envs": n_envs, "seed": 0, **hyperparameters}
+    agents: dict[str, ACKTR] = {"kfac": ACKTR(args.env, **kwargs), "first_order": FirstOrderACKTR(args.env, **kwargs)}
+    agents["kfac"].collect_rollout()
+    batch = RolloutBatch(*(field.clone() for field in agents["kfac"].buffer.batch()))
+    block = agents["kfac"].config.inverse_every
+
+    for agent in agents.values():  # warm-up: factors, eigendecompositions, allocator
+        _time_block(agent, batch, block)
+    per_update: dict[str, list[float]] = {name: [] for name in agents}
+    for _ in range(args.blocks):
+        for name, agent in agents.items():
+            per_update[name].append(_time_block(agent, batch, block))
+
+    median = {name: statistics.median(times) for name, times in per_update.items()}
+    print(
+        f"ACKTR update cost on {args.env}: batch {batch.size} samples ({n_envs} envs x "
+        f"{agents['kfac'].config.n_steps} steps), inverse_every {block}, {args.blocks} interleaved "
+        f"blocks of {block} updates per agent, {args.threads} thread(s), "
+        f"net_arch {agents['kfac'].config.policy_kwargs.get('net_arch', [64, 64])}"
+    )
+    for name, times in per_update.items():
+        print(f"  {name:12s} median {1e3 * median[name]:7.3f} ms/update   (min {1e3 * min(times):.3f}, max {1e3 * max(times):.3f})")
+    print(f"  ratio kfac / first_order = {median['kfac'] / median['first_order']:.2f}x")
+    for agent in agents.values():
+        agent.close()
+    if args.loop_steps:
+        _loop_throughput(args.env, kwargs, args.loop_steps, args.loop_repeats)
+
+
+def _loop_throughput(env_id: str, kwargs: dict[str, Any], steps: int, repeats: int) -> None:
+    """Env-steps/s of whole learn() runs (rollouts + updates), interleaved."""
+    rates: dict[str, list[float]] = {"kfac": [], "first_order": []}
+    classes: dict[str, type[ACKTR]] = {"kfac": ACKTR, "first_order": FirstOrderACKTR}
+    for _ in range(repeats):
+        for name, cls in classes.items():
+            agent = cls(env_id, **kwargs)
+            start = time.perf_counter()
+            agent.learn(steps, tensorboard=False)
+            rates[name].append(agent.num_timesteps / (time.perf_counter() - start))
+            agent.close()
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    print(f"Whole training loop on {env_id}: learn({steps}) x {repeats} interleaved runs per agent")
+    for name, r in rates.items():
+        print(f"  {name:12s} median {median[name]:8.0f} env-steps/s   runs {[round(x) for x in r]}")
+    print(f"  throughput ratio first_order / kfac = {median['first_order'] / median['kfac']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
