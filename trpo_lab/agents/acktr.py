@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +60,8 @@ from trpo_lab.optim.kfac import KFAC
 from trpo_lab.policies import ActorCritic
 
 __all__ = ["ACKTR", "fisher_losses"]
+
+_A = TypeVar("_A", bound="ACKTR")
 
 
 class _ActorModule(nn.Module):
@@ -154,13 +156,15 @@ class ACKTR(OnPolicyAgent):
         self.fisher_generator.set_state(states["fisher_rng"])
 
     # ------------------------------------------------------------------ schedule
-    def learn(self, total_timesteps: int, *args: Any, **kwargs: Any) -> ACKTR:  # type: ignore[override]
-        """:meth:`OnPolicyAgent.learn`; also the horizon of ``lr_schedule = "linear"``."""
+    def learn(self: _A, total_timesteps: int, *args: Any, **kwargs: Any) -> _A:
+        """:meth:`OnPolicyAgent.learn`; ``total_timesteps`` is also the horizon of
+        ``lr_schedule = "linear"`` (a resumed run decays over its new total)."""
         self._schedule_timesteps = total_timesteps
         return super().learn(total_timesteps, *args, **kwargs)
 
     def current_learning_rate(self) -> float:
-        """η for the next update: ``learning_rate``, times ``1 − progress`` when linear."""
+        """η for the next update: ``learning_rate``, times ``1 − num_timesteps / total_timesteps``
+        with ``lr_schedule = "linear"`` (constant until :meth:`learn` has set the total)."""
         lr = self.config.learning_rate
         if self.config.lr_schedule == "linear" and self._schedule_timesteps:
             lr *= max(0.0, 1.0 - self.num_timesteps / self._schedule_timesteps)
