@@ -186,6 +186,17 @@ def test_skip_over_a_run_counts_and_logs_and_keeps_statistics_finite(tmp_path: P
     assert all(math.isfinite(r) for r in agent.episode_returns)
 
 
+def test_a_run_stopped_by_a_non_finite_env_continues_from_its_checkpoint_with_skip(tmp_path: Path) -> None:
+    agent = TRPO(counting_envs({1: {40: "reward"}}), n_envs=2, seed=0, n_steps=8, n_critic_updates=1, checkpoint_every=1)
+    with pytest.raises(NonFiniteEnvError, match="Environment 1 returned a non-finite reward"):
+        agent.learn(200, run_dir=tmp_path, tensorboard=False)
+    # the envs continue from the checkpoint (step 33 of env 1), so its 40th step goes bad again: now skipped
+    resumed = TRPO.load(tmp_path / "checkpoint.pt", env=counting_envs({}), nan_policy="skip")
+    assert resumed.config.nan_policy == "skip" and resumed.num_updates == 4
+    resumed.learn(200, run_dir=tmp_path, tensorboard=False)
+    assert resumed.num_nonfinite_skipped == 1 and len(_rows(tmp_path)) == resumed.num_updates
+
+
 @pytest.mark.parametrize(("faults", "message"), [
     ("always", r"^16 of the 16 transitions of update 1 were NaN or inf .* the environment is broken"),
     ("reset", r"Environment 0 returned a non-finite observation on reset"),

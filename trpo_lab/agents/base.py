@@ -778,7 +778,8 @@ class OnPolicyAgent(ABC):
             path: The checkpoint file.
             env: Environment to attach; defaults to the checkpoint's env id.
             device: Defaults to ``"cpu"``.
-            **overrides: Constructor arguments to change (``n_envs``, ``vectorization``).
+            **overrides: Constructor arguments (``n_envs``, ``vectorization``) or hyperparameters
+                (``nan_policy="skip"`` to get past an environment that stopped the run) to change.
 
         Raises:
             ValueError: unreadable, unsafe or damaged checkpoint, one of another algorithm,
@@ -807,9 +808,11 @@ class OnPolicyAgent(ABC):
             "env_kwargs": data.get("env_kwargs") or None,
             "device": device or "cpu",
         }
-        kwargs.update(overrides)
+        config = dict(data["config"])
+        for key, value in overrides.items():
+            (config if key in config else kwargs)[key] = value
         try:
-            agent = agent_cls(env, **kwargs, **data["config"])
+            agent = agent_cls(env, **kwargs, **config)
         except ValueError as exc:
             raise ValueError(f"Checkpoint {path}: {exc}") from None
         try:
