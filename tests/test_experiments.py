@@ -20,7 +20,6 @@ from trpo_lab.experiments import (
     load_experiment,
     mean_ci,
     t_critical,
-    truncate_progress,
     winner,
 )
 
@@ -196,13 +195,3 @@ def test_winner_needs_separated_intervals() -> None:
     assert text.startswith("no clear winner") and "trpo" in text and "acktr" not in text
     single_seed = {"ppo": _summary("ppo", 500, math.nan), "trpo": _summary("trpo", 100, math.nan)}
     assert winner(single_seed).startswith("no clear winner")
-
-
-def test_truncate_progress_drops_later_and_cut_rows(tmp_path: Path) -> None:
-    (tmp_path / "progress.csv").write_text(
-        "timesteps,updates,return_mean\n100,1,10.0\n200,2,11.0\n300,3,12.0\n400,4,13.0\n41"
-    )
-    truncate_progress(tmp_path, 200)
-    assert (tmp_path / "progress.csv").read_text().splitlines() == [
-        "timesteps,updates,return_mean", "100,1,10.0", "200,2,11.0"
-    ]

@@ -69,7 +69,6 @@ __all__ = [
     "run_experiment",
     "execute_run",
     "resume_run",
-    "truncate_progress",
     "read_curve",
     "mean_ci",
     "t_critical",
@@ -179,6 +178,8 @@ class Experiment:
                 env_id: self.envs[env_id] if env_id in self.envs else _any_suite_entry(env_id) for env_id in envs
             }
             changes["steps"] = {env_id: _budget(env_id, changes["envs"][env_id], self.steps) for env_id in envs}
+            if not set(envs) <= set(self.envs):
+                changes["suite"] = None  # the envs now come from whichever suite lists them
         if seeds is not None:
             if seeds < 1:
                 raise ValueError(f"Invalid --seeds: {seeds}; expected >= 1")
@@ -322,30 +323,11 @@ def experiment_from_dict(data: Mapping[str, Any], name: str, origin: str) -> Exp
 
 
 # ---------------------------------------------------------------------------- one run
-def truncate_progress(run_dir: str | Path, timesteps: int) -> None:
-    """Drop the ``progress.csv`` rows logged after a checkpoint at ``timesteps``.
-
-    A run killed after its last checkpoint may have logged more updates, and the last row
-    may be cut short; both go, so the resumed run continues the file without a duplicate
-    or a gap.
-    """
-    path = Path(run_dir) / "progress.csv"
-    if not path.exists():
-        return
-    with path.open(newline="") as fh:
-        rows = list(csv.reader(fh))
-    if not rows:
-        return
-    header, body = rows[0], rows[1:]
-    col = header.index("timesteps")
-    kept = [r for r in body if len(r) == len(header) and r[col] and float(r[col]) <= timesteps]
-    out = io.StringIO()
-    csv.writer(out).writerows([header, *kept])
-    atomic_write_text(path, out.getvalue())
-
-
 def resume_run(run_dir: str | Path, device: str = "cpu") -> tuple[OnPolicyAgent, int]:
-    """Load a run's ``checkpoint.pt`` and trim its ``progress.csv`` to match.
+    """Load a run's ``checkpoint.pt`` to continue it with ``agent.learn(total, run_dir=run_dir)``.
+
+    ``learn`` trims ``progress.csv`` to the checkpoint (rows a killed run logged after it, and
+    a row cut short, go), so the continued file has no gap or duplicate.
 
     Returns:
         ``(agent, total_timesteps)``, the budget recorded in the run's ``config.toml``.
@@ -358,7 +340,6 @@ def resume_run(run_dir: str | Path, device: str = "cpu") -> tuple[OnPolicyAgent,
         raise ValueError(f"Run directory not found: {run_dir}")
     config = load_toml(run_dir / "config.toml")
     agent = OnPolicyAgent.load(run_dir / "checkpoint.pt", device=device)
-    truncate_progress(run_dir, agent.num_timesteps)
     return agent, int(config.get("total_timesteps", DEFAULT_TIMESTEPS))
 
 
@@ -403,9 +384,7 @@ def _start_or_resume(spec: RunSpec) -> OnPolicyAgent:
     run_dir = spec.run_dir
     stored = _read_json(run_dir / SPEC_FILE)
     if stored == spec.settings() and (run_dir / "checkpoint.pt").is_file():
-        agent = OnPolicyAgent.load(run_dir / "checkpoint.pt")
-        truncate_progress(run_dir, agent.num_timesteps)
-        return agent
+        return OnPolicyAgent.load(run_dir / "checkpoint.pt")
     if run_dir.exists():  # started but never checkpointed: start over
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -669,6 +648,7 @@ def write_report(
     elapsed_s: float,
     workers: int,
     path: Path,
+    train_s: float = math.nan,
 ) -> str:
     """``report.md``: a table per env (final return mean +- 95% CI, IQM, steps/s, wall time), the winner."""
     lines = [f"# Compare: {experiment.name}", ""]
@@ -676,8 +656,9 @@ def write_report(
         lines += [experiment.description, ""]
     lines += [
         f"Spec: `{experiment.origin}`. Algorithms {', '.join(experiment.algos)}; seeds "
-        f"{', '.join(map(str, experiment.seeds))}; {workers} worker process(es), one torch thread each; "
-        f"this invocation took {elapsed_s:,.0f} s.",
+        f"{', '.join(map(str, experiment.seeds))}; {workers} worker process(es), one torch thread each. "
+        f"This invocation took {elapsed_s:,.0f} s of wall-clock time; the training time of all runs adds up "
+        f"to {_fmt(train_s, 0)} s.",
         "",
         f"*Final return*: mean return of the final agent over {experiment.eval_episodes} deterministic "
         "evaluation episodes, averaged over seeds, ± the 95% Student-t interval over seeds. *IQM*: "
@@ -705,7 +686,7 @@ def write_report(
                 f"| {s.algo} | {_fmt(s.mean)}{ci} | {_fmt(s.iqm)} | {s.seeds} | {_fmt(s.fps, 0)} | {_fmt(s.wall_s)} |"
             )
         fastest = max(summaries.values(), key=lambda s: s.fps)
-        lines += ["", f"**Winner**: {winner(summaries)}. Fastest per step: {fastest.algo}.", ""]
+        lines += ["", f"**Winner**: {winner(summaries)}. Most steps per second: {fastest.algo}.", ""]
     lines += [
         "## Learning curves",
         "",
@@ -914,5 +895,6 @@ def run_experiment(
     curves = {env_id: {a: c for a, c in by_algo.items() if c} for env_id, by_algo in curves.items()}
     plot_learning_curves(curves, experiment.algos, out / "learning_curves.png")
     table = summarize(ordered, experiment.algos)
-    report = write_report(experiment, table, failures, elapsed, workers, out / "report.md")
+    train_s = float(sum(r["wall_s"] for r in ordered))
+    report = write_report(experiment, table, failures, elapsed, workers, out / "report.md", train_s)
     return CompareResult(out, ordered, skipped, failures, report, elapsed)

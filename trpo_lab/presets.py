@@ -72,9 +72,20 @@ BUILTIN_AGENTS: dict[str, dict[str, dict[str, Any]]] = {
             "total_timesteps": 100_000, "n_steps": 32, "batch_size": 256, "gae_lambda": 0.8, "gamma": 0.98,
             "n_epochs": 20, "learning_rate": 2.5e-4, "target_kl": 0.02,
         },
-        "Pendulum-v1": {"n_steps": 256, "batch_size": 64, "gamma": 0.9, "n_epochs": 10, "learning_rate": 1e-3},
+        "Pendulum-v1": {"n_steps": 256, "batch_size": 256, "gamma": 0.9, "n_epochs": 10, "learning_rate": 1e-3},
     },
-    "acktr": {},
+    "acktr": {
+        "default": {
+            "n_envs": 8, "n_steps": 20, "learning_rate": 0.25, "kl_clip": 0.001, "vf_kl_clip": 0.1, "damping": 0.01,
+            "momentum": 0.9, "stat_decay": 0.99, "inverse_every": 10, "gamma": 0.99, "gae_lambda": 1.0,
+            "ent_coef": 0.0, "vf_coef": 0.5, "max_grad_norm": 0.5,
+        },
+        "CartPole-v1": {"total_timesteps": 100_000},
+        "Pendulum-v1": {
+            "total_timesteps": 200_000, "n_steps": 64, "gamma": 0.9, "gae_lambda": 0.95, "normalize_advantage": True,
+            "normalize_obs": True, "normalize_reward": True,
+        },
+    },
 }
 
 BUILTIN_SUITES: dict[str, dict[str, dict[str, Any]]] = {
