@@ -127,3 +127,11 @@ def test_fused_rollout_forward_equals_separate_networks(action_space: gym.Space)
 def test_fused_view_falls_back_when_depths_differ() -> None:
     policy = ActorCritic(BOX_OBS, gym.spaces.Discrete(2), net_arch=dict(pi=[8], vf=[8, 8]))
     assert policy.fused() is policy
+
+
+def test_fused_view_without_hidden_layers() -> None:
+    policy = ActorCritic(BOX_OBS, gym.spaces.Discrete(2), net_arch=[])
+    obs = torch.randn(4, 3)
+    params, values = policy.fused()(obs)
+    torch.testing.assert_close(params, policy.dist_params(obs))
+    torch.testing.assert_close(values, policy.value(obs))

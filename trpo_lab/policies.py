@@ -328,7 +328,8 @@ class FusedActorCritic:
             for i, (a, c) in enumerate(zip(actor, critic)):
                 weight = torch.cat([a.weight, c.weight]) if i == 0 else torch.block_diag(a.weight, c.weight)
                 self.layers.append((weight.detach().clone(), torch.cat([a.bias, c.bias]).detach().clone()))
-        activation = next(m for m in policy.actor if not isinstance(m, nn.Linear))
+        # A network without hidden layers has no activation; the loop below then never calls it.
+        activation = next((m for m in policy.actor if not isinstance(m, nn.Linear)), nn.Identity())
         self.activation: Callable[[Tensor], Tensor] = _FAST_ACTIVATIONS.get(type(activation), activation)
         self.n_actor_out = actor[-1].out_features
         self.log_std = policy.log_std.detach().clone() if policy.log_std is not None else None
