@@ -122,6 +122,10 @@ class Curvature(ABC):
     def direction(self, problem: CurvatureProblem) -> tuple[Tensor, dict[str, Tensor]]:
         """The flat direction s (same layout as ``problem.grad``) and ``train/...`` metrics."""
 
+    def direction_product(self) -> Tensor | None:
+        """(F + γI) s for the last direction, when the backend has it for free (else None)."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """State that must survive a checkpoint (statistics, factors); empty when stateless."""
         return {}
@@ -135,10 +139,24 @@ class CGCurvature(Curvature):
 
     name = "cg"
 
+    _product: Tensor | None = None
+
     def direction(self, problem: CurvatureProblem) -> tuple[Tensor, dict[str, Tensor]]:
-        cg = solve_cg(problem.fvp, problem.grad, max_iter=self.config.cg_max_steps, tol=self.config.cg_tol)
+        # On the CPU a converged CG stops early (one scalar read per iteration, no extra
+        # products); on a GPU it runs all iterations without host synchronisation.
+        cg = solve_cg(
+            problem.fvp,
+            problem.grad,
+            max_iter=self.config.cg_max_steps,
+            tol=self.config.cg_tol,
+            stop_early=problem.grad.device.type == "cpu",
+        )
+        self._product = problem.grad - cg.residual  # (F + γI) s = g − r
         metrics = {"train/cg_residual": cg.residual_norm, "train/cg_iterations": cg.iterations.to(cg.x.dtype)}
         return cg.x, metrics
+
+    def direction_product(self) -> Tensor | None:
+        return self._product
 
 
 class ExactCurvature(Curvature):

@@ -38,8 +38,18 @@ from trpo_lab.optim._flat import flat_params, total_numel
 from trpo_lab.optim.exact import cosine_similarity
 from trpo_lab.optim.fisher import fisher_vector_product, fisher_vector_product_func, flat_grad
 from trpo_lab.optim.line_search import kl_line_search
+from trpo_lab.optim.trust_region import scale_to_kl_radius
 
-__all__ = ["TrustRegionAgent", "TRPO", "NaturalStep", "explained_variance"]
+__all__ = ["TrustRegionAgent", "TRPO", "NaturalStep", "explained_variance", "make_adam"]
+
+
+def make_adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
+    """Adam with the fused kernel where this torch build has it for the parameters' device
+    (one kernel for all tensors: the critic's many small steps are overhead-bound)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except RuntimeError:
+        return torch.optim.Adam(params, lr=lr)
 
 
 def explained_variance(predictions: Tensor, targets: Tensor) -> Tensor:
@@ -82,7 +92,7 @@ class TrustRegionAgent(OnPolicyAgent):
                 line_search_fn="strong_wolfe",
             )
         else:
-            self.critic_optimizer = torch.optim.Adam(critic_params, lr=cfg.learning_rate)
+            self.critic_optimizer = make_adam(critic_params, cfg.learning_rate)
         self.curvature: Curvature = make_curvature(self.policy, cfg, self.generator)
         if cfg.exact_every:
             check_exact_size(total_numel(self.policy.actor_parameters()), "diagnostics.exact_every")
@@ -109,7 +119,14 @@ class TrustRegionAgent(OnPolicyAgent):
             surrogate = surrogate + self.config.ent_coef * dist.entropy(dist_params).mean()
         return surrogate
 
-    def _fvp(self, obs: Tensor, old_params: Tensor, actor_params: list[nn.Parameter]) -> Any:
+    def _fvp(
+        self, obs: Tensor, old_params: Tensor, actor_params: list[nn.Parameter], new_params: Tensor | None = None
+    ) -> Any:
+        """The damped Fisher-vector product of the mean KL on the (sub-sampled) batch.
+
+        ``new_params``, the distribution parameters already computed with the actor's graph on
+        the full batch, is reused (no second forward) when there is no sub-sampling.
+        """
         k = self.config.sub_sampling_factor
         obs_sub, old_sub = (obs[::k], old_params[::k]) if k > 1 else (obs, old_params)
         dist, policy = self.policy.distribution, self.policy
@@ -121,7 +138,8 @@ class TrustRegionAgent(OnPolicyAgent):
             return fisher_vector_product_func(kl_of, actor_params, damping=self.config.cg_damping)
 
         def kl_fn() -> Tensor:
-            return dist.kl(old_sub, policy.dist_params(obs_sub)).mean()
+            current = new_params if new_params is not None and k == 1 else policy.dist_params(obs_sub)
+            return dist.kl(old_sub, current).mean()
 
         return fisher_vector_product(kl_fn, actor_params, damping=self.config.cg_damping)
 
@@ -147,21 +165,19 @@ class TrustRegionAgent(OnPolicyAgent):
         """
         policy = self.policy
         actor_params = policy.actor_parameters()
-        with torch.no_grad():
-            old_params = policy.dist_params(obs)
-            old_log_probs = policy.distribution.log_prob(old_params, batch.actions)
-        surrogate = self._surrogate(policy.dist_params(obs), batch.actions, old_log_probs, advantages)
-        grad = flat_grad(surrogate, actor_params)
-        fvp = self._fvp(obs, old_params, actor_params)
+        # One forward serves the surrogate, the old distribution (its detached value: the
+        # actor has not moved yet) and the KL whose Hessian is the Fisher.
+        new_params = policy.dist_params(obs)
+        old_params = new_params.detach()
+        old_log_probs = policy.distribution.log_prob(old_params, batch.actions)
+        surrogate = self._surrogate(new_params, batch.actions, old_log_probs, advantages)
+        grad = flat_grad(surrogate, actor_params, retain_graph=True)
+        fvp = self._fvp(obs, old_params, actor_params, new_params)
         problem = self._curvature_problem(obs, old_params, actor_params, grad, fvp)
         direction, direction_metrics = self.curvature.direction(problem)
-        curvature = torch.dot(direction, fvp(direction))
-        # Guard sᵀFs <= 0 (numerically zero gradient): take no step rather than divide by zero.
-        safe_curvature = torch.where(curvature > 0, curvature, torch.ones_like(curvature))
-        beta = torch.where(
-            curvature > 0, torch.sqrt(2.0 * self.config.target_kl / safe_curvature), torch.zeros_like(curvature)
-        )
-        full_step = beta * direction
+        product = self.curvature.direction_product()
+        curvature = torch.dot(direction, product if product is not None else fvp(direction))
+        full_step = scale_to_kl_radius(direction, curvature, self.config.target_kl)
         metrics = {
             "train/surrogate": surrogate.detach(),
             **direction_metrics,
@@ -211,13 +227,15 @@ class TrustRegionAgent(OnPolicyAgent):
         critic_params = policy.critic_parameters()
         losses = []
         for _ in range(cfg.n_critic_updates):
+            # One gather per epoch; the minibatches are then contiguous views of it.
             perm = torch.randperm(batch.size, generator=self.shuffle_generator).to(obs_all.device)
+            obs_epoch, returns_epoch = obs_all[perm], batch.returns[perm]
             for start in range(0, batch.size, cfg.batch_size):
-                idx = perm[start : start + cfg.batch_size]
-                loss = nn.functional.mse_loss(policy.value(obs_all[idx]), batch.returns[idx])
+                stop = start + cfg.batch_size
+                loss = nn.functional.mse_loss(policy.value(obs_epoch[start:stop]), returns_epoch[start:stop])
                 self.critic_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                nn.utils.clip_grad_norm_(critic_params, cfg.max_grad_norm)
+                nn.utils.clip_grad_norm_(critic_params, cfg.max_grad_norm, foreach=True)
                 self.critic_optimizer.step()
                 losses.append(loss.detach())
         with torch.no_grad():
