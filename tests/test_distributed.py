@@ -115,3 +115,83 @@ def test_dead_rank_makes_the_other_fail_within_the_timeout(tmp_path: Path) -> No
 def test_single_process_is_not_distributed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert init_distributed() is None
+
+
+def test_minibatch_plan_gives_every_rank_the_same_number_of_minibatches() -> None:
+    from trpo_lab.distributed import minibatch_plan, split_sizes
+
+    assert split_sizes(10, 3) == [4, 3, 3]
+    sizes = [130, 117]
+    plans = [minibatch_plan(sizes, rank, batch_size=64) for rank in (0, 1)]
+    assert len(plans[0]) == len(plans[1]) == 4  # ceil(247 / 64)
+    for plan, size in zip(plans, sizes):
+        assert plan[0][0] == 0 and plan[-1][1] == size
+        assert all(stop > start for start, stop, _ in plan)
+        assert all(a[1] == b[0] for a, b in zip(plan, plan[1:]))
+    for j in range(4):
+        p0, p1 = plans[0][j], plans[1][j]
+        assert p0[2] == p1[2] == (p0[1] - p0[0]) + (p1[1] - p1[0])
+    # one rank with fewer samples than minibatches: no empty minibatch on any rank
+    tiny = [minibatch_plan([3, 100], rank, batch_size=8) for rank in (0, 1)]
+    assert len(tiny[0]) == len(tiny[1]) == 3 and all(stop > start for start, stop, _ in tiny[0])
+
+
+def test_kfac_statistics_reducer_sees_every_batch_factor_before_the_running_average() -> None:
+    from trpo_lab.optim.kfac import KFAC
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    seen: list[tuple[list[tuple[int, ...]], list[float]]] = []
+
+    def double(factors: list[torch.Tensor], counts: list[float]) -> list[torch.Tensor]:
+        seen.append(([tuple(f.shape) for f in factors], counts))
+        return [2.0 * f for f in factors]
+
+    plain, reduced = KFAC(model, stat_decay=0.5), KFAC(model, stat_decay=0.5, statistics_reducer=double)
+    x = torch.randn(5, 3)
+    for opt in (plain, reduced):
+        with opt.track_statistics():
+            model(x).square().mean().backward()
+    assert seen == [([(4, 4), (4, 4), (5, 5), (2, 2)], [5.0, 5.0, 5.0, 5.0])]
+    for layer in model[0], model[2]:
+        for factor in ("A", "G"):
+            torch.testing.assert_close(reduced.state[layer.weight][factor], 2.0 * plain.state[layer.weight][factor])
+
+
+def _kfac_worker(rank: int, port: int, out_dir: str) -> None:
+    from trpo_lab.optim.kfac import KFAC
+
+    ctx = _bootstrap(rank, 2, port)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    x = torch.randn(7, 3)
+    part = x[:3] if rank == 0 else x[3:]  # unequal sample counts
+    opt = KFAC(model, statistics_reducer=ctx.weighted_means)
+    with opt.track_statistics():
+        model(part).square().mean().backward()
+    torch.save([opt.state[model[i].weight][f] for i in (0, 2) for f in ("A", "G")], Path(out_dir) / f"kfac{rank}.pt")
+    ctx.close()
+
+
+def test_kfac_factors_reduced_over_ranks_equal_the_factors_of_the_whole_batch(tmp_path: Path) -> None:
+    from trpo_lab.optim.kfac import KFAC
+
+    _run(_kfac_worker, str(tmp_path))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    x = torch.randn(7, 3)
+    rank0_only = KFAC(model)
+    with rank0_only.track_statistics():
+        model(x[:3]).square().mean().backward()
+    whole = KFAC(model)
+    with whole.track_statistics():
+        model(x).square().mean().backward()
+    expected = [whole.state[model[i].weight][f] for i in (0, 2) for f in ("A", "G")]
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"kfac{rank}.pt")
+        torch.testing.assert_close(got[0], expected[0])  # A: input second moments of all 7 samples
+        torch.testing.assert_close(got[2], expected[2])
+        # G: per-sample output gradients (each rank's mean loss rescaled by its own batch size)
+        torch.testing.assert_close(got[1], expected[1])
+        torch.testing.assert_close(got[3], expected[3])
+    assert not torch.allclose(rank0_only.state[model[0].weight]["A"], expected[0])

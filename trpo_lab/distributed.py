@@ -8,15 +8,23 @@ call per tensor.  Ranks may hold different numbers of valid samples (autoreset s
 dropped), so batch means are combined as sample-weighted sums: a rank contributes
 ``local_mean * n_local / n_global``.
 
+Every collective runs under the process group's timeout: a rank that dies or hangs makes
+the others raise :class:`RankFailedError` (one line: which rank, which collective, the
+timeout) instead of waiting forever.  Each rank seeds its environments and samplers with
+:func:`rank_seed` (``seed + 1000 * rank``), so ranks collect different data while rank 0's
+stream is the single-process one.
+
 Nothing here knows about RL agents; :class:`DistributedContext` is what the agents hold.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,15 +34,66 @@ from torch import Tensor, nn
 
 __all__ = [
     "DistributedContext",
+    "CollectiveTraffic",
     "init_distributed",
     "flatten",
     "unflatten_into",
+    "rank_seed",
+    "split_sizes",
+    "minibatch_plan",
+    "RANK_SEED_STRIDE",
     "RankDriftError",
+    "RankFailedError",
 ]
+
+RANK_SEED_STRIDE = 1000
+"""Rank ``r`` seeds its environments and samplers with ``seed + RANK_SEED_STRIDE * r``."""
 
 
 class RankDriftError(RuntimeError):
     """The ranks' parameters differ: the data-parallel run is no longer in lock-step."""
+
+
+class RankFailedError(RuntimeError):
+    """A collective failed: another rank died, hung past the timeout, or left the group."""
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s environments and samplers: ``seed + 1000 * rank``.
+
+    Rank 0 keeps ``seed`` itself, so its environments see what a single process would.
+    """
+    return seed + RANK_SEED_STRIDE * rank
+
+
+def split_sizes(size: int, parts: int) -> list[int]:
+    """Sizes of ``torch.tensor_split`` of ``size`` items into ``parts`` near-equal pieces."""
+    base, extra = divmod(size, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def minibatch_plan(rank_sizes: Sequence[int], rank: int, batch_size: int) -> list[tuple[int, int, int]]:
+    """Minibatches of a shuffled data-parallel batch that every rank can step through in lock-step.
+
+    The batch over all ranks has ``N = Σ rank_sizes`` samples; it is cut into
+    ``M = ceil(N / batch_size)`` minibatches (at most the smallest rank's size, so that no
+    rank has an empty one), and each rank cuts its own samples into ``M`` near-equal pieces:
+    minibatch ``j`` is the union of every rank's piece ``j``.  Every rank takes the same
+    number of gradient steps whatever its sample count, which the all-reduces require.
+
+    Returns:
+        ``(start, stop, global_size)`` per minibatch: this rank's slice of its shuffled
+        samples, and the minibatch's size over all ranks (the weight denominator).
+    """
+    total = sum(rank_sizes)
+    parts = max(1, min(math.ceil(total / batch_size), min(rank_sizes)))
+    own = split_sizes(rank_sizes[rank], parts)
+    global_sizes = [sum(column) for column in zip(*(split_sizes(n, parts) for n in rank_sizes))]
+    plan, start = [], 0
+    for size, global_size in zip(own, global_sizes):
+        plan.append((start, start + size, global_size))
+        start += size
+    return plan
 
 
 def flatten(tensors: Iterable[Tensor]) -> Tensor:
@@ -51,6 +110,19 @@ def unflatten_into(flat: Tensor, tensors: Sequence[Tensor]) -> None:
         offset += n
 
 
+@dataclass
+class CollectiveTraffic:
+    """What this rank has sent through all-reduces so far (for ``dist/bytes_reduced``).
+
+    Attributes:
+        bytes_reduced: Payload bytes of every all-reduce (gradients, FVPs, statistics...).
+        reductions: Number of all-reduce calls.
+    """
+
+    bytes_reduced: int = 0
+    reductions: int = 0
+
+
 @dataclass(frozen=True)
 class DistributedContext:
     """A process group membership and the reductions the agents need.
@@ -59,27 +131,62 @@ class DistributedContext:
         rank: This process's rank.
         world_size: Number of processes.
         device: Device of the tensors that are reduced (CPU for gloo, CUDA for nccl).
+        timeout_s: The process group's collective timeout (for error messages).
+        check_every: Updates between :meth:`check_in_sync` checks of the agents' parameters.
+        traffic: Running counts of the bytes all-reduced.
     """
 
     rank: int
     world_size: int
     device: torch.device
+    timeout_s: float = 120.0
+    check_every: int = 10
+    traffic: CollectiveTraffic = field(default_factory=CollectiveTraffic, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
         """Rank 0 writes logs and checkpoints."""
         return self.rank == 0
 
+    @property
+    def bytes_reduced(self) -> int:
+        """Payload bytes this rank has all-reduced since the context was created."""
+        return self.traffic.bytes_reduced
+
     def close(self) -> None:
         """Leave the process group (call once at the end of training)."""
         if dist.is_initialized():
             dist.destroy_process_group()
 
+    @contextmanager
+    def _collective(self, what: str) -> Iterator[None]:
+        """Turn a failed collective into one clear line (the backend's are many, and vary)."""
+        try:
+            yield
+        except RuntimeError as exc:  # DistBackendError, DistNetworkError, gloo/nccl timeouts
+            detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise RankFailedError(
+                f"data-parallel rank {self.rank} of {self.world_size}: {what} failed: another rank failed, "
+                f"exited or did not answer within the {self.timeout_s:g} s timeout ({detail[:200]})"
+            ) from None
+
     # -------------------------------------------------------------- reductions
     def all_reduce_sum(self, flat: Tensor) -> Tensor:
         """Sum of ``flat`` over ranks (returns a new tensor; one collective)."""
         out = flat.detach().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        with self._collective("all-reduce"):
+            dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        self.traffic.bytes_reduced += out.numel() * out.element_size()
+        self.traffic.reductions += 1
+        return out
+
+    def all_reduce_max(self, flat: Tensor) -> Tensor:
+        """Element-wise maximum of ``flat`` over ranks (a new tensor; one collective)."""
+        out = flat.detach().clone()
+        with self._collective("all-reduce (max)"):
+            dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        self.traffic.bytes_reduced += out.numel() * out.element_size()
+        self.traffic.reductions += 1
         return out
 
     def weighted_mean(self, local_mean: Tensor, local_weight: Tensor | float, total_weight: Tensor | float) -> Tensor:
@@ -95,9 +202,31 @@ class DistributedContext:
                 p.grad = g
         unflatten_into(reduced, [p.grad for p in params])  # type: ignore[misc]
 
+    def weighted_means(self, tensors: Sequence[Tensor], weights: Sequence[float]) -> list[Tensor]:
+        """``Σ_r w_r t_r / Σ_r w_r`` for each tensor ``t`` with its own weight ``w`` (one bucket).
+
+        For statistics that are means over a per-rank number of samples which the other ranks
+        do not know (K-FAC's factors: ``w`` = rows seen); the weights travel in the bucket.
+        """
+        scaled = [t.reshape(-1) * float(w) for t, w in zip(tensors, weights)]
+        weight_slots = torch.tensor([float(w) for w in weights], dtype=tensors[0].dtype, device=tensors[0].device)
+        summed = self.all_reduce_sum(torch.cat([*scaled, weight_slots]))
+        totals = summed[-len(tensors):]
+        out, offset = [], 0
+        for i, t in enumerate(tensors):
+            out.append((summed[offset : offset + t.numel()] / totals[i]).view_as(t))
+            offset += t.numel()
+        return out
+
     def total_count(self, local_count: int) -> int:
         """Σ over ranks of an integer count (one collective, reads the result on the host)."""
         return int(self.all_reduce_sum(torch.tensor([float(local_count)], device=self.device)).item())
+
+    def rank_sizes(self, local_count: int) -> list[int]:
+        """Every rank's ``local_count``, in rank order (one collective of ``world_size`` numbers)."""
+        slots = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
+        slots[self.rank] = float(local_count)
+        return [int(n) for n in self.all_reduce_sum(slots).cpu().tolist()]
 
     # -------------------------------------------------------------- synchronisation
     def broadcast_module_(self, module: nn.Module, src: int = 0) -> None:
@@ -107,14 +236,23 @@ class DistributedContext:
             return
         with torch.no_grad():
             flat = flatten(tensors).to(self.device)
-            dist.broadcast(flat, src=src)
+            with self._collective("broadcast"):
+                dist.broadcast(flat, src=src)
             unflatten_into(flat, tensors)
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         """Rank ``src``'s picklable object on every rank (small, trusted, in-process data)."""
         holder = [obj if self.rank == src else None]
-        dist.broadcast_object_list(holder, src=src)
+        with self._collective("broadcast"):
+            dist.broadcast_object_list(holder, src=src)
         return holder[0]
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        """Every rank's picklable ``obj`` in rank order on rank ``dst`` (``None`` elsewhere)."""
+        holder: list[Any] | None = [None] * self.world_size if self.rank == dst else None
+        with self._collective("gather"):
+            dist.gather_object(obj, holder, dst=dst)
+        return holder
 
     def check_in_sync(self, module: nn.Module, what: str = "parameters") -> None:
         """Fail loudly if the ranks' parameters differ (a cheap checksum, one collective).
@@ -124,11 +262,10 @@ class DistributedContext:
         """
         with torch.no_grad():
             flat = flatten(module.parameters()).to(torch.float64)
-            checksum = torch.stack([flat.sum(), flat.abs().sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)).sum()])
-            low, high = checksum.clone().to(self.device), checksum.clone().to(self.device)
-            dist.all_reduce(low, op=dist.ReduceOp.MIN)
-            dist.all_reduce(high, op=dist.ReduceOp.MAX)
-            spread = float((high - low).abs().max())
+            positions = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+            checksum = torch.stack([flat.sum(), flat.abs().sum(), (flat * positions).sum()]).to(self.device)
+            extremes = self.all_reduce_max(torch.cat([checksum, -checksum]))  # max and -min, one bucket
+            spread = float((extremes[:3] + extremes[3:]).abs().max())
         if spread != 0.0:
             raise RankDriftError(
                 f"Data-parallel ranks have drifted apart: {what} checksums differ by {spread:.3e} "
@@ -165,20 +302,43 @@ class DistributedContext:
         return new_mean, new_var, float(total)
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 120.0) -> DistributedContext | None:
+def init_distributed(
+    backend: str | None = None, timeout_s: float = 120.0, check_every: int = 10
+) -> DistributedContext | None:
     """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...).
 
     Returns ``None`` outside torchrun or with a world size of 1.  The backend defaults to
     nccl when CUDA is available and gloo otherwise.  ``timeout_s`` bounds every collective,
     so a rank that dies makes the others fail with an error instead of hanging.
+    ``check_every`` is the number of updates between parameter drift checks.
+
+    Raises:
+        ValueError: a bad ``backend``, ``timeout_s`` or ``check_every``, or ``WORLD_SIZE``.
+        RankFailedError: the other ranks did not join within ``timeout_s``.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError(f"Invalid WORLD_SIZE: {os.environ['WORLD_SIZE']!r}; expected an integer") from None
+    if not timeout_s > 0 or not math.isfinite(timeout_s):
+        raise ValueError(f"Invalid timeout_s: {timeout_s!r}; expected a positive number of seconds")
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"Invalid check_every: {check_every!r}; expected an integer >= 1")
     if world_size <= 1:
         return None
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"Invalid backend: {backend!r}; expected 'gloo' (CPU) or 'nccl' (CUDA)")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        except RuntimeError as exc:
+            detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise RankFailedError(
+                f"data-parallel rank {os.environ.get('RANK', '?')} of {world_size}: joining the process group "
+                f"failed within the {timeout_s:g} s timeout ({detail[:200]})"
+            ) from None
     rank = dist.get_rank()
     if backend == "nccl":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -186,4 +346,6 @@ def init_distributed(backend: str | None = None, timeout_s: float = 120.0) -> Di
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    return DistributedContext(rank=rank, world_size=dist.get_world_size(), device=device)
+    return DistributedContext(
+        rank=rank, world_size=dist.get_world_size(), device=device, timeout_s=timeout_s, check_every=check_every
+    )

@@ -27,6 +27,8 @@ from torch.utils.hooks import RemovableHandle
 __all__ = ["KFAC"]
 
 DampingMode = Literal["eigen", "factored"]
+StatisticsReducer = Callable[[list[Tensor], list[float]], list[Tensor]]
+"""``(batch factors [A_1, G_1, ...], their sample counts) -> reduced factors`` (see ``KFAC``)."""
 _DAMPING_MODES: tuple[str, ...] = ("eigen", "factored")
 
 _COUNTER_NAMES: tuple[str, ...] = (
@@ -295,6 +297,11 @@ class KFAC(torch.optim.Optimizer):
             one Fisher pass per step this is "every ``inverse_every`` steps".
         weight_decay: L2 coefficient added to the gradient before preconditioning (default 0).
         damping_mode: "eigen" (default) or "factored", see above.
+        statistics_reducer: optional ``(factors, counts) -> factors`` applied to each batch's
+            factors ``[A_1, G_1, A_2, G_2, ...]`` (with the rows/samples each was averaged
+            over) before they enter the running averages; data-parallel training passes
+            :meth:`trpo_lab.distributed.DistributedContext.weighted_means` so that every rank
+            folds in the factors of the whole batch over all ranks. Default None: local factors.
     """
 
     def __init__(
@@ -308,6 +315,7 @@ class KFAC(torch.optim.Optimizer):
         inverse_every: int = 10,
         weight_decay: float = 0.0,
         damping_mode: DampingMode = "eigen",
+        statistics_reducer: StatisticsReducer | None = None,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"Invalid module: expected an nn.Module, got {type(module).__name__}")
@@ -352,6 +360,7 @@ class KFAC(torch.optim.Optimizer):
         self._counters: dict[str, int] = dict.fromkeys(_COUNTER_NAMES, 0)
         self._step_stats: dict[str, float] = {}
         self._warned_missing_statistics = False
+        self.statistics_reducer = statistics_reducer
 
     # ------------------------------------------------------------------ statistics
 
@@ -443,6 +452,15 @@ class KFAC(torch.optim.Optimizer):
             )
         if not batches:
             return
+        if self.statistics_reducer is not None:
+            counts = [
+                float(count)
+                for index, stats in sorted(pending.items())
+                if stats.input_sum is not None and stats.grad_sum is not None
+                for count in (stats.input_count, stats.grad_count)
+            ]
+            reduced = self.statistics_reducer([f for _, a, g in batches for f in (a, g)], counts)
+            batches = [(layer, reduced[2 * i], reduced[2 * i + 1]) for i, (layer, _, _) in enumerate(batches)]
         finite = torch.stack(
             [torch.isfinite(a).all() & torch.isfinite(g).all() for _, a, g in batches]
         ).tolist()
