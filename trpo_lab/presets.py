@@ -61,9 +61,10 @@ BUILTIN_AGENTS: dict[str, dict[str, dict[str, Any]]] = {
             "n_envs": 8, "n_steps": 256, "batch_size": 256, "n_critic_updates": 10, "cg_max_steps": 15,
             "target_kl": 0.01, "gae_lambda": 0.95, "gamma": 0.99,
         },
-        "CartPole-v1": {"total_timesteps": 100_000, "cg_max_steps": 10, "n_critic_updates": 5},
+        "CartPole-v1": {"total_timesteps": 100_000, "cg_max_steps": 10, "n_critic_updates": 10, "gae_lambda": 0.98},
         "Pendulum-v1": {
             "total_timesteps": 200_000, "n_steps": 128, "batch_size": 128, "gamma": 0.9, "n_critic_updates": 20,
+            "target_kl": 0.02,
         },
     },
     "ppo": {
