@@ -72,7 +72,6 @@ def test_fisher_pass_samples_actions_from_the_current_policy(monkeypatch: pytest
     actor_layers = _linears(agent.policy.actor)
     with torch.no_grad():
         actor_layers[-1].bias.copy_(torch.tensor([2.0, -2.0]))
-    with torch.no_grad():
         logits_before = agent.policy.dist_params(obs)
 
     calls: list[dict[str, Any]] = []
