@@ -37,10 +37,13 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -362,14 +365,42 @@ def finished_result(spec: RunSpec) -> dict[str, Any] | None:
 
 
 _progress_queue: Any = None
+_busy = threading.Event()  # set while this worker runs a task
 
 
 def _init_worker(queue: Any) -> None:
+    """Worker set-up: one torch thread, progress queue, signals (see :func:`run_experiment`).
+
+    SIGINT is ignored: Ctrl-C reaches the whole process group, and the main process answers
+    it by sending each worker one SIGTERM, on which ``learn`` finishes its update, writes
+    ``checkpoint.pt`` and stops. Outside ``learn`` SIGTERM does nothing: killing an idle
+    worker could leave the executor's shared call-queue lock held and deadlock the others,
+    which then exit normally on the executor's shutdown. A watchdog stops the run the same
+    way if the main process dies, then exits instead of waiting forever for tasks.
+    """
     import torch
 
     global _progress_queue
     _progress_queue = queue
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _ignore_signal)  # a handler, not SIG_IGN: learn() replaces it while training
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _ignore_signal(signum: int, frame: Any) -> None:
+    pass
+
+
+def _exit_with_parent(parent_pid: int, grace_s: float = 300.0) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    if _busy.is_set():
+        os.kill(os.getpid(), signal.SIGTERM)  # learn() checkpoints and stops
+        deadline = time.monotonic() + grace_s
+        while _busy.is_set() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    os._exit(1)
 
 
 def _report(message: tuple[Any, ...]) -> None:
@@ -403,6 +434,14 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
+    _busy.set()
+    try:
+        return _train_and_evaluate(spec)
+    finally:
+        _busy.clear()
+
+
+def _train_and_evaluate(spec: RunSpec) -> dict[str, Any]:
     agent = _start_or_resume(spec)
     _report(("start", spec.key, agent.num_timesteps))
 
@@ -779,6 +818,41 @@ def _drain(queue: Any, display: _Display, budgets: Mapping[str, int]) -> None:
         display.message(message, budgets)
 
 
+def _stop_workers(pool: ProcessPoolExecutor, timeout_s: float = 300.0) -> None:
+    """Cancel queued runs and SIGTERM the workers: a training one checkpoints and stops, an idle
+    one ignores it (see :func:`_init_worker`); all then leave on the executor's shutdown."""
+    # ProcessPoolExecutor has no public handle on its processes.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        process.join(timeout=max(deadline - time.monotonic(), 0.0))
+        if process.is_alive():
+            process.kill()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """In the main thread, turn SIGTERM into KeyboardInterrupt so it stops the workers cleanly."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    from trpo_lab.agents.base import TrainingInterrupted
+
+    def handler(signum: int, frame: Any) -> None:
+        raise TrainingInterrupted(f"{signal.Signals(signum).name} received", signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _check_existing(specs: Sequence[RunSpec]) -> None:
     for spec in specs:
         stored = _read_json(spec.run_dir / SPEC_FILE)
@@ -847,7 +921,7 @@ def run_experiment(
     )
     for key in skipped:
         say(f"skipped {key}: finished earlier (final return {records[key]['final_return']:.1f})")
-    with display:
+    with display, _sigterm_as_interrupt():
         for _ in skipped:
             display.count()
         if pending:
@@ -878,7 +952,11 @@ def run_experiment(
                             f"({record['wall_s']:.0f} s, {record['fps']:,.0f} steps/s)"
                         )
             except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
+                say(
+                    f"stopping: {len(futures)} unfinished run(s) stop at a checkpoint; "
+                    "run the same command again to continue them"
+                )
+                _stop_workers(pool)
                 raise
             pool.shutdown(wait=True)
             queue.close()
