@@ -3,11 +3,19 @@
 Mistakes of the user (unknown algorithm or env, bad ``--set`` key or value, missing
 run directory, unreadable experiment file) exit with status 2 and one line on stderr,
 never a traceback.
+
+Data-parallel training: under ``torchrun`` (``WORLD_SIZE`` > 1) ``train`` joins the process
+group and trains one rank; ``train ... --nproc N`` is the shortcut that launches
+``python -m torch.distributed.run --standalone --nproc-per-node N -m trpo_lab train ...`` on
+this machine. A failed, hung or drifted rank stops the others with one line and status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its checkpoint.pt")
     train.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--nproc", type=int, default=None, metavar="N",
+                       help="train data-parallel in N processes on this machine (launches torchrun); "
+                            "each runs --n-envs environments")
+    train.add_argument("--dist-timeout", type=float, default=120.0, metavar="SECONDS",
+                       help="data-parallel: how long a rank waits for the others before failing (default 120)")
+    train.add_argument("--sync-check-every", type=int, default=10, metavar="K",
+                       help="data-parallel: updates between checks that the ranks' parameters agree (default 10)")
 
     compare = sub.add_parser(
         "compare", help="train a grid of algorithms x environments x seeds in parallel and compare them"
@@ -74,20 +89,45 @@ def _unique_run_dir(base: Path) -> Path:
     return Path(f"{base}_{i}")
 
 
-def _train(args: argparse.Namespace) -> int:
+def _world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise CLIError(f"Invalid WORLD_SIZE: {os.environ['WORLD_SIZE']!r}; expected an integer") from None
+
+
+def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import torch
 
-    from trpo_lab.agents import agent_class
+    if args.threads < 1:
+        raise CLIError(f"Invalid --threads: {args.threads}; expected >= 1")
+    if args.sync_check_every < 1:
+        raise CLIError(f"Invalid --sync-check-every: {args.sync_check_every}; expected >= 1")
+    if not args.dist_timeout > 0:
+        raise CLIError(f"Invalid --dist-timeout: {args.dist_timeout}; expected a positive number of seconds")
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise CLIError(f"Invalid --nproc: {args.nproc}; expected >= 1")
+        if _world_size() > 1:
+            raise CLIError("--nproc launches the processes itself; leave it out when running under torchrun")
+    torch.set_num_threads(args.threads)
+    if args.nproc is not None and args.nproc > 1:
+        return _launch(args, argv)
+    if _world_size() > 1:
+        return _train_rank(args)
+    if args.resume is not None:
+        return _resume(args)
+    agent, steps, run_dir = _build_agent(args)
+    return _run(agent, steps, run_dir, args.quiet)
+
+
+def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], int, int]:
+    """Validated ``(hyperparameters, run settings, n_envs, steps)`` of ``train ALGO ENV``."""
     from trpo_lab.config import config_class, parse_set_option
     from trpo_lab.envs import check_env_id
     from trpo_lab.experiments import DEFAULT_TIMESTEPS
     from trpo_lab.presets import load_preset
 
-    if args.threads < 1:
-        raise CLIError(f"Invalid --threads: {args.threads}; expected >= 1")
-    torch.set_num_threads(args.threads)
-    if args.resume is not None:
-        return _resume(args)
     if not args.algo or not args.env:
         raise CLIError("trpo-lab train: ALGO and ENV are required (or --resume RUN_DIR)")
     config_class(args.algo)  # unknown algorithm -> ValueError
@@ -105,18 +145,110 @@ def _train(args: argparse.Namespace) -> int:
     steps = args.steps if args.steps is not None else int(run_settings.get("total_timesteps", DEFAULT_TIMESTEPS))
     if steps < 1:
         raise CLIError(f"Invalid --steps: {steps}; expected >= 1")
-    run_dir = Path(args.run_dir) if args.run_dir else _unique_run_dir(
-        Path("runs") / f"{args.env}-{args.algo.lower()}-seed{args.seed}"
-    )
+    return hyperparameters, run_settings, n_envs, steps
+
+
+def _default_run_dir(args: argparse.Namespace) -> Path:
+    if args.run_dir:
+        return Path(args.run_dir)
+    return _unique_run_dir(Path("runs") / f"{args.env}-{args.algo.lower()}-seed{args.seed}")
+
+
+def _build_agent(args: argparse.Namespace, dist: Any = None, device: Any = None) -> tuple[Any, int, Path]:
+    from trpo_lab.agents import agent_class
+
+    hyperparameters, run_settings, n_envs, steps = _settings(args)
+    run_dir = _default_run_dir(args) if dist is None else Path(dist.run_on_main(lambda: str(_default_run_dir(args))))
     agent = agent_class(args.algo)(
         args.env,
         n_envs=n_envs,
         seed=args.seed,
-        device=args.device,
+        device=args.device if device is None else device,
         vectorization=str(run_settings.get("vectorization", "sync")),
+        dist=dist,
         **hyperparameters,
     )
-    return _run(agent, steps, run_dir, args.quiet)
+    return agent, steps, run_dir
+
+
+def _launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``train ... --nproc N``: check the arguments here, then run the same command under torchrun.
+
+    torchrun runs in its own session, so Ctrl-C reaches the ranks once, through torchrun (this
+    process forwards SIGINT and SIGTERM): they finish the update, checkpoint and stop.
+    """
+    from trpo_lab.agents.base import _resolve_device
+    from trpo_lab.config import config_class
+
+    rest = _without_option(list(argv), "--nproc")
+    if args.resume is None:
+        hyperparameters, _, n_envs, _ = _settings(args)
+        config_class(args.algo).from_dict(hyperparameters)
+        if n_envs < 1:
+            raise CLIError(f"Invalid n_envs: {n_envs}; expected >= 1")
+        if not args.run_dir:  # every rank must write (rank 0) and checkpoint into the same folder
+            rest += ["--run-dir", str(_default_run_dir(args))]
+    elif not Path(args.resume).is_dir():
+        raise CLIError(f"Run directory not found: {args.resume}")
+    _resolve_device(args.device)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "trpo_lab", *rest]
+    process = subprocess.Popen(command, start_new_session=True)
+
+    def forward(signum: int, frame: Any) -> None:
+        process.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option VALUE`` / ``option=VALUE``."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == option:
+            skip = True
+        elif not item.startswith(option + "="):
+            out.append(item)
+    return out
+
+
+def _train_rank(args: argparse.Namespace) -> int:
+    """One rank of a data-parallel run launched by torchrun (``WORLD_SIZE`` > 1)."""
+    from trpo_lab.agents.base import _resolve_device
+    from trpo_lab.distributed import init_distributed
+
+    device = _resolve_device(args.device)
+    ctx = init_distributed(
+        "nccl" if device.type == "cuda" else "gloo", timeout_s=args.dist_timeout, check_every=args.sync_check_every
+    )
+    assert ctx is not None
+    if device.type == "cuda":
+        device = ctx.device  # cuda:LOCAL_RANK
+    if args.resume is not None:
+        from trpo_lab.experiments import resume_run
+
+        run_dir = Path(args.resume)
+        agent, steps = resume_run(run_dir, device=str(device), dist=ctx)
+        if args.steps is not None:
+            steps = args.steps
+        if agent.num_timesteps >= steps:
+            agent.close()
+            if ctx.is_main:
+                print(f"{run_dir}: already trained for {agent.num_timesteps} of {steps} steps; nothing to do")
+            ctx.close()
+            return 0
+    else:
+        agent, steps, run_dir = _build_agent(args, dist=ctx, device=device)
+    status = _run(agent, steps, run_dir, args.quiet or not ctx.is_main, report=ctx.is_main)
+    ctx.close()
+    return status
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -164,14 +296,15 @@ def _compare(args: argparse.Namespace) -> int:
     return 1 if result.failures else 0
 
 
-def _run(agent: Any, steps: int, run_dir: Path, quiet: bool) -> int:
+def _run(agent: Any, steps: int, run_dir: Path, quiet: bool, report: bool = True) -> int:
     try:
         agent.learn(steps, run_dir=run_dir, progress_bar=not quiet)
     finally:
         agent.close()
-    returns = list(agent.episode_returns)
-    summary = f"mean return (last {len(returns)} episodes) {sum(returns) / len(returns):.2f}" if returns else ""
-    print(f"{agent.algo} on {agent.env_id}: {agent.num_timesteps} steps, {summary}; run directory {run_dir}")
+    if report:
+        returns = list(agent.episode_returns)
+        summary = f"mean return (last {len(returns)} episodes) {sum(returns) / len(returns):.2f}" if returns else ""
+        print(f"{agent.algo} on {agent.env_id}: {agent.num_timesteps} steps, {summary}; run directory {run_dir}")
     return 0
 
 
@@ -203,11 +336,13 @@ def _eval(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``trpo-lab`` console script."""
     from trpo_lab.agents.base import NonFiniteError
+    from trpo_lab.distributed import RankDriftError, RankFailedError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
         if args.command == "train":
-            return _train(args)
+            return _train(args, argv)
         if args.command == "compare":
             return _compare(args)
         if args.command == "eval":
@@ -222,6 +357,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteError as exc:
         print(f"trpo-lab: error: {exc}", file=sys.stderr)
         return 1
+    except (RankFailedError, RankDriftError) as exc:
+        print(f"trpo-lab: error: {exc}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # A broken process group can abort in its destructor at interpreter exit, burying the
+        # line above under a C++ trace; the checkpoints are already on disk.
+        os._exit(1)
     except KeyboardInterrupt as exc:  # TrainingInterrupted says which signal and where the checkpoint is
         print(f"trpo-lab: interrupted{f': {exc}' if str(exc) else ''}", file=sys.stderr)
         return 128 + getattr(exc, "signum", 2)

@@ -22,10 +22,10 @@ from __future__ import annotations
 import datetime
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -45,6 +45,8 @@ __all__ = [
     "RankDriftError",
     "RankFailedError",
 ]
+
+_T = TypeVar("_T")
 
 RANK_SEED_STRIDE = 1000
 """Rank ``r`` seeds its environments and samplers with ``seed + RANK_SEED_STRIDE * r``."""
@@ -247,6 +249,22 @@ class DistributedContext:
             dist.broadcast_object_list(holder, src=src)
         return holder[0]
 
+    def run_on_main(self, fn: Callable[[], _T]) -> _T:
+        """``fn()`` run on rank 0 only (e.g. reading a file only its machine has), its result
+        sent to every rank; a ``ValueError`` it raises is raised on every rank, so no rank is
+        left waiting in the next collective."""
+        outcome: tuple[bool, Any] | None = None
+        if self.is_main:
+            try:
+                outcome = (True, fn())
+            except ValueError as exc:
+                outcome = (False, str(exc))
+        ok, value = self.broadcast_object(outcome)
+        if not ok:
+            raise ValueError(value)
+        result: _T = value
+        return result
+
     def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
         """Every rank's picklable ``obj`` in rank order on rank ``dst`` (``None`` elsewhere)."""
         holder: list[Any] | None = [None] * self.world_size if self.rank == dst else None
@@ -281,7 +299,8 @@ class DistributedContext:
         bucket, and combined with ``base``; all ranks end with identical statistics.
 
         Returns:
-            The merged ``(mean, var, count)``, the ``base`` of the next merge.
+            The merged ``(mean, var, count)`` as stored in ``rms`` (in float64), the ``base``
+            of the next merge.
         """
         mean, var, count = np.asarray(rms.mean, np.float64), np.asarray(rms.var, np.float64), float(rms.count)
         local = np.concatenate([[count], count * mean.ravel(), count * (var + mean**2).ravel()])
@@ -299,7 +318,9 @@ class DistributedContext:
         rms.mean = new_mean.astype(np.asarray(rms.mean).dtype)
         rms.var = new_var.astype(np.asarray(rms.var).dtype)
         rms.count = float(total)
-        return new_mean, new_var, float(total)
+        # The base is what the statistics hold now (e.g. float32 for gymnasium's vector
+        # wrappers), so that a rank restored from a checkpoint continues with the same base.
+        return np.asarray(rms.mean, np.float64), np.asarray(rms.var, np.float64), float(total)
 
 
 def init_distributed(

@@ -41,6 +41,10 @@ Design:
       steps the KL clip leaves alone.
     - ``lr_schedule = "linear"`` decays η linearly to 0 over the ``total_timesteps`` given to
       :meth:`ACKTR.learn` (the reference Atari setting); "constant" (default) keeps it.
+    - Data-parallel (``dist=``): the loss gradients of actor and critic are all-reduced in one
+      bucket before clipping, and both KFACs fold in the factors of every rank's Fisher pass
+      (``statistics_reducer``), so every rank takes the same step. The Fisher-pass generator
+      keeps the run's seed on every rank (each rank samples for its own states).
 """
 
 from __future__ import annotations
@@ -136,6 +140,8 @@ class ACKTR(OnPolicyAgent):
             "damping": cfg.damping,
             "stat_decay": cfg.stat_decay,
             "inverse_every": cfg.inverse_every,
+            # Data-parallel: fold the factors of every rank's Fisher pass into the averages.
+            "statistics_reducer": None if self.dist is None else self.dist.weighted_means,
         }
         self.actor_optimizer = KFAC(_ActorModule(self.policy), kl_clip=cfg.kl_clip, **common)
         self.critic_optimizer = KFAC(self.policy.critic, kl_clip=cfg.vf_kl_clip, **common)
@@ -194,8 +200,8 @@ class ACKTR(OnPolicyAgent):
         policy, cfg, dist = self.policy, self.config, self.policy.distribution
         obs = policy.preprocess(batch.observations)
         advantages = batch.advantages
-        if cfg.normalize_advantage and advantages.numel() > 1:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        if cfg.normalize_advantage:
+            advantages = self._normalize_advantages(advantages)
         lr = self.current_learning_rate()
         optimizers = (self.actor_optimizer, self.critic_optimizer)
         for optimizer in optimizers:
@@ -210,6 +216,7 @@ class ACKTR(OnPolicyAgent):
         value_loss = nn.functional.mse_loss(values, batch.returns)
         loss = policy_loss - cfg.ent_coef * entropy + cfg.vf_coef * value_loss
         loss.backward()
+        self._all_reduce_grads([*policy.actor_parameters(), *policy.critic_parameters()])  # data-parallel: one bucket
         actor_grad_norm = nn.utils.clip_grad_norm_(policy.actor_parameters(), cfg.max_grad_norm)
         critic_grad_norm = nn.utils.clip_grad_norm_(policy.critic_parameters(), cfg.max_grad_norm)
         for optimizer in optimizers:

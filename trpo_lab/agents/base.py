@@ -20,6 +20,17 @@ what keeps a long run safe (issue #9):
 * **Untrusted files**: checkpoints load with ``torch.load(weights_only=True)`` and are
   checked field by field; anything else is refused with a ``ValueError``.
 
+Data-parallel training (issue #8, ``dist=`` a :class:`~trpo_lab.distributed.DistributedContext`)
+lives here too, at the depth each reduction belongs: every rank steps its own environments
+with :func:`~trpo_lab.distributed.rank_seed`; rank 0's parameters and normalization
+statistics are broadcast once; after each rollout the normalization statistics are merged
+and the batch sizes shared; the agents reduce through the helpers below (gradients, means,
+advantage statistics, lock-step minibatches); logged metrics are sample-weighted means over
+ranks, timesteps count every rank's steps; parameters are checked for drift every
+``check_every`` updates; only rank 0 writes the run directory, and checkpoints hold every
+rank's environments and samplers so that all ranks resume exactly.  With ``dist=None`` every
+helper is the identity and nothing is reduced.
+
 Minibatches (PPO, the TRPO critic) are ``batch_size`` samples with a smaller last one: the
 number of valid transitions per rollout changes from update to update (auto-reset slots and
 skipped non-finite steps are dropped), so no ``batch_size`` divides every batch, and a
@@ -47,10 +58,12 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium.vector import VectorEnv
-from gymnasium.wrappers.vector import NormalizeObservation
+from gymnasium.wrappers.vector import NormalizeObservation, NormalizeReward
+from torch import Tensor, nn
 
-from trpo_lab.buffer import RolloutBatch, RolloutBuffer
+from trpo_lab.buffer import RolloutBatch, RolloutBuffer, minibatches
 from trpo_lab.config import AgentConfig
+from trpo_lab.distributed import DistributedContext, minibatch_plan, rank_seed
 from trpo_lab.envs import (
     EnvStateError,
     NonFiniteEnvError,
@@ -208,6 +221,10 @@ class OnPolicyAgent(ABC):
         device: Torch device for the networks, the buffer and the update.
         vectorization: ``"sync"``, ``"async"`` or ``"vector_entry_point"`` (see ``make_vec_env``).
         env_kwargs: Keyword arguments for ``gym.make``.
+        dist: Train data-parallel as one rank of this process group (see
+            :func:`~trpo_lab.distributed.init_distributed`); every rank builds its agent with
+            the same arguments, and its environments and samplers use
+            ``rank_seed(seed, rank)``. ``None`` (default): a single process.
         **hyperparameters: Fields of the agent's config dataclass (SB3 names).
     """
 
@@ -224,11 +241,17 @@ class OnPolicyAgent(ABC):
         device: str | torch.device = "cpu",
         vectorization: str = "sync",
         env_kwargs: dict[str, Any] | None = None,
+        dist: DistributedContext | None = None,
         **hyperparameters: Any,
     ) -> None:
         self.config = self.config_class.from_dict(hyperparameters)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"Invalid seed: {seed!r}; expected an integer")
+        if dist is not None and not isinstance(dist, DistributedContext):
+            raise ValueError(f"Invalid dist: {dist!r}; expected a DistributedContext (trpo_lab.distributed.init_distributed)")
+        self.dist = dist
+        self.local_seed = seed if dist is None else rank_seed(seed, dist.rank)
+        """Seed of this process's environments and samplers (``seed`` itself outside data-parallel runs)."""
         if env_kwargs is not None and not isinstance(env_kwargs, Mapping):
             raise ValueError(f"Invalid env_kwargs: {env_kwargs!r}; expected a dict of keyword arguments for gym.make")
         self.seed = seed
@@ -238,13 +261,13 @@ class OnPolicyAgent(ABC):
         if isinstance(env, VectorEnv):
             self.env_id: str | None = env.spec.id if env.spec is not None else None
             self.env = _guarded(env, self.config.nan_policy)
-            self.env.reset(seed=seed)
+            self.env.reset(seed=self.local_seed)
         else:
             self.env_id = env if isinstance(env, str) else None
             self.env = make_vec_env(
                 env,
                 n_envs=n_envs,
-                seed=seed,
+                seed=self.local_seed,
                 vectorization=vectorization,  # type: ignore[arg-type]
                 normalize_obs=self.config.normalize_obs,
                 normalize_reward=self.config.normalize_reward,
@@ -261,7 +284,7 @@ class OnPolicyAgent(ABC):
 
     def _build(self, env: Any) -> None:
         """Everything of ``__init__`` after the environment exists."""
-        seed = self.seed
+        seed, local_seed = self.seed, self.local_seed
         self._env_spec = env if not isinstance(env, VectorEnv) else None
         self.n_envs = self.env.num_envs
         self.observation_space = self.env.single_observation_space
@@ -271,8 +294,8 @@ class OnPolicyAgent(ABC):
             self.policy = ActorCritic(self.observation_space, self.action_space, **self.config.policy_kwargs)
         self.policy.to(self.device)
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed)
-        self.shuffle_generator = torch.Generator().manual_seed(seed + 1)
+        self.generator.manual_seed(local_seed)
+        self.shuffle_generator = torch.Generator().manual_seed(local_seed + 1)
         action_shape = tuple(self.action_space.shape or ())
         action_dtype = torch.float32 if isinstance(self.action_space, gym.spaces.Box) else torch.long
         obs_shape = (
@@ -302,8 +325,13 @@ class OnPolicyAgent(ABC):
         self.episode_lengths: deque[float] = deque(maxlen=100)
         self._last_obs: np.ndarray | None = None
         self._autoreset = np.zeros(self.n_envs, dtype=bool)
-        self._reset_seed = seed  # seed of the first env.reset of a rollout (see load_state_dict)
+        self._reset_seed = local_seed  # seed of the first env.reset of a rollout (see load_state_dict)
+        self._rank_sizes = [0]  # valid transitions of the current batch on every rank
+        self._normalization_bases: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
+        self._bytes_logged = 0
         self._setup()
+        if self.dist is not None:
+            self._join_process_group()
 
     # ------------------------------------------------------------------ algorithm hooks
     @abstractmethod
@@ -320,6 +348,232 @@ class OnPolicyAgent(ABC):
 
     def _load_optimizer_states(self, states: Mapping[str, Any]) -> None:
         """Restore what :meth:`_optimizer_states` saved."""
+
+    # ------------------------------------------------------------------ data-parallel reductions
+    # What the agents' updates call; with ``dist=None`` each is the identity (or the local
+    # computation), so single-process updates run exactly the code they always ran.
+    def _share_batch_sizes(self, local_size: int) -> None:
+        """Learn every rank's number of valid transitions in this update's batch (one collective).
+
+        Called by the loop before :meth:`update`; call it yourself before feeding ``update`` a
+        batch of your own on every rank.
+
+        Raises:
+            ValueError: a rank has no valid transition (``n_steps * n_envs`` too small).
+        """
+        if self.dist is None:
+            self._rank_sizes = [local_size]
+            return
+        self._rank_sizes = self.dist.rank_sizes(local_size)
+        empty = [rank for rank, size in enumerate(self._rank_sizes) if size == 0]
+        if empty:
+            raise ValueError(
+                f"Invalid n_steps: {self.config.n_steps}; rank(s) {empty} collected no valid transition "
+                f"in update {self.num_updates + 1}; raise n_steps or n_envs"
+            )
+
+    def _global_mean(self, local_mean: Tensor, local_count: float | None = None, total_count: float | None = None) -> Tensor:
+        """The mean over all ranks' samples from this rank's mean over ``local_count`` samples.
+
+        The counts default to the update batch's (:meth:`_share_batch_sizes`).
+        """
+        if self.dist is None:
+            return local_mean
+        if local_count is None or total_count is None:
+            local_count, total_count = self._rank_sizes[self.dist.rank], sum(self._rank_sizes)
+        return self.dist.weighted_mean(local_mean, local_count, total_count)
+
+    def _all_reduce_grads(self, params: list[nn.Parameter], local_count: float | None = None,
+                          total_count: float | None = None) -> None:
+        """Turn each ``p.grad`` of a local mean loss into the gradient of the mean over all ranks (one bucket)."""
+        if self.dist is None:
+            return
+        if local_count is None or total_count is None:
+            local_count, total_count = self._rank_sizes[self.dist.rank], sum(self._rank_sizes)
+        self.dist.all_reduce_grads_(params, local_count, total_count)
+
+    def _normalize_advantages(self, advantages: Tensor) -> Tensor:
+        """``(Â − mean) / (std + 1e-8)``, with the mean and (unbiased) std over all ranks' samples.
+
+        Left unchanged when there is at most one sample in all.
+        """
+        if self.dist is None:
+            if advantages.numel() <= 1:
+                return advantages
+            return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        wide = advantages.to(torch.float64)
+        count = torch.tensor(float(advantages.numel()), dtype=torch.float64, device=advantages.device)
+        total, total_sum, total_square = self.dist.all_reduce_sum(torch.stack([count, wide.sum(), wide.square().sum()]))
+        if float(total) <= 1:
+            return advantages
+        mean = total_sum / total
+        std = ((total_square - total * mean * mean) / (total - 1)).clamp_min(0.0).sqrt()
+        return ((wide - mean) / (std + 1e-8)).to(advantages.dtype)
+
+    def _minibatch_plan(self, local_size: int, batch_size: int) -> list[tuple[int, int, int]]:
+        """``(start, stop, global_size)`` of each minibatch of a shuffled local batch.
+
+        One process: consecutive slices of ``batch_size`` (the last one smaller). Data-parallel:
+        :func:`~trpo_lab.distributed.minibatch_plan`, the same number of minibatches on every
+        rank, whatever its sample count, each about ``batch_size`` samples over all ranks.
+        """
+        if self.dist is None:
+            return [(start, min(start + batch_size, local_size), min(batch_size, local_size - start))
+                    for start in range(0, local_size, batch_size)]
+        return minibatch_plan(self._rank_sizes, self.dist.rank, batch_size)
+
+    def _shuffled_minibatches(self, batch: RolloutBatch, batch_size: int) -> Iterator[tuple[RolloutBatch, int]]:
+        """Shuffled minibatches of ``batch`` (:func:`~trpo_lab.buffer.minibatches` in one process,
+        :meth:`_minibatch_plan` data-parallel) and each one's size over all ranks."""
+        if self.dist is None:
+            for minibatch in minibatches(batch, batch_size, self.shuffle_generator):
+                yield minibatch, minibatch.size
+            return
+        perm = torch.randperm(batch.size, generator=self.shuffle_generator, device="cpu").to(batch.observations.device)
+        for start, stop, total_count in self._minibatch_plan(batch.size, batch_size):
+            yield batch.index(perm[start:stop]), total_count
+
+    # ------------------------------------------------------------------ data-parallel bookkeeping
+    def _running_statistics(self) -> dict[str, Any]:
+        """The normalization wrappers' ``RunningMeanStd`` objects, by checkpoint name."""
+        stats: dict[str, Any] = {}
+        obs_norm, rew_norm = find_wrapper(self.env, NormalizeObservation), find_wrapper(self.env, NormalizeReward)
+        if obs_norm is not None:
+            stats["obs_rms"] = obs_norm.obs_rms
+        if rew_norm is not None:
+            stats["return_rms"] = rew_norm.return_rms
+        return stats
+
+    def _mark_normalization_synced(self) -> None:
+        """Record the (identical on every rank) statistics as the base of the next merge."""
+        self._normalization_bases = {
+            name: (np.array(rms.mean, np.float64), np.array(rms.var, np.float64), float(rms.count))
+            for name, rms in self._running_statistics().items()
+        }
+
+    def _join_process_group(self) -> None:
+        """Start every rank from rank 0's parameters and normalization statistics."""
+        assert self.dist is not None
+        if self.device.type != self.dist.device.type:
+            raise ValueError(
+                f"Invalid device: {self.device}; this data-parallel process group reduces "
+                f"{self.dist.device.type} tensors (gloo: cpu, nccl: cuda)"
+            )
+        self.dist.broadcast_module_(self.policy)
+        stats = {name: (np.array(rms.mean), np.array(rms.var), float(rms.count))
+                 for name, rms in self._running_statistics().items()}
+        for name, (mean, var, count) in self.dist.broadcast_object(stats).items():
+            rms = self._running_statistics()[name]
+            rms.mean, rms.var, rms.count = mean.astype(rms.mean.dtype), var.astype(rms.var.dtype), count
+        self._mark_normalization_synced()
+        self._bytes_logged = self.dist.bytes_reduced
+
+    def _merge_normalization(self) -> None:
+        """Merge the observation and return statistics of all ranks' rollouts (exact, see
+        :meth:`~trpo_lab.distributed.DistributedContext.merge_running_mean_std_`)."""
+        assert self.dist is not None
+        for name, rms in self._running_statistics().items():
+            self._normalization_bases[name] = self.dist.merge_running_mean_std_(rms, self._normalization_bases.get(name))
+
+    def _reduce_logged(
+        self, metrics: dict[str, float], new_episodes: int, new_skipped: int
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """Sample-weighted means over ranks of the update's metrics, and the rollout statistics
+        over every rank's recent episodes, in one bucket. Adds the counts of new episodes and
+        skipped transitions of all ranks to this agent's counters."""
+        assert self.dist is not None
+        keys = sorted(metrics)
+        total = sum(self._rank_sizes)
+        weight = self._rank_sizes[self.dist.rank] / total
+        returns = np.asarray(self.episode_returns, dtype=np.float64)
+        lengths = np.asarray(self.episode_lengths, dtype=np.float64)
+        local = [metrics[k] * weight for k in keys] + [
+            float(returns.sum()), float(np.square(returns).sum()), float(returns.size), float(lengths.sum()),
+            float(new_episodes), float(new_skipped),
+        ]
+        summed = self.dist.all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=self.dist.device)).cpu().tolist()
+        reduced = dict(zip(keys, summed[: len(keys)]))
+        ret_sum, ret_square, count, len_sum, episodes, skipped = summed[len(keys):]
+        self.num_episodes += int(episodes) - new_episodes
+        self.num_nonfinite_skipped += int(skipped) - new_skipped
+        mean = ret_sum / count if count else math.nan
+        rollout = {
+            "rollout/return_mean": mean,
+            "rollout/return_std": math.sqrt(max(ret_square / count - mean * mean, 0.0)) if count else math.nan,
+            "rollout/length_mean": len_sum / count if count else math.nan,
+        }
+        return reduced, rollout
+
+    def _agree_to_stop(self, stop: _StopRequest, agreed: _StopRequest, halt: bool) -> bool:
+        """Whether any rank was signalled (recorded in ``agreed``) or its callback asked to stop."""
+        assert self.dist is not None
+        flags = torch.tensor([float(stop.signum or 0), float(halt)], dtype=torch.float64, device=self.dist.device)
+        signum, halt_any = self.dist.all_reduce_max(flags).cpu().tolist()
+        if signum:
+            agreed.signum = int(signum)
+        return bool(halt_any)
+
+    def _local_state(self) -> dict[str, Any]:
+        """What only this process knows: its environments at the rollout boundary, its
+        samplers, its recent episodes and the per-env reward-normalization accumulators."""
+        try:
+            env_state, env_state_error = vector_env_state(self.env), None
+        except EnvStateError as exc:
+            env_state, env_state_error = None, str(exc)
+        return {
+            "env_state": env_state,
+            "env_state_error": env_state_error,
+            "last_obs": None if self._last_obs is None else torch.from_numpy(np.array(self._last_obs)),
+            "autoreset": torch.from_numpy(np.array(self._autoreset, dtype=bool)),
+            "reset_seed": self._reset_seed,
+            "rng": {"generator": self.generator.get_state(), "shuffle": self.shuffle_generator.get_state()},
+            "episodes": {"returns": list(self.episode_returns), "lengths": list(self.episode_lengths)},
+            "normalization": _to_tensors(normalization_state(self.env)),
+        }
+
+    def _load_local_state(self, data: Mapping[str, Any]) -> None:
+        """Restore this rank's part of a data-parallel checkpoint (``data["ranks"][rank]``), or
+        start this rank's environments afresh when the checkpoint has none for it."""
+        assert self.dist is not None
+        ranks = data.get("ranks")
+        rank = self.dist.rank
+        if isinstance(ranks, list) and len(ranks) == self.dist.world_size and isinstance(ranks[rank], dict):
+            own = ranks[rank]
+            try:
+                self.generator.set_state(own["rng"]["generator"])
+                self.shuffle_generator.set_state(own["rng"]["shuffle"])
+                self.episode_returns.clear()
+                self.episode_lengths.clear()
+                self.episode_returns.extend(float(r) for r in own["episodes"]["returns"])
+                self.episode_lengths.extend(float(n) for n in own["episodes"]["lengths"])
+                load_normalization_state(self.env, _to_numpy(own["normalization"]))
+            except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+                raise ValueError(f"Checkpoint rank {rank} state does not fit this {self.algo or 'agent'}: "
+                                 f"{_first_line(exc)}") from None
+            self._load_env_state({**own, "n_envs": data["n_envs"], "counters": {"reset_seed": own["reset_seed"]}})
+        elif rank != 0:  # a checkpoint of fewer ranks: this rank starts new environments and samplers
+            self.generator.manual_seed(self.local_seed + self.num_updates)
+            self.shuffle_generator.manual_seed(self.local_seed + 1 + self.num_updates)
+            self.episode_returns.clear()
+            self.episode_lengths.clear()
+            self._last_obs, self._reset_seed = None, self.local_seed + self.num_updates
+            self._autoreset = np.zeros(self.n_envs, dtype=bool)
+        self._mark_normalization_synced()
+
+    def _write_checkpoints(self, *paths: Path) -> None:
+        """Write the checkpoint to ``paths``; data-parallel: every rank's local state, written by rank 0."""
+        if self.dist is None:
+            for path in paths:
+                self.save(path)
+            return
+        local_states = self.dist.gather_object(self._local_state())
+        if self.dist.is_main:
+            data = self.state_dict()
+            data["ranks"] = local_states
+            buffer = io.BytesIO()
+            torch.save(data, buffer)
+            for path in paths:
+                atomic_write_bytes(path, buffer.getvalue())
 
     # ------------------------------------------------------------------ rollout
     def collect_rollout(self) -> int:
@@ -438,15 +692,17 @@ class OnPolicyAgent(ABC):
         if isinstance(total_timesteps, bool) or not isinstance(total_timesteps, int) or total_timesteps < 1:
             raise ValueError(f"Invalid total_timesteps: {total_timesteps!r}; expected an integer >= 1")
         run_path = Path(run_dir) if run_dir is not None else None
-        resume = run_path is not None and self.num_updates > 0 and (run_path / "progress.csv").exists()
+        main = self.dist is None or self.dist.is_main  # data-parallel: only rank 0 writes
+        log_path = run_path if main else None
+        resume = log_path is not None and self.num_updates > 0 and (log_path / "progress.csv").exists()
         try:
-            if run_path is not None:
-                run_path.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(run_path / "config.toml", self.config_toml(total_timesteps))
+            if log_path is not None:
+                log_path.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(log_path / "config.toml", self.config_toml(total_timesteps))
             logger = RunLogger(
-                run_path,
+                log_path,
                 total_timesteps,
-                progress_bar=progress_bar,
+                progress_bar=progress_bar and main,
                 tensorboard=tensorboard,
                 resume=resume,
                 start_timesteps=self.num_timesteps,
@@ -455,9 +711,10 @@ class OnPolicyAgent(ABC):
         except OSError as exc:
             raise ValueError(f"Invalid run_dir: {run_dir}; cannot write there ({exc.strerror or exc})") from None
         stop = _StopRequest()
+        agreed = stop if self.dist is None else _StopRequest()  # data-parallel: every rank stops together
         with _stop_on_signals(stop):
             try:
-                while self.num_timesteps < total_timesteps and stop.signum is None:
+                while self.num_timesteps < total_timesteps and agreed.signum is None:
                     metrics = self._train_one_update()
                     logger.log(metrics)
                     if run_path is not None and self.config.checkpoint_every and (
@@ -474,36 +731,43 @@ class OnPolicyAgent(ABC):
                             "size (learning_rate, target_kl, kl_clip), scale or normalise the rewards "
                             "(normalize_reward = true), or check the environment"
                         )
-                    if callback is not None and callback(self, metrics) is False:
+                    halt = callback is not None and callback(self, metrics) is False
+                    if self.dist is not None:
+                        halt = self._agree_to_stop(stop, agreed, halt)
+                    if halt:
                         break
-                interrupted = stop.signum is not None and self.num_timesteps < total_timesteps
+                interrupted = agreed.signum is not None and self.num_timesteps < total_timesteps
                 if interrupted and run_path is not None:
                     self._checkpoint(run_path, logger)
             finally:
                 logger.close()
-        if interrupted and stop.signum is not None:  # a signal during the last update lets the run finish
-            name = signal.Signals(stop.signum).name
+        if interrupted and agreed.signum is not None:  # a signal during the last update lets the run finish
+            name = signal.Signals(agreed.signum).name
             where = f"; checkpoint written to {run_path / 'checkpoint.pt'}" if run_path is not None else ""
             raise TrainingInterrupted(
                 f"{name} received: stopped after update {self.num_updates} (timestep {self.num_timesteps}){where}",
-                stop.signum,
+                agreed.signum,
             )
         if run_path is not None:
-            self.save(run_path / "checkpoint.pt")
-            self.save(run_path / "final.pt")
+            self._write_checkpoints(run_path / "checkpoint.pt", run_path / "final.pt")
         return self
 
     def _checkpoint(self, run_path: Path, logger: RunLogger) -> None:
         logger.sync()  # progress.csv on disk at least up to the checkpoint's update
-        self.save(run_path / "checkpoint.pt")
+        self._write_checkpoints(run_path / "checkpoint.pt")
 
     def _train_one_update(self) -> dict[str, float]:
         start = time.perf_counter()
+        episodes_before, skipped_before = self.num_episodes, self.num_nonfinite_skipped
         steps = self.collect_rollout()
         rollout_done = time.perf_counter()
+        if self.dist is not None:
+            self._merge_normalization()
+        batch = self.buffer.batch()
+        self._share_batch_sizes(batch.size)
         snapshot = self._snapshot()
         try:
-            metrics = self.update(self.buffer.batch())
+            metrics = self.update(batch)
             rejected = not self._finite_after_update()
         except torch.linalg.LinAlgError as exc:  # a factorisation of NaN or singular curvature
             metrics, rejected = {"train/linalg_error": 1.0}, True
@@ -514,20 +778,35 @@ class OnPolicyAgent(ABC):
             self._consecutive_rejections += 1
         else:
             self._consecutive_rejections = 0
+        if self.dist is None:
+            returns = np.asarray(self.episode_returns, dtype=np.float64)
+            lengths = np.asarray(self.episode_lengths, dtype=np.float64)
+            rollout = {
+                "rollout/return_mean": float(returns.mean()) if returns.size else math.nan,
+                "rollout/return_std": float(returns.std()) if returns.size else math.nan,
+                "rollout/length_mean": float(lengths.mean()) if lengths.size else math.nan,
+            }
+        else:  # every rank's steps, episodes and metrics
+            steps = sum(self._rank_sizes)
+            bytes_this_update = self.dist.bytes_reduced - self._bytes_logged
+            self._bytes_logged = self.dist.bytes_reduced
+            metrics, rollout = self._reduce_logged(
+                metrics, self.num_episodes - episodes_before, self.num_nonfinite_skipped - skipped_before
+            )
+            metrics["dist/bytes_reduced"] = float(bytes_this_update)
+            metrics["dist/world_size"] = float(self.dist.world_size)
         end = time.perf_counter()
         self.num_timesteps += steps
         self.num_updates += 1
         self.wall_time += end - start
-        returns = np.asarray(self.episode_returns, dtype=np.float64)
-        lengths = np.asarray(self.episode_lengths, dtype=np.float64)
+        if self.dist is not None and self.num_updates % self.dist.check_every == 0:
+            self.dist.check_in_sync(self.policy)
         metrics.update(
             {
                 "time/timesteps": float(self.num_timesteps),
                 "time/updates": float(self.num_updates),
                 "rollout/episodes": float(self.num_episodes),
-                "rollout/return_mean": float(returns.mean()) if returns.size else math.nan,
-                "rollout/return_std": float(returns.std()) if returns.size else math.nan,
-                "rollout/length_mean": float(lengths.mean()) if lengths.size else math.nan,
+                **rollout,
                 "rollout/nonfinite_skipped": float(self.num_nonfinite_skipped),
                 "train/update_rejected": float(rejected),
                 "train/rejected_updates": float(self.num_rejected_updates),
@@ -641,10 +920,7 @@ class OnPolicyAgent(ABC):
         """Everything needed to continue exactly: networks, optimizers, counters, RNGs, and the
         environments at the rollout boundary (``env_state``; ``None`` with ``env_state_error``
         saying why for envs :func:`~trpo_lab.envs.vector_env_state` cannot capture)."""
-        try:
-            env_state, env_state_error = vector_env_state(self.env), None
-        except EnvStateError as exc:
-            env_state, env_state_error = None, str(exc)
+        local = self._local_state()
         return {
             "format": CHECKPOINT_FORMAT,
             "algo": self.algo,
@@ -658,7 +934,7 @@ class OnPolicyAgent(ABC):
             "action_space": space_signature(self.action_space),
             "policy": self.policy.state_dict(),
             "optimizers": self._optimizer_states(),
-            "normalization": _to_tensors(normalization_state(self.env)),
+            "normalization": local["normalization"],
             "counters": {
                 "num_timesteps": self.num_timesteps,
                 "num_updates": self.num_updates,
@@ -666,15 +942,15 @@ class OnPolicyAgent(ABC):
                 "num_nonfinite_skipped": self.num_nonfinite_skipped,
                 "num_rejected_updates": self.num_rejected_updates,
                 "consecutive_rejections": self._consecutive_rejections,
-                "reset_seed": self._reset_seed,
+                "reset_seed": local["reset_seed"],
                 "wall_time": self.wall_time,
             },
-            "episodes": {"returns": list(self.episode_returns), "lengths": list(self.episode_lengths)},
-            "rng": {"generator": self.generator.get_state(), "shuffle": self.shuffle_generator.get_state()},
-            "env_state": env_state,
-            "env_state_error": env_state_error,
-            "last_obs": None if self._last_obs is None else torch.from_numpy(np.array(self._last_obs)),
-            "autoreset": torch.from_numpy(np.array(self._autoreset, dtype=bool)),
+            "episodes": local["episodes"],
+            "rng": local["rng"],
+            "env_state": local["env_state"],
+            "env_state_error": local["env_state_error"],
+            "last_obs": local["last_obs"],
+            "autoreset": local["autoreset"],
         }
 
     def save(self, path: str | Path) -> None:
@@ -736,10 +1012,12 @@ class OnPolicyAgent(ABC):
         except (KeyError, TypeError, RuntimeError, ValueError) as exc:
             raise ValueError(f"Checkpoint does not fit this {self.algo or 'agent'}: {_first_line(exc)}") from None
         self._load_env_state(data)
+        if self.dist is not None:
+            self._load_local_state(data)
 
     def _load_env_state(self, data: Mapping[str, Any]) -> None:
         if data["n_envs"] != self.n_envs:  # e.g. evaluation with other env counts: not a continuation
-            self._last_obs, self._reset_seed = None, self.seed + self.num_updates
+            self._last_obs, self._reset_seed = None, self.local_seed + self.num_updates
             return
         reason = data.get("env_state_error") or "the checkpoint holds no environment state"
         if data.get("env_state") is not None:
@@ -753,7 +1031,7 @@ class OnPolicyAgent(ABC):
                 self._autoreset = data["autoreset"].numpy().astype(bool)
                 self._reset_seed = int(data["counters"].get("reset_seed", self.seed))
                 return
-        self._last_obs, self._reset_seed = None, self.seed + self.num_updates
+        self._last_obs, self._reset_seed = None, self.local_seed + self.num_updates
         self._autoreset = np.zeros(self.n_envs, dtype=bool)
         warnings.warn(
             f"Resuming without the environments' state ({reason}); they restart from a fresh reset "
@@ -778,14 +1056,18 @@ class OnPolicyAgent(ABC):
             path: The checkpoint file.
             env: Environment to attach; defaults to the checkpoint's env id.
             device: Defaults to ``"cpu"``.
-            **overrides: Constructor arguments (``n_envs``, ``vectorization``) or hyperparameters
-                (``nan_policy="skip"`` to get past an environment that stopped the run) to change.
+            **overrides: Constructor arguments (``n_envs``, ``vectorization``, ``dist``) or
+                hyperparameters (``nan_policy="skip"`` to get past an environment that stopped
+                the run) to change. With ``dist``, every rank calls ``load``: rank 0 reads the
+                file and sends it to the others (which need no copy of it), and each rank
+                continues its own environments from it.
 
         Raises:
             ValueError: unreadable, unsafe or damaged checkpoint, one of another algorithm,
                 or one whose spaces or networks do not fit ``env``.
         """
-        data = read_checkpoint(path)
+        dist = overrides.get("dist")
+        data = read_checkpoint(path) if dist is None else dist.run_on_main(lambda: read_checkpoint(path))
         if cls.algo and data["algo"] != cls.algo:
             raise ValueError(
                 f"Checkpoint {path} holds a {data['algo']!r} agent; load it with {data['algo'].upper()}.load"

@@ -11,6 +11,11 @@ the actor and the critic (as Stable-Baselines3):
 
 The optional early stop follows SB3: before each gradient step, the minibatch estimate
 KL ≈ 1/B Σ (r − 1 − log r) (Schulman's k3 estimator) is compared to ``1.5 · target_kl``.
+
+Data-parallel (``dist=``): every rank steps through the same number of minibatches
+(:func:`~trpo_lab.distributed.minibatch_plan`), the advantages are normalized with each
+minibatch's statistics over all ranks, the early-stop KL and the gradients are sample-weighted
+means over all ranks (each one all-reduce), so every rank takes the same optimizer step.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from torch import Tensor, nn
 
 from trpo_lab.agents.base import OnPolicyAgent
 from trpo_lab.agents.trpo import explained_variance
-from trpo_lab.buffer import RolloutBatch, minibatches
+from trpo_lab.buffer import RolloutBatch
 from trpo_lab.config import PPOConfig
 
 __all__ = ["PPO", "PPOLoss", "ppo_loss", "optimizer_class"]
@@ -163,8 +168,8 @@ class PPO(OnPolicyAgent):
         obs = policy.preprocess(minibatch.observations)
         params = policy.dist_params(obs)
         advantages = minibatch.advantages
-        if cfg.normalize_advantage and advantages.numel() > 1:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        if cfg.normalize_advantage:
+            advantages = self._normalize_advantages(advantages)
         return ppo_loss(
             policy.distribution.log_prob(params, minibatch.actions),
             minibatch.log_probs,
@@ -190,14 +195,17 @@ class PPO(OnPolicyAgent):
         early_stop = False
         epochs_done = 0
         for _ in range(cfg.n_epochs):
-            for minibatch in minibatches(batch, cfg.batch_size, self.shuffle_generator):
+            for minibatch, total_count in self._shuffled_minibatches(batch, cfg.batch_size):
                 loss = self._minibatch_loss(minibatch)
                 # SB3's early stop; the comparison syncs with the host, so only when asked for.
-                if cfg.target_kl is not None and float(loss.approx_kl) > 1.5 * cfg.target_kl:
+                if cfg.target_kl is not None and (
+                    float(self._global_mean(loss.approx_kl, minibatch.size, total_count)) > 1.5 * cfg.target_kl
+                ):
                     early_stop = True
                     break
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.total.backward()
+                self._all_reduce_grads(parameters, minibatch.size, total_count)
                 grad_norms.append(nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm))
                 self.optimizer.step()
                 losses.append(loss)

@@ -13,11 +13,18 @@ One update, on a batch of N valid transitions with advantages Â:
 The critic is then fitted on the GAE returns by minibatch Adam, or by full-batch L-BFGS as in
 the original TRPO paper (``critic_optimizer``).  :class:`TrustRegionAgent` holds everything but
 the last line, which NPG replaces by the full step.
+
+Data-parallel (``dist=``, issue #8): the gradient g and the surrogate's value, every F·v
+product (so CG and sᵀFs), the line-search losses and KLs and the critic's gradients are
+sample-weighted means over all ranks' batches, each one all-reduce of one flat bucket; the
+K-FAC backend's factors are reduced by KFAC's ``statistics_reducer``. Every rank then takes
+the same step.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -28,6 +35,7 @@ from trpo_lab.agents.curvature import (
     Curvature,
     CurvatureProblem,
     ExactCurvature,
+    KFACCurvature,
     check_exact_size,
     exact_natural_gradient,
     make_curvature,
@@ -96,6 +104,15 @@ class TrustRegionAgent(OnPolicyAgent):
         self.curvature: Curvature = make_curvature(self.policy, cfg, self.generator)
         if cfg.exact_every:
             check_exact_size(total_numel(self.policy.actor_parameters()), "diagnostics.exact_every")
+        if self.dist is not None:
+            if cfg.curvature == "exact" or cfg.exact_every:
+                raise ValueError(
+                    f"Invalid curvature {cfg.curvature!r} / diagnostics.exact_every {cfg.exact_every}: the dense "
+                    "Fisher reference runs in one process only; use curvature 'cg', 'kfac' or 'shampoo' and "
+                    "exact_every 0 in data-parallel runs"
+                )
+            if isinstance(self.curvature, KFACCurvature):  # its factors come from each rank's own states
+                self.curvature.kfac.statistics_reducer = self.dist.weighted_means
 
     def _optimizer_states(self) -> dict[str, Any]:
         return {"critic": self.critic_optimizer.state_dict(), "curvature": self.curvature.state_dict()}
@@ -107,8 +124,8 @@ class TrustRegionAgent(OnPolicyAgent):
     # ------------------------------------------------------------------ pieces of the update
     def _advantages(self, batch: RolloutBatch) -> Tensor:
         adv = batch.advantages
-        if self.config.normalize_advantage and adv.numel() > 1:
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        if self.config.normalize_advantage:
+            adv = self._normalize_advantages(adv)
         return adv
 
     def _surrogate(self, dist_params: Tensor, actions: Tensor, old_log_probs: Tensor, advantages: Tensor) -> Tensor:
@@ -130,18 +147,34 @@ class TrustRegionAgent(OnPolicyAgent):
         k = self.config.sub_sampling_factor
         obs_sub, old_sub = (obs[::k], old_params[::k]) if k > 1 else (obs, old_params)
         dist, policy = self.policy.distribution, self.policy
+        # Data-parallel: the damping is added once, after the ranks' products are averaged.
+        damping = self.config.cg_damping if self.dist is None else 0.0
+        fvp: Callable[[Tensor], Tensor]
         if self.config.fvp_backend == "func":
             def kl_of(params: tuple[Tensor, ...]) -> Tensor:
                 flat = torch.cat([p.reshape(-1) for p in params])
                 return dist.kl(old_sub, policy.dist_params_from_flat(flat, obs_sub)).mean()
 
-            return fisher_vector_product_func(kl_of, actor_params, damping=self.config.cg_damping)
+            fvp = fisher_vector_product_func(kl_of, actor_params, damping=damping)
+        else:
+            def kl_fn() -> Tensor:
+                current = new_params if new_params is not None and k == 1 else policy.dist_params(obs_sub)
+                return dist.kl(old_sub, current).mean()
 
-        def kl_fn() -> Tensor:
-            current = new_params if new_params is not None and k == 1 else policy.dist_params(obs_sub)
-            return dist.kl(old_sub, current).mean()
+            fvp = fisher_vector_product(kl_fn, actor_params, damping=damping)
+        return fvp if self.dist is None else self._fvp_over_ranks(fvp, obs_sub.shape[0])
 
-        return fisher_vector_product(kl_fn, actor_params, damping=self.config.cg_damping)
+    def _fvp_over_ranks(self, local_fvp: Callable[[Tensor], Tensor], local_count: int) -> Callable[[Tensor], Tensor]:
+        """v ↦ (Σ_r w_r H_r + γI) v with H_r rank r's KL Hessian on its (sub-sampled) states and
+        w_r its share of all of them: one all-reduce of P numbers per product."""
+        assert self.dist is not None
+        k, damping, dist = self.config.sub_sampling_factor, self.config.cg_damping, self.dist
+        total_count = sum(-(-size // k) for size in self._rank_sizes)  # len(obs[::k]) on every rank
+
+        def fvp(vector: Tensor) -> Tensor:
+            return dist.weighted_mean(local_fvp(vector), local_count, total_count) + damping * vector
+
+        return fvp
 
     def _curvature_problem(
         self, obs: Tensor, old_params: Tensor, actor_params: list[nn.Parameter], grad: Tensor, fvp: Any
@@ -172,6 +205,9 @@ class TrustRegionAgent(OnPolicyAgent):
         old_log_probs = policy.distribution.log_prob(old_params, batch.actions)
         surrogate = self._surrogate(new_params, batch.actions, old_log_probs, advantages)
         grad = flat_grad(surrogate, actor_params, retain_graph=True)
+        if self.dist is not None:  # g and L(θ_old) over all ranks' samples, one bucket
+            reduced = self._global_mean(torch.cat([grad, surrogate.detach().reshape(1)]))
+            grad, surrogate = reduced[:-1], reduced[-1]
         fvp = self._fvp(obs, old_params, actor_params, new_params)
         problem = self._curvature_problem(obs, old_params, actor_params, grad, fvp)
         direction, direction_metrics = self.curvature.direction(problem)
@@ -212,7 +248,15 @@ class TrustRegionAgent(OnPolicyAgent):
                     return loss.unsqueeze(0), kl.unsqueeze(0)
                 return batched(candidates)
 
-        return evaluate
+        if self.dist is None:
+            return evaluate
+
+        def evaluate_over_ranks(candidates: Tensor) -> tuple[Tensor, Tensor]:
+            losses, kls = evaluate(candidates)
+            reduced = self._global_mean(torch.cat([losses, kls]))  # one bucket for both
+            return reduced[: losses.numel()], reduced[losses.numel() :]
+
+        return evaluate_over_ranks
 
     @abstractmethod
     def apply_step(self, step: NaturalStep, obs: Tensor, batch: RolloutBatch, advantages: Tensor) -> dict[str, Tensor]:
@@ -230,11 +274,11 @@ class TrustRegionAgent(OnPolicyAgent):
             # One gather per epoch; the minibatches are then contiguous views of it.
             perm = torch.randperm(batch.size, generator=self.shuffle_generator).to(obs_all.device)
             obs_epoch, returns_epoch = obs_all[perm], batch.returns[perm]
-            for start in range(0, batch.size, cfg.batch_size):
-                stop = start + cfg.batch_size
+            for start, stop, total_count in self._minibatch_plan(batch.size, cfg.batch_size):
                 loss = nn.functional.mse_loss(policy.value(obs_epoch[start:stop]), returns_epoch[start:stop])
                 self.critic_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                self._all_reduce_grads(critic_params, stop - start, total_count)
                 nn.utils.clip_grad_norm_(critic_params, cfg.max_grad_norm, foreach=True)
                 self.critic_optimizer.step()
                 losses.append(loss.detach())
@@ -257,6 +301,9 @@ class TrustRegionAgent(OnPolicyAgent):
             optimizer.zero_grad(set_to_none=True)
             loss = nn.functional.mse_loss(policy.value(obs), batch.returns)
             loss.backward()
+            if self.dist is not None:  # L-BFGS decides on the loss and gradient of all ranks' samples
+                self._all_reduce_grads(policy.critic_parameters())
+                return self._global_mean(loss.detach())
             return loss
 
         optimizer.step(closure)
