@@ -15,7 +15,9 @@ folder::
     experiment.toml              the resolved spec
 
 A run is finished when its ``final.pt`` and ``result.json`` exist; rerunning a compare
-skips finished runs and continues unfinished ones from their ``checkpoint.pt``.
+skips finished runs and continues unfinished ones from their ``checkpoint.pt``. Ctrl-C or
+SIGTERM stops every running run at a fresh checkpoint (exit status 130 / 143); a rerun with
+other settings into the same folder is refused rather than mixing results.
 
 An experiment spec has the keys::
 
