@@ -105,7 +105,12 @@ def test_optimizer_names_resolve_and_bad_ones_are_rejected() -> None:
     with pytest.raises(ValueError, match="optimizer"):
         PPO("CartPole-v1", n_envs=1, optimizer="nosuch")
     with pytest.raises(ValueError, match="not a torch.optim.Optimizer"):
-        optimizer_class("torch.nn.Linear")
+        optimizer_class("torch.optim.lr_scheduler.StepLR")
+    # a preset or checkpoint must not make us import arbitrary modules
+    for path in ("torch.nn.Linear", "os.system", "antigravity.fly"):
+        with pytest.raises(ValueError, match="dotted paths must name a class in torch.optim or trpo_lab.optim"):
+            optimizer_class(path)
+    assert optimizer_class("trpo_lab.optim.Shampoo").__name__ == "Shampoo"
     with pytest.raises(ValueError, match="optimizer_kwargs"):
         PPO("CartPole-v1", n_envs=1, optimizer="sgd", optimizer_kwargs={"no_such_kwarg": 1})
     with pytest.raises(ValueError, match="learning_rate"):

@@ -108,6 +108,9 @@ def ppo_loss(
     return PPOLoss(total, policy_loss, value_loss, mean_entropy, approx_kl, clip_fraction)
 
 
+_IMPORTABLE_PREFIXES = ("torch.optim.", "torch.optim", "trpo_lab.optim.", "trpo_lab.optim")
+
+
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     """The optimizer class for ``PPOConfig.optimizer``.
 
@@ -124,6 +127,13 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
         module_name, class_name = "trpo_lab.optim.shampoo", "Shampoo"
     else:
         module_name, _, class_name = name.rpartition(".")
+    # Importing runs a module's code: only torch's and our own optimizer modules may be named
+    # (a preset or checkpoint config must not make us import arbitrary packages).
+    if module_name and not module_name.startswith(_IMPORTABLE_PREFIXES):
+        raise ValueError(
+            f"Invalid optimizer: {name!r}; dotted paths must name a class in "
+            f"{' or '.join(p.rstrip('.') for p in _IMPORTABLE_PREFIXES)}"
+        )
     if not module_name:
         raise ValueError(f"Invalid optimizer: {name!r}; expected one of {', '.join(_TORCH_OPTIMIZERS)}, shampoo "
                          "or a dotted torch.optim.Optimizer class path")
@@ -150,8 +160,12 @@ class PPO(OnPolicyAgent):
 
     def _setup(self) -> None:
         cls = optimizer_class(self.config.optimizer)
+        kwargs = dict(self.config.optimizer_kwargs)
+        if cls in (torch.optim.Adam, torch.optim.AdamW) and not {"fused", "foreach"} & set(kwargs):
+            # One fused kernel for all parameters: PPO's many small minibatch steps are overhead-bound.
+            kwargs["fused"] = True
         try:
-            self.optimizer = cls(self.policy.parameters(), lr=self.config.learning_rate, **self.config.optimizer_kwargs)
+            self.optimizer = cls(self.policy.parameters(), lr=self.config.learning_rate, **kwargs)
         except TypeError as exc:
             raise ValueError(
                 f"Invalid optimizer_kwargs {self.config.optimizer_kwargs} for {cls.__name__}: {exc}"
