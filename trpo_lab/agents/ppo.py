@@ -108,7 +108,7 @@ def ppo_loss(
     return PPOLoss(total, policy_loss, value_loss, mean_entropy, approx_kl, clip_fraction)
 
 
-_IMPORTABLE_PREFIXES = ("torch.optim.", "torch.optim", "trpo_lab.optim.", "trpo_lab.optim")
+_IMPORTABLE_PACKAGES = ("torch.optim", "trpo_lab.optim")
 
 
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
@@ -129,10 +129,11 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
         module_name, _, class_name = name.rpartition(".")
     # Importing runs a module's code: only torch's and our own optimizer modules may be named
     # (a preset or checkpoint config must not make us import arbitrary packages).
-    if module_name and not module_name.startswith(_IMPORTABLE_PREFIXES):
+    if module_name and not any(
+        module_name == package or module_name.startswith(package + ".") for package in _IMPORTABLE_PACKAGES
+    ):
         raise ValueError(
-            f"Invalid optimizer: {name!r}; dotted paths must name a class in "
-            f"{' or '.join(p.rstrip('.') for p in _IMPORTABLE_PREFIXES)}"
+            f"Invalid optimizer: {name!r}; dotted paths must name a class in {' or '.join(_IMPORTABLE_PACKAGES)}"
         )
     if not module_name:
         raise ValueError(f"Invalid optimizer: {name!r}; expected one of {', '.join(_TORCH_OPTIMIZERS)}, shampoo "
@@ -211,15 +212,20 @@ class PPO(OnPolicyAgent):
         for _ in range(cfg.n_epochs):
             for minibatch, total_count in self._shuffled_minibatches(batch, cfg.batch_size):
                 loss = self._minibatch_loss(minibatch)
-                # SB3's early stop; the comparison syncs with the host, so only when asked for.
-                if cfg.target_kl is not None and (
-                    float(self._global_mean(loss.approx_kl, minibatch.size, total_count)) > 1.5 * cfg.target_kl
-                ):
-                    early_stop = True
-                    break
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.total.backward()
-                self._all_reduce_grads(parameters, minibatch.size, total_count)
+                if self.dist is None:
+                    # SB3's early stop; the comparison syncs with the host, so only when asked for.
+                    if cfg.target_kl is not None and float(loss.approx_kl) > 1.5 * cfg.target_kl:
+                        early_stop = True
+                        break
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.total.backward()
+                else:  # the same decision, with the KL of all ranks carried in the gradient's bucket
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.total.backward()
+                    approx_kl = self._all_reduce_grads(parameters, minibatch.size, total_count, loss.approx_kl)
+                    if cfg.target_kl is not None and approx_kl is not None and float(approx_kl) > 1.5 * cfg.target_kl:
+                        early_stop = True
+                        break
                 grad_norms.append(nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm))
                 self.optimizer.step()
                 losses.append(loss)
