@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default=None, help="output folder (default: compare_out/EXPERIMENT)")
     compare.add_argument("--workers", type=int, default=None, help="worker processes (default: spec, else CPU count)")
     compare.add_argument("--eval-episodes", type=int, default=None, help="evaluation episodes per final agent")
+    compare.add_argument("--executor", choices=("local", "ray"), default="local",
+                         help="local worker processes (default) or Ray tasks (pip install 'trpo-lab[ray]')")
+    compare.add_argument("--ray-address", default=None, metavar="ADDR",
+                         help="Ray cluster to run on (e.g. auto, ray://head:10001); default: a local Ray instance")
     compare.add_argument("--quiet", action="store_true", help="no progress display")
 
     ev = sub.add_parser("eval", help="evaluate a trained run")
@@ -289,7 +293,10 @@ def _compare(args: argparse.Namespace) -> int:
         eval_episodes=args.eval_episodes,
     )
     out = Path(args.out) if args.out else Path("compare_out") / experiment.name
-    result = run_experiment(experiment, out, workers=args.workers, progress=not args.quiet)
+    if args.ray_address is not None and args.executor != "ray":
+        raise CLIError("--ray-address needs --executor ray")
+    result = run_experiment(experiment, out, workers=args.workers, progress=not args.quiet,
+                            executor=args.executor, ray_address=args.ray_address)
     print(result.report)
     print(f"compare {experiment.name}: {len(result.records)} runs reported, {len(result.skipped)} skipped as finished, "
           f"{len(result.failures)} failed, {result.elapsed_s:,.0f} s; see {out / 'report.md'}")

@@ -195,14 +195,23 @@ class DistributedContext:
         """``Σ_r local_mean_r * w_r / W``: the mean over all ranks' samples from per-rank means."""
         return self.all_reduce_sum(local_mean * (local_weight / total_weight))
 
-    def all_reduce_grads_(self, params: Sequence[Tensor], local_weight: float, total_weight: float) -> None:
-        """Replace each ``p.grad`` by the sample-weighted mean over ranks (one bucket)."""
+    def all_reduce_grads_(
+        self, params: Sequence[Tensor], local_weight: float, total_weight: float, with_means: Tensor | None = None
+    ) -> Tensor | None:
+        """Replace each ``p.grad`` by the sample-weighted mean over ranks (one bucket).
+
+        ``with_means``, local means over the same samples (e.g. a minibatch's KL estimate),
+        travel in the same bucket; their means over ranks are returned (else ``None``).
+        """
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        reduced = self.all_reduce_sum(flatten(grads) * (local_weight / total_weight))
+        extra = [] if with_means is None else [with_means.detach().reshape(-1).to(grads[0].dtype)]
+        reduced = self.all_reduce_sum(flatten([*grads, *extra]) * (local_weight / total_weight))
         for p, g in zip(params, grads):
             if p.grad is None:
                 p.grad = g
-        unflatten_into(reduced, [p.grad for p in params])  # type: ignore[misc]
+        size = sum(g.numel() for g in grads)
+        unflatten_into(reduced[:size], [p.grad for p in params])  # type: ignore[misc]
+        return None if with_means is None else reduced[size:].view_as(with_means)
 
     def weighted_means(self, tensors: Sequence[Tensor], weights: Sequence[float]) -> list[Tensor]:
         """``Σ_r w_r t_r / Σ_r w_r`` for each tensor ``t`` with its own weight ``w`` (one bucket).

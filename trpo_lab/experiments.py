@@ -64,6 +64,7 @@ from trpo_lab.presets import (
 
 if TYPE_CHECKING:
     from trpo_lab.agents.base import OnPolicyAgent
+    from trpo_lab.distributed import DistributedContext
 
 __all__ = [
     "DEFAULT_TIMESTEPS",
@@ -328,11 +329,14 @@ def experiment_from_dict(data: Mapping[str, Any], name: str, origin: str) -> Exp
 
 
 # ---------------------------------------------------------------------------- one run
-def resume_run(run_dir: str | Path, device: str = "cpu") -> tuple[OnPolicyAgent, int]:
+def resume_run(
+    run_dir: str | Path, device: str = "cpu", dist: DistributedContext | None = None
+) -> tuple[OnPolicyAgent, int]:
     """Load a run's ``checkpoint.pt`` to continue it with ``agent.learn(total, run_dir=run_dir)``.
 
     ``learn`` trims ``progress.csv`` to the checkpoint (rows a killed run logged after it, and
-    a row cut short, go), so the continued file has no gap or duplicate.
+    a row cut short, go), so the continued file has no gap or duplicate. With ``dist`` (every
+    rank calls this), rank 0 reads the run directory and every rank continues from it.
 
     Returns:
         ``(agent, total_timesteps)``, the budget recorded in the run's ``config.toml``.
@@ -341,11 +345,15 @@ def resume_run(run_dir: str | Path, device: str = "cpu") -> tuple[OnPolicyAgent,
     from trpo_lab.config import load_toml
 
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ValueError(f"Run directory not found: {run_dir}")
-    config = load_toml(run_dir / "config.toml")
-    agent = OnPolicyAgent.load(run_dir / "checkpoint.pt", device=device)
-    return agent, int(config.get("total_timesteps", DEFAULT_TIMESTEPS))
+
+    def recorded_budget() -> int:
+        if not run_dir.is_dir():
+            raise ValueError(f"Run directory not found: {run_dir}")
+        return int(load_toml(run_dir / "config.toml").get("total_timesteps", DEFAULT_TIMESTEPS))
+
+    budget = recorded_budget() if dist is None else dist.run_on_main(recorded_budget)
+    agent = OnPolicyAgent.load(run_dir / "checkpoint.pt", device=device, dist=dist)
+    return agent, budget
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -855,6 +863,69 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("Invalid executor 'ray': Ray is not installed; pip install 'trpo-lab[ray]'") from None
+    return ray
+
+
+def _run_on_ray(
+    pending: Sequence[RunSpec],
+    max_in_flight: int | None,
+    address: str | None,
+    finish: Callable[[RunSpec, Callable[[], dict[str, Any]]], None],
+    say: Callable[[str], None],
+) -> None:
+    """Run ``pending`` as Ray tasks (one CPU each, no retries) and ``finish`` each as it ends.
+
+    Uses the Ray instance this process has already initialised, else ``ray.init(address)``
+    (``num_cpus = max_in_flight`` for a new local instance), shut down again at the end. The
+    runs write into their ``run_dir`` (made absolute) exactly as local workers do, so a rerun
+    skips finished runs and continues unfinished ones from their checkpoints. On Ctrl-C the
+    running tasks are cancelled; they continue from their last periodic checkpoint on a rerun.
+    """
+    ray = _import_ray()
+    started = not ray.is_initialized()
+    if started:
+        local_cpus = max_in_flight if address is None and "RAY_ADDRESS" not in os.environ else None
+        ray.init(address=address, num_cpus=local_cpus, include_dashboard=False, logging_level="ERROR")
+    try:
+        limit = max_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        say(f"ray: {len(pending)} run(s) as tasks, at most {limit} at once, on {ray.cluster_resources().get('CPU', 0):g} CPUs")
+        task = ray.remote(num_cpus=1, max_retries=0)(execute_run)
+        waiting = [replace(spec, run_dir=spec.run_dir.resolve()) for spec in pending]
+        running: dict[Any, RunSpec] = {}
+
+        def result_of(ref: Any) -> Callable[[], dict[str, Any]]:
+            def result() -> dict[str, Any]:
+                try:
+                    record: dict[str, Any] = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:  # re-raise the run's own error
+                    cause = getattr(exc, "cause", None)
+                    raise (cause if isinstance(cause, Exception) else exc) from None
+                return record
+            return result
+
+        try:
+            while waiting or running:
+                while waiting and len(running) < limit:
+                    spec = waiting.pop(0)
+                    running[task.remote(spec)] = spec
+                done, _ = ray.wait(list(running), num_returns=1, timeout=0.25)
+                for ref in done:
+                    finish(running.pop(ref), result_of(ref))
+        except BaseException:
+            say(f"stopping: cancelling {len(running)} Ray task(s); run the same command again to continue them")
+            for ref in running:
+                ray.cancel(ref)
+            raise
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def _check_existing(specs: Sequence[RunSpec]) -> None:
     for spec in specs:
         stored = _read_json(spec.run_dir / SPEC_FILE)
@@ -872,27 +943,45 @@ def run_experiment(
     workers: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> CompareResult:
     """Run every unfinished cell of the grid in ``workers`` processes, then write the outputs.
 
     Args:
         experiment: The validated spec (:func:`load_experiment`).
         out_dir: The compare folder (created); finished runs already in it are skipped.
-        workers: Worker processes (default: the spec's ``workers``, else the CPU count).
+        workers: Worker processes (default: the spec's ``workers``, else the CPU count); with
+            Ray, the most runs in flight at once (default: all, as the cluster's CPUs allow).
         progress: Show the rich progress display (on stderr).
         log: Where the per-run lines go (default: the display's console).
+        executor: ``"local"`` (a process pool on this machine) or ``"ray"``: each run is a Ray
+            task of one CPU (:func:`_run_on_ray`), on the Ray instance already initialised in
+            this process, the cluster at ``ray_address``, or a local one started here. Every
+            Ray node must have trpo_lab installed and see ``out_dir`` at the same path (a
+            shared filesystem), where the runs write as they would locally.
+        ray_address: ``ray.init`` address (``"auto"``, ``"ray://head:10001"``...); ``None``
+            starts a local instance (or joins ``RAY_ADDRESS``).
 
     Raises:
-        ValueError: bad spec, an algorithm this install cannot run, ``workers < 1``, or an
-            output folder holding runs with other settings.
+        ValueError: bad spec, an algorithm this install cannot run, ``workers < 1``, an
+            unknown executor or Ray not installed, or an output folder holding runs with
+            other settings.
     """
     import multiprocessing
 
     from trpo_lab.agents import agent_class
 
+    if executor not in ("local", "ray"):
+        raise ValueError(f"Invalid executor: {executor!r}; expected 'local' or 'ray'")
+    if ray_address is not None and executor != "ray":
+        raise ValueError(f"Invalid ray_address: {ray_address!r}; it needs executor 'ray'")
+    workers_given = workers if workers is not None else experiment.workers
     workers = workers if workers is not None else (experiment.workers or os.cpu_count() or 1)
     if not _is_int(workers) or workers < 1:
         raise ValueError(f"Invalid workers: {workers!r}; expected an integer >= 1")
+    if executor == "ray":
+        _import_ray()  # fail before starting anything if Ray is missing
     for algo in experiment.algos:
         agent_class(algo)  # fail before starting anything if an algorithm is unavailable
     out = Path(out_dir)
@@ -923,10 +1012,28 @@ def run_experiment(
     )
     for key in skipped:
         say(f"skipped {key}: finished earlier (final return {records[key]['final_return']:.1f})")
+
+    def finish(spec: RunSpec, result: Callable[[], dict[str, Any]]) -> None:
+        display.done(spec.key, spec.total_timesteps)
+        try:
+            record = result()
+        except Exception as exc:  # a failed run must not lose the others
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            failures.append(f"{spec.key}: {type(exc).__name__}: {message}")
+            say(f"FAILED  {failures[-1]}")
+            return
+        records[spec.key] = record
+        say(
+            f"done    {spec.key}: final return {record['final_return']:.1f} "
+            f"({record['wall_s']:.0f} s, {record['fps']:,.0f} steps/s)"
+        )
+
     with display, _sigterm_as_interrupt():
         for _ in skipped:
             display.count()
-        if pending:
+        if pending and executor == "ray":
+            _run_on_ray(pending, workers_given, ray_address, finish, say)
+        elif pending:
             context = multiprocessing.get_context("spawn")
             queue = context.Queue()
             pool = ProcessPoolExecutor(
@@ -939,20 +1046,7 @@ def run_experiment(
                     done, _ = wait(futures, timeout=0.25, return_when=FIRST_COMPLETED)
                     _drain(queue, display, budgets)
                     for future in done:
-                        spec = futures.pop(future)
-                        display.done(spec.key, spec.total_timesteps)
-                        try:
-                            record = future.result()
-                        except Exception as exc:  # a failed run must not lose the others
-                            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                            failures.append(f"{spec.key}: {type(exc).__name__}: {message}")
-                            say(f"FAILED  {failures[-1]}")
-                            continue
-                        records[spec.key] = record
-                        say(
-                            f"done    {spec.key}: final return {record['final_return']:.1f} "
-                            f"({record['wall_s']:.0f} s, {record['fps']:,.0f} steps/s)"
-                        )
+                        finish(futures.pop(future), future.result)
             except BaseException:
                 say(
                     f"stopping: {len(futures)} unfinished run(s) stop at a checkpoint; "

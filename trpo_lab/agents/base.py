@@ -384,13 +384,15 @@ class OnPolicyAgent(ABC):
         return self.dist.weighted_mean(local_mean, local_count, total_count)
 
     def _all_reduce_grads(self, params: list[nn.Parameter], local_count: float | None = None,
-                          total_count: float | None = None) -> None:
-        """Turn each ``p.grad`` of a local mean loss into the gradient of the mean over all ranks (one bucket)."""
+                          total_count: float | None = None, with_means: Tensor | None = None) -> Tensor | None:
+        """Turn each ``p.grad`` of a local mean loss into the gradient of the mean over all ranks
+        (one bucket, which also carries ``with_means`` and returns their global means).
+        One process: nothing to do, ``with_means`` is returned as it is."""
         if self.dist is None:
-            return
+            return with_means
         if local_count is None or total_count is None:
             local_count, total_count = self._rank_sizes[self.dist.rank], sum(self._rank_sizes)
-        self.dist.all_reduce_grads_(params, local_count, total_count)
+        return self.dist.all_reduce_grads_(params, local_count, total_count, with_means)
 
     def _normalize_advantages(self, advantages: Tensor) -> Tensor:
         """``(Â − mean) / (std + 1e-8)``, with the mean and (unbiased) std over all ranks' samples.
