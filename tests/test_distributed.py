@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -106,7 +107,10 @@ def _dead_rank_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_dead_rank_makes_the_other_fail_within_the_timeout(tmp_path: Path) -> None:
-    with pytest.raises(Exception):  # noqa: B017 - the dead rank's exit code surfaces as ProcessExitedException or not
+    # The dead rank's exit code surfaces as ProcessExitedException or not: the survivor catches
+    # its error and exits 0, unless a broken gloo pair aborts it at interpreter exit (about
+    # half the time with gloo; never through the shared-memory transport).
+    with contextlib.suppress(Exception):
         _run(_dead_rank_worker, str(tmp_path))
     text = (tmp_path / "error.txt").read_text().split()
     assert float(text[0]) < 60.0
@@ -195,3 +199,46 @@ def test_kfac_factors_reduced_over_ranks_equal_the_factors_of_the_whole_batch(tm
         torch.testing.assert_close(got[1], expected[1])
         torch.testing.assert_close(got[3], expected[3])
     assert not torch.allclose(rank0_only.state[model[0].weight]["A"], expected[0])
+
+
+def _transport_worker(rank: int, port: int, out_dir: str) -> None:
+    import platform
+
+    import torch.distributed as dist
+
+    ctx = _bootstrap(rank, 2, port)
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        assert ctx.transport is None
+        return
+    assert ctx.transport is not None
+    first_slots = ctx.transport.slot_bytes
+    results = {}
+    for name, tensor in {
+        "small": torch.tensor([1.5, -2.0, 3.25]) * (rank + 1),
+        "float64": torch.linspace(0, 1, 1000, dtype=torch.float64) + rank,
+        "large": torch.randn(600_000, generator=torch.Generator().manual_seed(rank)),  # 2.4 MB: the slots grow
+        "small_again": torch.full((5,), float(rank)),
+    }.items():
+        via_gloo = tensor.clone()
+        dist.all_reduce(via_gloo)
+        results[name] = (tensor, ctx.all_reduce_sum(tensor), via_gloo)
+    results["max"] = (torch.tensor([rank, -rank, 7.0]), ctx.all_reduce_max(torch.tensor([rank, -rank, 7.0])), None)
+    results["grown"] = ctx.transport.slot_bytes > first_slots
+    torch.save(results, Path(out_dir) / f"transport{rank}.pt")
+    ctx.close()
+
+
+def test_shared_memory_transport_sums_like_gloo_grows_and_takes_the_max(tmp_path: Path) -> None:
+    _run(_transport_worker, str(tmp_path))
+    if not (tmp_path / "transport0.pt").exists():
+        pytest.skip("the shared-memory transport is x86-64 only")
+    r0 = torch.load(tmp_path / "transport0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "transport1.pt", weights_only=False)
+    for name in ("small", "float64", "large", "small_again"):
+        (mine0, shm0, gloo0), (mine1, shm1, _) = r0[name], r1[name]
+        assert shm0.dtype == mine0.dtype and shm0.shape == mine0.shape
+        assert torch.equal(shm0, shm1)  # every rank holds the same bits
+        assert torch.equal(shm0, gloo0)  # two ranks: the same correctly rounded sums as gloo
+        torch.testing.assert_close(shm0, mine0 + mine1)
+    assert torch.equal(r0["max"][1], torch.tensor([1.0, 0.0, 7.0])) and torch.equal(r1["max"][1], r0["max"][1])
+    assert r0["grown"] and r1["grown"]

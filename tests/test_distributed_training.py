@@ -1,7 +1,8 @@
 """Data-parallel training (issue #8) on 2 gloo processes spawned by the tests.
 
-What is proven: the ranks stay bit-identical for every agent; the first TRPO step on a batch
-split over 2 ranks equals the single-process step on the whole batch; a resumed 2-rank run
+What is proven: the ranks stay bit-identical for every agent, through the shared-memory
+transport and through gloo; the first TRPO step on a batch split over 2 ranks equals the
+single-process step on the whole batch; a resumed 2-rank run
 repeats the uninterrupted one exactly; drift is caught; 2 ranks x 4 envs learn CartPole-v1
 within the single-process budget of 1 rank x 8 envs; a dead or hung rank stops the other
 with one line within the timeout; ``trpo-lab train --nproc 2`` runs end to end; and
@@ -36,11 +37,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _join(rank: int, port: int, timeout_s: float = 60.0, check_every: int = 10) -> DistributedContext:
+def _join(
+    rank: int, port: int, timeout_s: float = 60.0, check_every: int = 10, shared_memory: bool | None = None
+) -> DistributedContext:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
-    ctx = init_distributed("gloo", timeout_s=timeout_s, check_every=check_every)
+    ctx = init_distributed("gloo", timeout_s=timeout_s, check_every=check_every, shared_memory=shared_memory)
     assert ctx is not None
+    if shared_memory is False:
+        assert ctx.transport is None
     return ctx
 
 
@@ -70,10 +75,10 @@ _LOCKSTEP_CASES: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
-def _lockstep_worker(rank: int, port: int, out_dir: str) -> None:
+def _lockstep_worker(rank: int, port: int, out_dir: str, shared_memory: bool) -> None:
     from trpo_lab.agents import agent_class
 
-    ctx = _join(rank, port, check_every=2)
+    ctx = _join(rank, port, check_every=2, shared_memory=None if shared_memory else False)
     out = Path(out_dir)
     results: dict[str, Any] = {}
     for i, (algo, env_id, extra) in enumerate(_LOCKSTEP_CASES):
@@ -117,8 +122,9 @@ def _lockstep_worker(rank: int, port: int, out_dir: str) -> None:
     ctx.close()
 
 
-def test_ranks_stay_bit_identical_resume_exactly_and_drift_is_caught(tmp_path: Path) -> None:
-    _spawn(_lockstep_worker, str(tmp_path))
+@pytest.mark.parametrize("transport", ["shared_memory", "gloo"])
+def test_ranks_stay_bit_identical_resume_exactly_and_drift_is_caught(tmp_path: Path, transport: str) -> None:
+    _spawn(_lockstep_worker, str(tmp_path), transport == "shared_memory")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     for i, (algo, env_id, extra) in enumerate(_LOCKSTEP_CASES):
