@@ -198,13 +198,17 @@ def _launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                "-m", "trpo_lab", *rest]
     process = subprocess.Popen(command, start_new_session=True)
+    received: list[int] = []
 
     def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
         process.send_signal(signum)
 
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return process.wait()
+        status = process.wait()
+        # torchrun exits 1 after a signal; report it as a single process would (130 / 143)
+        return 128 + received[0] if received else status
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
