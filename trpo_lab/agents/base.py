@@ -680,8 +680,11 @@ class OnPolicyAgent(ABC):
             total_timesteps: Total environment steps (valid transitions) to train for.
             run_dir: If given, write ``config.toml``, ``progress.csv``, TensorBoard events,
                 ``checkpoint.pt`` (every ``checkpoint_every`` updates, atomically) and ``final.pt``.
-            progress_bar: Show a live console progress bar.
-            callback: Called after each update with ``(agent, metrics)``; returning ``False`` stops.
+                Data-parallel: give every rank the same ``run_dir`` (or ``None`` on all); rank 0
+                writes it, checkpoints included, with every rank's environment state.
+            progress_bar: Show a live console progress bar (rank 0 only).
+            callback: Called after each update with ``(agent, metrics)``; returning ``False`` stops
+                (data-parallel: on any rank, and every rank stops after the same update).
             tensorboard: Write TensorBoard events into ``run_dir``.
 
         Raises:
