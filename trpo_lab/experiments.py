@@ -1040,8 +1040,9 @@ def run_experiment(
                 max_workers=min(workers, len(pending)), mp_context=context,
                 initializer=_init_worker, initargs=(queue,),
             )
+            futures: dict[Future[dict[str, Any]], RunSpec] = {}
             try:
-                futures: dict[Future[dict[str, Any]], RunSpec] = {pool.submit(execute_run, s): s for s in pending}
+                futures.update({pool.submit(execute_run, s): s for s in pending})
                 while futures:
                     done, _ = wait(futures, timeout=0.25, return_when=FIRST_COMPLETED)
                     _drain(queue, display, budgets)
