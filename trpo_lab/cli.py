@@ -346,6 +346,25 @@ def _eval(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``trpo-lab`` console script."""
+    status = _main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist_is_initialized_once():
+        # A torchrun rank: gloo's threads can abort the interpreter's teardown ("terminate
+        # called without an active exception") after a clean run; everything is written and
+        # closed by now, so leave without running C++ static destructors.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def dist_is_initialized_once() -> bool:
+    """Whether this process joined a torch.distributed process group (now possibly left)."""
+    from trpo_lab import distributed
+
+    return distributed.joined_process_group()
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     from trpo_lab.agents.base import NonFiniteError
     from trpo_lab.distributed import RankDriftError, RankFailedError
 

@@ -514,6 +514,19 @@ class DistributedContext:
         return np.asarray(rms.mean, np.float64), np.asarray(rms.var, np.float64), float(total)
 
 
+_JOINED = False
+
+
+def joined_process_group() -> bool:
+    """Whether :func:`init_distributed` joined a process group in this process."""
+    return _JOINED
+
+
+def _mark_joined() -> None:
+    global _JOINED
+    _JOINED = True
+
+
 def init_distributed(
     backend: str | None = None, timeout_s: float = 120.0, check_every: int = 10, shared_memory: bool | None = None
 ) -> DistributedContext | None:
@@ -548,6 +561,7 @@ def init_distributed(
     if not dist.is_initialized():
         try:
             dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+            _mark_joined()
         except RuntimeError as exc:
             detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
             raise RankFailedError(
