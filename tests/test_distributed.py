@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,8 +32,18 @@ def _bootstrap(rank: int, world: int, port: int, timeout_s: float = 30.0):  # ty
     return ctx
 
 
+def _exit_cleanly(rank: int, worker: Callable[..., None], *args: object) -> None:
+    """Run a worker, then leave without the interpreter's teardown: gloo's threads can abort
+    it (SIGABRT, "terminate called without an active exception") after a clean run, as the
+    CLI's torchrun ranks also avoid. A failing worker still raises and exits non-zero."""
+    worker(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _run(worker: Callable[..., None], *args: object) -> None:
-    mp.start_processes(worker, args=(_free_port(), *args), nprocs=2, start_method="spawn", join=True)
+    mp.start_processes(_exit_cleanly, args=(worker, _free_port(), *args), nprocs=2, start_method="spawn", join=True)
 
 
 def _reductions_worker(rank: int, port: int, out_dir: str) -> None:
