@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
+from spawn_ranks import spawn_two
 
 from trpo_lab.distributed import RankDriftError, init_distributed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _bootstrap(rank: int, world: int, port: int, timeout_s: float = 30.0):  # type: ignore[no-untyped-def]
@@ -30,20 +21,6 @@ def _bootstrap(rank: int, world: int, port: int, timeout_s: float = 30.0):  # ty
     ctx = init_distributed("gloo", timeout_s=timeout_s)
     assert ctx is not None and ctx.rank == rank and ctx.world_size == world
     return ctx
-
-
-def _exit_cleanly(rank: int, worker: Callable[..., None], *args: object) -> None:
-    """Run a worker, then leave without the interpreter's teardown: gloo's threads can abort
-    it (SIGABRT, "terminate called without an active exception") after a clean run, as the
-    CLI's torchrun ranks also avoid. A failing worker still raises and exits non-zero."""
-    worker(rank, *args)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _run(worker: Callable[..., None], *args: object) -> None:
-    mp.start_processes(_exit_cleanly, args=(worker, _free_port(), *args), nprocs=2, start_method="spawn", join=True)
 
 
 def _reductions_worker(rank: int, port: int, out_dir: str) -> None:
@@ -87,7 +64,7 @@ def _reductions_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_reductions_broadcast_merge_and_drift(tmp_path: Path) -> None:
-    _run(_reductions_worker, str(tmp_path))
+    spawn_two(_reductions_worker, str(tmp_path))
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert r0["total"] == r1["total"] == 4
@@ -122,7 +99,7 @@ def test_dead_rank_makes_the_other_fail_within_the_timeout(tmp_path: Path) -> No
     # its error and exits 0, unless a broken gloo pair aborts it at interpreter exit (about
     # half the time with gloo; never through the shared-memory transport).
     with contextlib.suppress(Exception):
-        _run(_dead_rank_worker, str(tmp_path))
+        spawn_two(_dead_rank_worker, str(tmp_path))
     text = (tmp_path / "error.txt").read_text().split()
     assert float(text[0]) < 60.0
 
@@ -191,7 +168,7 @@ def _kfac_worker(rank: int, port: int, out_dir: str) -> None:
 def test_kfac_factors_reduced_over_ranks_equal_the_factors_of_the_whole_batch(tmp_path: Path) -> None:
     from trpo_lab.optim.kfac import KFAC
 
-    _run(_kfac_worker, str(tmp_path))
+    spawn_two(_kfac_worker, str(tmp_path))
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     x = torch.randn(7, 3)
@@ -240,7 +217,7 @@ def _transport_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_shared_memory_transport_sums_like_gloo_grows_and_takes_the_max(tmp_path: Path) -> None:
-    _run(_transport_worker, str(tmp_path))
+    spawn_two(_transport_worker, str(tmp_path))
     if not (tmp_path / "transport0.pt").exists():
         pytest.skip("the shared-memory transport is x86-64 only")
     r0 = torch.load(tmp_path / "transport0.pt", weights_only=False)

@@ -14,27 +14,19 @@ from __future__ import annotations
 import csv
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
+from spawn_ranks import free_port, spawn_two
 
 from trpo_lab.buffer import RolloutBatch
 from trpo_lab.distributed import DistributedContext, RankDriftError, init_distributed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _join(
@@ -47,20 +39,6 @@ def _join(
     if shared_memory is False:
         assert ctx.transport is None
     return ctx
-
-
-def _exit_cleanly(rank: int, worker: Callable[..., None], *args: object) -> None:
-    """Run a worker, then leave without the interpreter's teardown: gloo's threads can abort
-    it (SIGABRT, "terminate called without an active exception") after a clean run, as the
-    CLI's torchrun ranks also avoid. A failing worker still raises and exits non-zero."""
-    worker(rank, *args)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _spawn(worker: Callable[..., None], *args: object) -> None:
-    mp.start_processes(_exit_cleanly, args=(worker, _free_port(), *args), nprocs=2, start_method="spawn", join=True)
 
 
 def _flat(agent: Any) -> torch.Tensor:
@@ -134,7 +112,7 @@ def _lockstep_worker(rank: int, port: int, out_dir: str, shared_memory: bool) ->
 
 @pytest.mark.parametrize("transport", ["shared_memory", "gloo"])
 def test_ranks_stay_bit_identical_resume_exactly_and_drift_is_caught(tmp_path: Path, transport: str) -> None:
-    _spawn(_lockstep_worker, str(tmp_path), transport == "shared_memory")
+    spawn_two(_lockstep_worker, str(tmp_path), transport == "shared_memory")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     for i, (algo, env_id, extra) in enumerate(_LOCKSTEP_CASES):
@@ -215,7 +193,7 @@ def test_first_trpo_step_on_a_split_batch_equals_the_single_process_step(tmp_pat
     single = TRPO("CartPole-v1", n_envs=2, seed=0, n_steps=64)
     steps = _record_steps(single)
     single.update(whole)
-    _spawn(_split_worker, str(tmp_path))
+    spawn_two(_split_worker, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
     assert torch.equal(ranks[0]["step"], ranks[1]["step"]) and torch.equal(ranks[0]["actor"], ranks[1]["actor"])
     assert steps[0].norm() > 0
@@ -244,7 +222,7 @@ def _learning_worker(rank: int, port: int, algo: str, out_dir: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["trpo", "ppo"])
 def test_two_ranks_of_four_envs_solve_cartpole_within_the_single_process_budget(tmp_path: Path, algo: str) -> None:
-    _spawn(_learning_worker, algo, str(tmp_path))
+    spawn_two(_learning_worker, algo, str(tmp_path))
     result = torch.load(tmp_path / "result.pt", weights_only=False)
     assert result["budget"] <= 100_000
     assert result["timesteps"] <= result["budget"] + result["per_update"]  # all ranks' steps counted
@@ -298,7 +276,7 @@ def test_train_nproc_checks_arguments_before_launching(tmp_path: Path) -> None:
 @pytest.mark.parametrize("failure", ["killed", "hung"])
 def test_a_dead_or_hung_rank_stops_the_other_with_one_line_within_the_timeout(tmp_path: Path, failure: str) -> None:
     timeout_s = 8
-    port = _free_port()
+    port = free_port()
     run_dir = tmp_path / "run"
     ranks = []
     for rank in (0, 1):
