@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from trpo_lab.optim._flat import all_finite, any_nonfinite
+
 __all__ = ["KFAC"]
 
 DampingMode = Literal["eigen", "factored"]
@@ -361,6 +363,8 @@ class KFAC(torch.optim.Optimizer):
         self._step_stats: dict[str, float] = {}
         self._warned_missing_statistics = False
         self.statistics_reducer = statistics_reducer
+        self._eigh_generation = 0  # bumped whenever an eigendecomposition may have changed
+        self._eigen_stats: tuple[tuple[Any, ...], dict[str, float]] | None = None
 
     # ------------------------------------------------------------------ statistics
 
@@ -461,9 +465,13 @@ class KFAC(torch.optim.Optimizer):
             ]
             reduced = self.statistics_reducer([f for _, a, g in batches for f in (a, g)], counts)
             batches = [(layer, reduced[2 * i], reduced[2 * i + 1]) for i, (layer, _, _) in enumerate(batches)]
-        finite = torch.stack(
-            [torch.isfinite(a).all() & torch.isfinite(g).all() for _, a, g in batches]
-        ).tolist()
+        factors = [f for _, a, g in batches for f in (a, g)]
+        if all_finite(factors):  # the usual case: one fused check, one host sync
+            finite = [True] * len(batches)
+        else:
+            finite = torch.stack(
+                [torch.isfinite(a).all() & torch.isfinite(g).all() for _, a, g in batches]
+            ).tolist()
         stat_decay = self.param_groups[0]["stat_decay"]
         for (layer, factor_a, factor_g), is_finite in zip(batches, finite, strict=True):
             if not is_finite:
@@ -493,6 +501,7 @@ class KFAC(torch.optim.Optimizer):
         )
 
     def _refresh_eigendecompositions(self, state: dict[str, Any]) -> None:
+        self._eigh_generation += 1
         for factor in ("A", "G"):
             result, retries = _robust_eigh(state[factor])
             self._counters["eigh_retries"] += retries
@@ -659,19 +668,23 @@ class KFAC(torch.optim.Optimizer):
         kl_scale = 1.0
         vg_sum = 0.0
         if present:
-            finite_flags = torch.stack([torch.isfinite(d).all() for _, d, _ in present])
             products = [(d * g).sum() for _, d, g in present]
             dtype = functools.reduce(torch.promote_types, (p.dtype for p in products))
             inner = torch.stack([p.to(dtype) for p in products])
-            inner = torch.where(finite_flags, inner, torch.zeros_like(inner))
-            # One host synchronisation per step: Σ⟨V, ∇⟩ and the per-parameter finiteness.
-            host = torch.cat([inner.sum().reshape(1), finite_flags.to(inner.dtype)]).tolist()
-            vg_sum = host[0]
+            nonfinite = any_nonfinite([d for _, d, _ in present])
+            # One host synchronisation per step: Σ⟨V, ∇⟩ and whether any direction is non-finite.
+            vg_sum, any_bad = torch.cat([inner.sum().reshape(1), nonfinite.to(dtype)]).tolist()
+            flags = [1.0] * len(present)
+            if any_bad:  # rare: find which directions, and leave them out of Σ⟨V, ∇⟩
+                finite_flags = torch.stack([torch.isfinite(d).all() for _, d, _ in present])
+                inner = torch.where(finite_flags, inner, torch.zeros_like(inner))
+                host = torch.cat([inner.sum().reshape(1), finite_flags.to(inner.dtype)]).tolist()
+                vg_sum, flags = host[0], host[1:]
             kl_scale = _kl_scale(vg_sum, lr, group["kl_clip"])
             if kl_scale == 0.0:
                 self._counters["skipped_steps"] += 1
             else:
-                for (param, direction, _), flag in zip(present, host[1:], strict=True):
+                for (param, direction, _), flag in zip(present, flags, strict=True):
                     if flag != 1.0:
                         self._counters["nonfinite_directions"] += 1
                         continue
@@ -730,6 +743,21 @@ class KFAC(torch.optim.Optimizer):
         }
         stats.update(self._step_stats)
         stats["kfac/damping"] = float(group["damping"])
+        key = (self._eigh_generation, group["damping"], group["damping_mode"])
+        if self._eigen_stats is None or self._eigen_stats[0] != key:
+            self._eigen_stats = (key, self._eigen_extremes())
+        stats.update(self._eigen_stats[1])
+        stats["kfac/step"] = float(self._counters["steps"])
+        for name in _COUNTER_NAMES[1:]:
+            stats[f"kfac/{name}"] = float(self._counters[name])
+        return stats
+
+    def _eigen_extremes(self) -> dict[str, float]:
+        """The eigenvalue extremes and largest condition number of :attr:`last_stats`; they
+        change only when an eigendecomposition or the damping does, so they are cached (each
+        is a host read)."""
+        nan = math.nan
+        stats: dict[str, float] = {}
         extremes: dict[str, list[float]] = {"A": [], "G": []}
         conditions: list[float] = []
         for layer in self._layers:
@@ -746,9 +774,6 @@ class KFAC(torch.optim.Optimizer):
             stats[f"kfac/eig_{factor}_min"] = min(values, default=nan)
             stats[f"kfac/eig_{factor}_max"] = max(values, default=nan)
         stats["kfac/cond_max"] = max(conditions, default=nan)
-        stats["kfac/step"] = float(self._counters["steps"])
-        for name in _COUNTER_NAMES[1:]:
-            stats[f"kfac/{name}"] = float(self._counters[name])
         return stats
 
     def state_dict(self) -> dict[str, Any]:
@@ -763,6 +788,7 @@ class KFAC(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         counters = state_dict.pop("kfac_counters", {})
         super().load_state_dict(state_dict)
+        self._eigh_generation += 1
         unknown = set(counters) - set(_COUNTER_NAMES)
         if unknown:
             raise ValueError(f"Invalid kfac_counters: unknown names {sorted(unknown)}")
