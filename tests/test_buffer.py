@@ -166,3 +166,16 @@ def test_rollout_bootstraps_truncation_with_final_observation() -> None:
     expected = 1.0 + 0.9 * v[1] - v[0]
     torch.testing.assert_close(buf.advantages[2, 0], expected)
     assert agent.buffer.batch().size == 12
+
+
+def test_gae_numpy_path_equals_the_torch_path_bit_for_bit() -> None:
+    """CPU tensors run the recursion in numpy; tensors that need grad (like CUDA ones) stay in
+    torch. Both give the same bits, for bool and for 0/1 float done flags."""
+    g = torch.Generator().manual_seed(0)
+    rewards, values, next_values = (torch.randn(64, 5, generator=g) for _ in range(3))
+    terminated, truncated = torch.rand(64, 5, generator=g) < 0.1, torch.rand(64, 5, generator=g) < 0.1
+    for flags in ((terminated, truncated), (terminated.float(), truncated.float())):
+        fast = compute_gae(rewards, values, next_values, *flags, 0.99, 0.95)
+        slow = compute_gae(rewards, values, next_values.clone().requires_grad_(), *flags, 0.99, 0.95)
+        for a, b in zip(fast, slow):
+            assert torch.equal(a, b.detach())

@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import distributions as D
 
-from trpo_lab.policies import ActorCritic, Categorical, DiagGaussian, MultiCategorical, make_distribution
+from trpo_lab.policies import (
+    ActorCritic,
+    Categorical,
+    DiagGaussian,
+    MultiCategorical,
+    NumpyRolloutPolicy,
+    make_distribution,
+)
 
 BOX_OBS = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
 
@@ -135,3 +142,99 @@ def test_fused_view_without_hidden_layers() -> None:
     params, values = policy.fused()(obs)
     torch.testing.assert_close(params, policy.dist_params(obs))
     torch.testing.assert_close(values, policy.value(obs))
+
+
+# ---------------------------------------------------------------- numpy rollout policy
+
+
+def _numpy_policy(policy: ActorCritic, n_envs: int, n_steps: int = 4, seed: int = 0) -> NumpyRolloutPolicy | None:
+    return policy.numpy_policy(torch.Generator().manual_seed(seed), n_envs, n_steps)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("action_space", [gym.spaces.Discrete(3), gym.spaces.Box(-1, 1, (2,), np.float32)])
+@pytest.mark.parametrize("net_arch", [[16, 16], [], {"pi": [8], "vf": [5]}])
+def test_numpy_rollout_policy_matches_the_torch_pass(
+    activation: str, action_space: gym.Space, net_arch: object
+) -> None:
+    """Values and the log-probabilities of the sampled actions equal torch's, to float32 rounding."""
+    torch.manual_seed(0)
+    policy = ActorCritic(BOX_OBS, action_space, net_arch=net_arch, activation_fn=activation, log_std_init=-0.3)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # away from the init's zero biases and 0.01 head
+    acting = _numpy_policy(policy, n_envs=9)
+    assert acting is not None
+    obs = np.random.default_rng(1).standard_normal((9, 3)).astype(np.float32)
+    actions, log_probs, values = acting.act(obs)
+    obs_t = torch.from_numpy(obs)
+    with torch.no_grad():
+        params = policy.dist_params(obs_t)
+        expected_log_probs = policy.distribution.log_prob(params, torch.from_numpy(np.asarray(actions)))
+        torch.testing.assert_close(torch.from_numpy(values.copy()), policy.value(obs_t), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(np.asarray(log_probs)), expected_log_probs, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(acting.values(obs), values)
+    assert actions.shape == ((9,) if isinstance(action_space, gym.spaces.Discrete) else (9, 2))
+    assert actions.dtype == (np.int64 if isinstance(action_space, gym.spaces.Discrete) else np.float32)
+
+
+def test_numpy_rollout_categorical_frequencies() -> None:
+    """Gumbel-max sampling draws each action with its softmax probability."""
+    policy = ActorCritic(BOX_OBS, gym.spaces.Discrete(4), net_arch=[])
+    with torch.no_grad():
+        policy.actor[0].weight.zero_()
+        policy.actor[0].bias.copy_(torch.tensor([0.0, 1.0, -1.0, 0.5]))
+    n = 20_000
+    acting = _numpy_policy(policy, n_envs=n, n_steps=3)
+    obs = np.zeros((n, 3), np.float32)
+    counts = sum(np.bincount(acting.act(obs)[0], minlength=4) for _ in range(3))
+    probs = torch.softmax(policy.actor[0].bias.detach(), -1).numpy()
+    np.testing.assert_allclose(counts / (3 * n), probs, atol=0.01)
+
+
+def test_numpy_rollout_gaussian_moments() -> None:
+    policy = ActorCritic(BOX_OBS, gym.spaces.Box(-1, 1, (2,), np.float32), net_arch=[], log_std_init=-1.0)
+    with torch.no_grad():
+        policy.actor[0].weight.zero_()
+        policy.actor[0].bias.copy_(torch.tensor([0.5, -2.0]))
+    n = 50_000
+    actions = _numpy_policy(policy, n_envs=n, n_steps=1).act(np.zeros((n, 3), np.float32))[0]
+    np.testing.assert_allclose(actions.mean(0), [0.5, -2.0], atol=0.01)
+    np.testing.assert_allclose(actions.std(0), [np.exp(-1.0)] * 2, rtol=0.02)
+
+
+def test_numpy_rollout_noise_comes_from_the_torch_generator() -> None:
+    """Same torch generator state, same actions; one draw of the generator per rollout, and
+    the noise of a rollout longer than one refill continues instead of repeating."""
+    policy = ActorCritic(BOX_OBS, gym.spaces.Box(-1, 1, (2,), np.float32), net_arch=[4])
+    obs = np.ones((2, 3), np.float32)
+    runs = []
+    for _ in range(2):
+        generator = torch.Generator().manual_seed(7)
+        acting = policy.numpy_policy(generator, 2, 5)
+        acting._CHUNK_ELEMENTS = 8  # refill every 2 steps
+        runs.append(np.stack([acting.act(obs)[0] for _ in range(5)]))
+        after = torch.randint(0, 2**62, (), generator=generator)
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert len({row.tobytes() for row in runs[0]}) == 5
+    reference = torch.Generator().manual_seed(7)
+    torch.randint(0, 2**62, (), generator=reference)
+    assert after == torch.randint(0, 2**62, (), generator=reference)
+    other = policy.numpy_policy(torch.Generator().manual_seed(8), 2, 5).act(obs)[0]
+    assert not np.array_equal(other, runs[0][0])
+
+
+@pytest.mark.parametrize(
+    ("obs_space", "action_space", "kwargs"),
+    [
+        (gym.spaces.Discrete(5), gym.spaces.Discrete(2), {}),  # one-hot observations
+        (BOX_OBS, gym.spaces.MultiDiscrete([2, 3]), {}),
+        (BOX_OBS, gym.spaces.Discrete(2), {"activation_fn": "elu"}),
+        (BOX_OBS, gym.spaces.Discrete(2), {"net_arch": {"pi": [8], "vf": [8, 8]}}),
+    ],
+)
+def test_numpy_rollout_policy_declines_what_it_does_not_cover(
+    obs_space: gym.Space, action_space: gym.Space, kwargs: dict
+) -> None:
+    policy = ActorCritic(obs_space, action_space, **kwargs)
+    assert policy.numpy_policy(torch.Generator(), 2, 4) is None

@@ -184,3 +184,21 @@ def test_ppo_solves_cartpole_within_100k_steps() -> None:
     agent.learn(budget, tensorboard=False)
     assert agent.num_timesteps <= 100_000 + agent.n_envs * agent.config.n_steps
     assert agent.evaluate(10).mean() >= 475
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_rollout_stores_what_the_policy_computes(env_id: str) -> None:
+    """The CPU rollout (numpy policy) stores each slot's action with its log-probability and
+    value under the current policy, as the torch path would: PPO's ratio starts at exactly 1."""
+    agent = PPO(env_id, n_envs=3, seed=0, n_steps=64, normalize_obs=True)
+    agent.learn(192)  # one update, so the policy is no longer the initial one
+    agent.collect_rollout()
+    buffer, policy = agent.buffer, agent.policy
+    valid = buffer.valid
+    obs = policy.preprocess(buffer.observations[valid])
+    with torch.no_grad():
+        log_probs = policy.distribution.log_prob(policy.dist_params(obs), buffer.actions[valid])
+        values = policy.value(policy.preprocess(buffer.observations.reshape(-1, *buffer.observations.shape[2:])))
+    torch.testing.assert_close(buffer.log_probs[valid], log_probs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(buffer.values.reshape(-1)[valid.reshape(-1)], values[valid.reshape(-1)], rtol=1e-5, atol=1e-5)
+    assert int(valid.sum()) > 0

@@ -80,6 +80,7 @@ from trpo_lab.envs import (
     vector_env_state,
 )
 from trpo_lab.logging import RunLogger, atomic_write_bytes, atomic_write_text
+from trpo_lab.optim._flat import all_finite
 from trpo_lab.policies import ActorCritic
 
 __all__ = [
@@ -582,8 +583,10 @@ class OnPolicyAgent(ABC):
         """Fill the buffer with ``n_steps`` vectorized steps and compute GAE; returns env steps taken.
 
         The hot loop: one fused actor+critic forward per step (:meth:`ActorCritic.fused`),
-        observations written once into the buffer and read back as a zero-copy view, env
-        outputs stored through numpy views, and no per-step Python objects beyond Gymnasium's.
+        run in numpy on the CPU (:class:`~trpo_lab.policies.NumpyRolloutPolicy`; torch
+        elsewhere), observations written once into the buffer and read back as a zero-copy
+        view, everything stored through numpy views, and no per-step Python objects beyond
+        Gymnasium's.
 
         With ``nan_policy = "skip"``, a step at which sub-environment ``i`` returned NaN or
         inf (the :class:`~trpo_lab.envs.NonFiniteGuard` has already reset it and zeroed the
@@ -602,7 +605,10 @@ class OnPolicyAgent(ABC):
             self._autoreset[:] = False
         obs = self._last_obs
         buffer.reset()
-        acting = self.policy.fused()
+        numpy_acting = None
+        if buffer.device.type == "cpu":
+            numpy_acting = self.policy.numpy_policy(self.generator, self.n_envs, self.config.n_steps)
+        acting = self.policy.fused() if numpy_acting is None else None
         steps = skipped = step = 0
         low = high = None
         if self._clip_actions:
@@ -611,21 +617,32 @@ class OnPolicyAgent(ABC):
         try:
             with torch.inference_mode():
                 for step in range(self.config.n_steps):
-                    obs_t = buffer.put_observation(obs)
-                    actions, log_probs, values = acting.act(obs_t, self.generator)
-                    actions_np = actions.numpy() if actions.device.type == "cpu" else actions.cpu().numpy()
+                    if numpy_acting is not None:  # CPU: numpy in, numpy out
+                        actions_np, log_probs, values = numpy_acting.act(buffer.put_observation_array(obs))
+                        obs_t = actions = None
+                    else:
+                        assert acting is not None
+                        obs_t = buffer.put_observation(obs)
+                        actions, log_probs, values = acting.act(obs_t, self.generator)
+                        actions_np = actions.numpy() if actions.device.type == "cpu" else actions.cpu().numpy()
                     env_actions = np.clip(actions_np, low, high) if low is not None else actions_np
                     next_obs, rewards, terminated, truncated, infos = env.step(env_actions)
                     valid = ~autoreset
                     if "_nonfinite" in infos:
                         skipped += self._drop_non_finite(step, infos["_nonfinite"], valid)
-                    buffer.add(obs_t, actions, log_probs, values, rewards, terminated, truncated, valid)
+                    buffer.add(
+                        obs_t, actions_np if actions is None else actions, log_probs, values,
+                        rewards, terminated, truncated, valid,
+                    )
                     steps += int(valid.sum())
                     autoreset = terminated | truncated
                     if "_episode" in infos:
                         self._record_episodes(infos)
                     obs = next_obs
-                last_values = self.policy.value(self.policy.preprocess(torch.as_tensor(obs, device=self.device)))
+                if numpy_acting is not None:
+                    last_values = torch.from_numpy(numpy_acting.values(obs))
+                else:
+                    last_values = self.policy.value(self.policy.preprocess(torch.as_tensor(obs, device=self.device)))
         except NonFiniteEnvError as exc:
             raise NonFiniteEnvError(
                 f"{exc} at rollout step {step} (update {self.num_updates + 1}, timestep {self.num_timesteps + steps}); "
@@ -839,12 +856,12 @@ class OnPolicyAgent(ABC):
 
     def _finite_after_update(self) -> bool:
         """Whether every parameter and floating optimizer-state tensor is finite (one host sync)."""
-        tensors = [p.detach().reshape(-1) for p in self.policy.parameters()]
+        tensors = [p.detach() for p in self.policy.parameters()]
         device = tensors[0].device
         tensors += [
-            t.detach().reshape(-1) for t in _floating_tensors(self._optimizer_states()) if t.device == device
+            t.detach() for t in _floating_tensors(self._optimizer_states()) if t.device == device
         ]  # (Adam keeps its step counts on the CPU even for CUDA parameters)
-        return bool(torch.isfinite(torch.cat(tensors)).all())
+        return all_finite(tensors)
 
     # ------------------------------------------------------------------ inference
     def _normalize_obs(self, obs: np.ndarray) -> np.ndarray:
