@@ -60,6 +60,7 @@ from trpo_lab.agents.base import OnPolicyAgent
 from trpo_lab.agents.trpo import explained_variance
 from trpo_lab.buffer import RolloutBatch
 from trpo_lab.config import ACKTRConfig
+from trpo_lab.optim._flat import clip_grad_norm_
 from trpo_lab.optim.kfac import KFAC
 from trpo_lab.policies import ActorCritic
 
@@ -217,8 +218,8 @@ class ACKTR(OnPolicyAgent):
         loss = policy_loss - cfg.ent_coef * entropy + cfg.vf_coef * value_loss
         loss.backward()
         self._all_reduce_grads([*policy.actor_parameters(), *policy.critic_parameters()])  # data-parallel: one bucket
-        actor_grad_norm = nn.utils.clip_grad_norm_(policy.actor_parameters(), cfg.max_grad_norm)
-        critic_grad_norm = nn.utils.clip_grad_norm_(policy.critic_parameters(), cfg.max_grad_norm)
+        actor_grad_norm = clip_grad_norm_(policy.actor_parameters(), cfg.max_grad_norm)
+        critic_grad_norm = clip_grad_norm_(policy.critic_parameters(), cfg.max_grad_norm)
         for optimizer in optimizers:
             optimizer.step()
 

@@ -859,7 +859,7 @@ class OnPolicyAgent(ABC):
         tensors = [p.detach() for p in self.policy.parameters()]
         device = tensors[0].device
         tensors += [
-            t.detach() for t in _floating_tensors(self._optimizer_states()) if t.device == device
+            t for t in _tensor_leaves(self._optimizer_states()) if t.is_floating_point() and t.device == device
         ]  # (Adam keeps its step counts on the CPU even for CUDA parameters)
         return all_finite(tensors)
 
@@ -1141,6 +1141,24 @@ def _guarded(env: VectorEnv, nan_policy: str) -> VectorEnv:
             f"nan_policy={guard.nan_policy!r}; build it with make_vec_env(..., nan_policy={nan_policy!r})"
         )
     return env
+
+
+def _tensor_leaves(tree: Any) -> list[Tensor]:
+    """The tensors in nested dicts / lists / tuples (optimizer state_dicts), without recursion."""
+    leaves: list[Tensor] = []
+    stack = [tree]
+    while stack:
+        value = stack.pop()
+        kind = type(value)
+        if kind is dict:
+            stack.extend(value.values())
+        elif kind is list or kind is tuple:
+            stack.extend(value)
+        elif isinstance(value, Tensor):
+            leaves.append(value)
+        elif isinstance(value, (dict, list, tuple)):  # subclasses
+            stack.extend(value.values() if isinstance(value, dict) else value)
+    return leaves
 
 
 def _clone_tree(value: Any) -> Any:

@@ -24,12 +24,13 @@ import importlib
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from trpo_lab.agents.base import OnPolicyAgent
 from trpo_lab.agents.trpo import explained_variance
 from trpo_lab.buffer import RolloutBatch
 from trpo_lab.config import PPOConfig
+from trpo_lab.optim._flat import clip_grad_norm_
 
 __all__ = ["PPO", "PPOLoss", "ppo_loss", "optimizer_class"]
 
@@ -226,7 +227,7 @@ class PPO(OnPolicyAgent):
                     if cfg.target_kl is not None and approx_kl is not None and float(approx_kl) > 1.5 * cfg.target_kl:
                         early_stop = True
                         break
-                grad_norms.append(nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm))
+                grad_norms.append(clip_grad_norm_(parameters, cfg.max_grad_norm))
                 self.optimizer.step()
                 losses.append(loss)
             if early_stop:

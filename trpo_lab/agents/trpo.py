@@ -42,7 +42,7 @@ from trpo_lab.agents.curvature import (
 )
 from trpo_lab.buffer import RolloutBatch
 from trpo_lab.config import TRPOConfig, TrustRegionConfig
-from trpo_lab.optim._flat import flat_params, total_numel
+from trpo_lab.optim._flat import clip_grad_norm_, flat_params, total_numel
 from trpo_lab.optim.exact import cosine_similarity
 from trpo_lab.optim.fisher import fisher_vector_product, fisher_vector_product_func, flat_grad
 from trpo_lab.optim.line_search import kl_line_search
@@ -279,7 +279,7 @@ class TrustRegionAgent(OnPolicyAgent):
                 self.critic_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self._all_reduce_grads(critic_params, stop - start, total_count)
-                nn.utils.clip_grad_norm_(critic_params, cfg.max_grad_norm, foreach=True)
+                clip_grad_norm_(critic_params, cfg.max_grad_norm)
                 self.critic_optimizer.step()
                 losses.append(loss.detach())
         with torch.no_grad():

@@ -21,7 +21,8 @@ from torch import Tensor
 __all__ = [
     "all_finite",
     "any_nonfinite",
-    "assign_flat_", "flat_params", "total_numel", "unflatten", "validate_damping",
+    "assign_flat_",
+    "clip_grad_norm_", "flat_params", "total_numel", "unflatten", "validate_damping",
     "validate_params",
 ]
 
@@ -156,3 +157,25 @@ def any_nonfinite(tensors: Sequence[Tensor]) -> Tensor:
 def all_finite(tensors: Sequence[Tensor]) -> bool:
     """Whether every element of ``tensors`` (floating, one device) is finite; one host sync."""
     return not bool(any_nonfinite(tensors).item())
+
+
+def clip_grad_norm_(params: Sequence[Tensor], max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (2-norm, no error on non-finite norms) in five ops.
+
+    The minibatch loops of PPO and of the TRPO critic clip after each of their many small
+    steps, where torch's version spends more time grouping tensors by device and dtype than
+    computing (about 2x this one, measured on a 64x64 MLP).  Gradients of mixed dtypes or
+    devices go to torch's.
+
+    Returns:
+        The total norm of the gradients before clipping (a 0-d tensor).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    first = grads[0]
+    if any(g.dtype != first.dtype or g.device != first.device or g.is_sparse for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    return total
