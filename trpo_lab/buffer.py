@@ -272,5 +272,6 @@ def minibatches(
         raise ValueError(f"Invalid batch_size: {batch_size}; expected >= 1")
     device = batch.observations.device
     perm = torch.randperm(n, generator=generator, device="cpu").to(device)
+    shuffled = batch.index(perm)  # one gather per field; the minibatches are views of it
     for start in range(0, n, batch_size):
-        yield batch.index(perm[start : start + batch_size])
+        yield RolloutBatch(*(field[start : start + batch_size] for field in shuffled))

@@ -186,11 +186,15 @@ def test_ppo_solves_cartpole_within_100k_steps() -> None:
     assert agent.evaluate(10).mean() >= 475
 
 
+@pytest.mark.parametrize("activation", ["tanh", "elu"])
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
-def test_rollout_stores_what_the_policy_computes(env_id: str) -> None:
-    """The CPU rollout (numpy policy) stores each slot's action with its log-probability and
-    value under the current policy, as the torch path would: PPO's ratio starts at exactly 1."""
-    agent = PPO(env_id, n_envs=3, seed=0, n_steps=64, normalize_obs=True)
+def test_rollout_stores_what_the_policy_computes(env_id: str, activation: str) -> None:
+    """The CPU rollout stores each slot's action with its log-probability and value under the
+    current policy, so PPO's ratio starts at 1: through the numpy policy (tanh) and through
+    the torch path it falls back to (ELU has no numpy version)."""
+    agent = PPO(env_id, n_envs=3, seed=0, n_steps=64, normalize_obs=True, policy_kwargs={"activation_fn": activation})
+    uses_numpy = agent.policy.numpy_policy(torch.Generator(), 3, 64) is not None
+    assert uses_numpy == (activation == "tanh")
     agent.learn(192)  # one update, so the policy is no longer the initial one
     agent.collect_rollout()
     buffer, policy = agent.buffer, agent.policy
