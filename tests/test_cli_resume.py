@@ -77,6 +77,16 @@ def test_sigkilled_run_resumes_to_a_complete_progress_csv(tmp_path: Path) -> Non
     assert final["counters"]["num_updates"] == len(rows)
     assert "optimizer" in final["optimizers"] and final["optimizers"]["optimizer"]["state"]
 
+    # TensorBoard shows the same history: the killed run's points after the checkpoint are
+    # purged, not drawn twice.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))  # what the TensorBoard UI reads
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("time/updates")]
+    assert [step for step, _ in logged] == timesteps
+    assert [int(value) for _, value in logged] == updates
+
 
 def test_resume_of_a_missing_run_directory_exits_2(tmp_path: Path) -> None:
     result = subprocess.run(

@@ -110,8 +110,9 @@ class RunLogger:
         tensorboard: Write TensorBoard events into ``run_dir``.
         resume: Append to an existing ``progress.csv`` instead of starting a new one.  Rows
             of updates after ``start_updates`` (logged by a run killed after its last
-            checkpoint) and a row cut short by the kill are dropped first, atomically.
-        start_timesteps: Where the progress bar starts.
+            checkpoint) and a row cut short by the kill are dropped first, atomically; their
+            TensorBoard events are purged (hidden) from step ``start_timesteps + 1`` on.
+        start_timesteps: Where the progress bar starts (the checkpoint's timesteps).
         start_updates: Updates already done (the checkpoint's); ``None`` keeps every row.
     """
 
@@ -143,7 +144,10 @@ class RunLogger:
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(self.run_dir))
+                # A resumed run hides (TensorBoard's SessionLog.START purge) every event of the
+                # interrupted one logged after the checkpoint's timestep: those updates are redone.
+                purge_step = start_timesteps + 1 if resume else None
+                self._tb = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
         if progress_bar:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
