@@ -238,3 +238,8 @@ def test_numpy_rollout_policy_declines_what_it_does_not_cover(
 ) -> None:
     policy = ActorCritic(obs_space, action_space, **kwargs)
     assert policy.numpy_policy(torch.Generator(), 2, 4) is None
+
+
+def test_numpy_rollout_policy_declines_half_precision() -> None:
+    policy = ActorCritic(BOX_OBS, gym.spaces.Discrete(2)).to(torch.bfloat16)
+    assert policy.numpy_policy(torch.Generator(), 2, 4) is None

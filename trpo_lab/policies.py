@@ -573,16 +573,18 @@ class ActorCritic(nn.Module):
 
     def numpy_policy(self, generator: torch.Generator, n_envs: int, n_steps: int) -> NumpyRolloutPolicy | None:
         """The CPU rollout's numpy policy (:class:`NumpyRolloutPolicy`), or None where it does
-        not apply: parameters off the CPU, ``Discrete`` observations, ``MultiDiscrete``
-        actions, actor and critic of different depths or activations, or an activation other
-        than tanh / ReLU.
+        not apply: parameters off the CPU or in a dtype other than float32/float64, ``Discrete``
+        observations, ``MultiDiscrete`` actions, actor and critic of different depths or
+        activations, or an activation other than tanh / ReLU.
 
         Draws one seed from ``generator`` for the noise of a rollout of ``n_steps`` steps of
         ``n_envs`` environments.
         """
         if self.log_std is None and not isinstance(self.distribution, Categorical):
             return None
-        if self.one_hot_obs or any(p.device.type != "cpu" for p in self.parameters()):
+        if self.one_hot_obs or any(
+            p.device.type != "cpu" or p.dtype not in (torch.float32, torch.float64) for p in self.parameters()
+        ):
             return None
         n_actor = sum(isinstance(m, nn.Linear) for m in self.actor)
         n_critic = sum(isinstance(m, nn.Linear) for m in self.critic)
