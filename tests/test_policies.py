@@ -243,3 +243,17 @@ def test_numpy_rollout_policy_declines_what_it_does_not_cover(
 def test_numpy_rollout_policy_declines_half_precision() -> None:
     policy = ActorCritic(BOX_OBS, gym.spaces.Discrete(2)).to(torch.bfloat16)
     assert policy.numpy_policy(torch.Generator(), 2, 4) is None
+
+
+@pytest.mark.parametrize("action_space", [gym.spaces.Discrete(3), gym.spaces.Box(-1, 1, (2,), np.float32)])
+def test_traced_forward_is_dist_params_and_value_with_each_linear_layer(action_space: gym.Space) -> None:
+    policy = ActorCritic(BOX_OBS, action_space, net_arch={"pi": [8, 8], "vf": [5]})
+    obs = torch.randn(6, 3)
+    params, values, trace = policy.traced_forward(obs)
+    assert torch.equal(params, policy.dist_params(obs))
+    assert torch.equal(values, policy.value(obs))
+    linears = [m for net in (policy.actor, policy.critic) for m in net if isinstance(m, torch.nn.Linear)]
+    assert [layer for layer, _, _ in trace] == linears
+    for layer, inputs, outputs in trace:
+        assert torch.equal(layer(inputs), outputs)
+    assert trace[0][1] is obs and trace[3][1] is obs  # both networks start from the observations

@@ -549,6 +549,25 @@ class ActorCritic(nn.Module):
         """State values ``(batch,)`` for preprocessed observations."""
         return self.critic(obs).squeeze(-1)
 
+    def traced_forward(self, obs: Tensor) -> tuple[Tensor, Tensor, list[tuple[nn.Linear, Tensor, Tensor]]]:
+        """:meth:`dist_params` and :meth:`value` of preprocessed observations, the same
+        computation, plus ``(layer, input, output)`` of every ``nn.Linear`` (actor's, then
+        critic's): what K-FAC needs to record its statistics without module hooks."""
+        trace: list[tuple[nn.Linear, Tensor, Tensor]] = []
+        outputs = []
+        for network in (self.actor, self.critic):
+            x = obs
+            for module in network:
+                y = module(x)
+                if isinstance(module, nn.Linear):
+                    trace.append((module, x, y))
+                x = y
+            outputs.append(x)
+        params, values = outputs[0], outputs[1].squeeze(-1)
+        if self.log_std is not None:
+            params = torch.cat([params, self.log_std.expand_as(params)], dim=-1)
+        return params, values, trace
+
     def act(
         self, obs: Tensor, generator: torch.Generator | None = None, deterministic: bool = False
     ) -> tuple[Tensor, Tensor, Tensor]:

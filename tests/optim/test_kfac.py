@@ -606,6 +606,33 @@ def test_hooks_record_only_inside_track_statistics() -> None:
     assert all(not m._forward_hooks for m in model.modules())
 
 
+def test_record_statistics_without_hooks_equals_the_hooks() -> None:
+    """track_statistics(hooks=False) + record_statistics(layer, inputs, dL/d output) gives the
+    same factors, bit for bit, as the hooks; the Fisher backward can then stop at the outputs."""
+    inputs = torch.randn(7, 3)
+    hooked, manual = _mlp(seed=3), _mlp(seed=3)
+    by_hooks, by_hand = KFAC(hooked), KFAC(manual)
+    sampled = torch.randint(0, 4, (7,))
+    with by_hooks.track_statistics():
+        F.cross_entropy(hooked(inputs), sampled).backward()
+    with by_hand.track_statistics(hooks=False):
+        hidden = manual[0](inputs)
+        logits = manual[2](manual[1](hidden))
+        grads = torch.autograd.grad(F.cross_entropy(logits, sampled), [hidden, logits])
+        by_hand.record_statistics(manual[0], inputs, grads[0])
+        by_hand.record_statistics(manual[2], manual[1](hidden), grads[1])
+        assert not any(m._forward_hooks for m in manual.modules())
+    for a, b in zip(hooked, manual):
+        if isinstance(a, nn.Linear):
+            for factor in ("A", "G"):
+                assert torch.equal(by_hooks.state[a.weight][factor], by_hand.state[b.weight][factor])
+
+    with pytest.raises(RuntimeError, match="track_statistics"):
+        by_hand.record_statistics(manual[0], inputs, grads[0])
+    with pytest.raises(ValueError, match="not one of this KFAC's layers"), by_hand.track_statistics(hooks=False):
+        by_hand.record_statistics(nn.Linear(3, 5), inputs, grads[0])
+
+
 def test_precondition_leaves_parameters_alone() -> None:
     model = _mlp()
     model.unused = nn.Parameter(torch.ones(3))

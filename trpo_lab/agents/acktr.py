@@ -49,8 +49,7 @@ Design:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -178,23 +177,23 @@ class ACKTR(OnPolicyAgent):
         return lr
 
     # ------------------------------------------------------------------ update
-    @contextmanager
-    def _fisher_statistics(self) -> Iterator[None]:
-        """Record K-FAC statistics of both networks from the passes run inside."""
-        with self.actor_optimizer.track_statistics(), self.critic_optimizer.track_statistics():
-            yield
-
     def forward_with_fisher_pass(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         """One forward of actor and critic, and the Fisher pass's backward on it.
 
-        Statistics are recorded only here; the returned ``(dist_params, values)`` keep
-        their graph for the loss backward. Leaves the Fisher gradients in ``.grad``.
+        Statistics are recorded only here: every Linear layer's inputs from the forward and
+        the Fisher losses' gradients with respect to its outputs, taken by
+        ``torch.autograd.grad`` straight into the two K-FACs (``record_statistics``; no
+        module hooks, and no weight gradients for the Fisher pass). The returned
+        ``(dist_params, values)`` keep their graph for the loss backward.
         """
-        with self._fisher_statistics():
-            dist_params = self.policy.dist_params(obs)
-            values = self.policy.value(obs)
+        n_actor = sum(isinstance(m, nn.Linear) for m in self.policy.actor)
+        with self.actor_optimizer.track_statistics(hooks=False), self.critic_optimizer.track_statistics(hooks=False):
+            dist_params, values, trace = self.policy.traced_forward(obs)
             actor_loss, critic_loss, _ = fisher_losses(self.policy, dist_params, values, self.fisher_generator)
-            (actor_loss + critic_loss).backward(retain_graph=True)
+            output_grads = torch.autograd.grad(actor_loss + critic_loss, [out for _, _, out in trace], retain_graph=True)
+            for i, ((layer, inputs, _), grad) in enumerate(zip(trace, output_grads, strict=True)):
+                optimizer = self.actor_optimizer if i < n_actor else self.critic_optimizer
+                optimizer.record_statistics(layer, inputs, grad)
         return dist_params, values
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:

@@ -357,6 +357,7 @@ class KFAC(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self._layers = _find_layers(module, params)
+        self._layer_index = {id(layer.module): index for index, layer in enumerate(self._layers)}
         self._handles: list[RemovableHandle] = []
         self._pending: dict[int, _PendingStatistics] | None = None
         self._counters: dict[str, int] = dict.fromkeys(_COUNTER_NAMES, 0)
@@ -369,27 +370,58 @@ class KFAC(torch.optim.Optimizer):
     # ------------------------------------------------------------------ statistics
 
     @contextlib.contextmanager
-    def track_statistics(self) -> Iterator[None]:
+    def track_statistics(self, hooks: bool = True) -> Iterator[None]:
         """Record K-FAC statistics from the forward and backward passes run inside the block.
 
         Both the forward and the backward of the Fisher loss must run inside; the loss must
         be a mean over the batch (leading) dimension, see the class docstring. On a normal
         exit the recorded batch is folded into the running factors of every layer that saw
         both inputs and output gradients; if the block raises, the batch is discarded.
+
+        Args:
+            hooks: Record through hooks on the layers (default). ``False`` installs none: the
+                caller hands each layer's inputs and output gradients to
+                :meth:`record_statistics` instead, which skips the hooks' per-call overhead
+                and lets the Fisher backward stop at the layer outputs (no weight gradients).
         """
         if self._pending is not None:
             raise RuntimeError("KFAC.track_statistics() is already active; it cannot be nested")
         self._pending = {}
-        self._handles = [
-            layer.module.register_forward_hook(self._make_forward_hook(index), with_kwargs=True)
-            for index, layer in enumerate(self._layers)
-        ]
+        if hooks:
+            self._handles = [
+                layer.module.register_forward_hook(self._make_forward_hook(index), with_kwargs=True)
+                for index, layer in enumerate(self._layers)
+            ]
         try:
             yield
         finally:
             pending, self._pending = self._pending, None
             self.remove_hooks()
         self._fold_statistics(pending)
+
+    def record_statistics(self, module: nn.Module, inputs: Tensor, output_grads: Tensor) -> None:
+        """Record one pass of a layer by hand, inside ``track_statistics(hooks=False)``.
+
+        Args:
+            module: one of this optimizer's Linear / Conv2d layers.
+            inputs: what the layer was called with in the Fisher pass.
+            output_grads: the gradient of the (batch-mean) Fisher loss with respect to the
+                layer's output, e.g. from ``torch.autograd.grad(loss, outputs)``.
+
+        Raises:
+            RuntimeError: outside ``track_statistics()``.
+            ValueError: ``module`` is not one of the layers K-FAC preconditions.
+        """
+        if self._pending is None:
+            raise RuntimeError("KFAC.record_statistics() needs an open track_statistics(hooks=False) block")
+        index = self._layer_index.get(id(module))
+        if index is None:
+            raise ValueError(
+                f"Invalid module: {type(module).__name__} is not one of this KFAC's layers "
+                f"{[layer.name for layer in self._layers]}"
+            )
+        self._record_inputs(index, inputs)
+        self._record_output_grads(index, output_grads)
 
     def remove_hooks(self) -> None:
         """Remove the module hooks. They exist only inside :meth:`track_statistics`, which
@@ -398,49 +430,55 @@ class KFAC(torch.optim.Optimizer):
             handle.remove()
         self._handles = []
 
+    def _record_inputs(self, index: int, inputs: Tensor) -> None:
+        pending = self._pending
+        if pending is None:
+            return
+        layer = self._layers[index]
+        weight = self._param(layer.weight_index)
+        with torch.no_grad():
+            rows = _layer_input_rows(layer.module, inputs.detach().to(weight.dtype))
+            if layer.bias_index is not None:
+                rows = _with_ones_column(rows)
+            stats = pending.get(index)
+            if stats is None:
+                stats = pending[index] = _PendingStatistics()
+            outer = rows.mT @ rows
+            stats.input_sum = outer if stats.input_sum is None else stats.input_sum + outer
+            stats.input_count += rows.shape[0]
+
+    def _record_output_grads(self, index: int, grad: Tensor) -> None:
+        pending = self._pending
+        if pending is None:
+            return
+        layer = self._layers[index]
+        weight = self._param(layer.weight_index)
+        with torch.no_grad():
+            rows, batch_size = _output_grad_rows(layer.module, grad.detach().to(weight.dtype))
+            # Each backward contributes N·Σ g g^T (the batch estimate of G for a mean loss,
+            # see the class docstring), weighted by its batch size N.
+            stats = pending.get(index)
+            if stats is None:
+                stats = pending[index] = _PendingStatistics()
+            outer = (batch_size * batch_size) * (rows.mT @ rows)
+            stats.grad_sum = outer if stats.grad_sum is None else stats.grad_sum + outer
+            stats.grad_count += batch_size
+
     def _make_forward_hook(
         self, index: int
     ) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None]:
-        layer = self._layers[index]
+        def record_output_grad(grad: Tensor) -> None:
+            self._record_output_grads(index, grad)
 
         def record_inputs(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
         ) -> None:
-            pending = self._pending
-            if pending is None or not isinstance(output, Tensor) or not output.requires_grad:
+            if self._pending is None or not isinstance(output, Tensor) or not output.requires_grad:
                 return
-            inputs = args[0] if args else kwargs["input"]
-            weight = self._param(layer.weight_index)
-            with torch.no_grad():
-                rows = _layer_input_rows(layer.module, inputs.detach().to(weight.dtype))
-                if layer.bias_index is not None:
-                    rows = _with_ones_column(rows)
-                stats = pending.setdefault(index, _PendingStatistics())
-                outer = rows.mT @ rows
-                stats.input_sum = outer if stats.input_sum is None else stats.input_sum + outer
-                stats.input_count += rows.shape[0]
-            output.register_hook(self._make_grad_hook(index))
+            self._record_inputs(index, args[0] if args else kwargs["input"])
+            output.register_hook(record_output_grad)
 
         return record_inputs
-
-    def _make_grad_hook(self, index: int) -> Callable[[Tensor], None]:
-        layer = self._layers[index]
-
-        def record_output_grad(grad: Tensor) -> None:
-            pending = self._pending
-            if pending is None:
-                return
-            weight = self._param(layer.weight_index)
-            with torch.no_grad():
-                rows, batch_size = _output_grad_rows(layer.module, grad.detach().to(weight.dtype))
-                # Each backward contributes N·Σ g g^T (the batch estimate of G for a mean loss,
-                # see the class docstring), weighted by its batch size N.
-                stats = pending.setdefault(index, _PendingStatistics())
-                outer = (batch_size * batch_size) * (rows.mT @ rows)
-                stats.grad_sum = outer if stats.grad_sum is None else stats.grad_sum + outer
-                stats.grad_count += batch_size
-
-        return record_output_grad
 
     def _fold_statistics(self, pending: dict[int, _PendingStatistics]) -> None:
         batches: list[tuple[_Layer, Tensor, Tensor]] = []
