@@ -22,7 +22,11 @@ __all__ = [
     "all_finite",
     "any_nonfinite",
     "assign_flat_",
-    "clip_grad_norm_", "flat_params", "total_numel", "unflatten", "validate_damping",
+    "clip_grad_norm_",
+    "flat_params",
+    "total_numel",
+    "unflatten",
+    "validate_damping",
     "validate_params",
 ]
 
@@ -130,7 +134,7 @@ def any_nonfinite(tensors: Sequence[Tensor]) -> Tensor:
     behind :class:`torch.amp.GradScaler` (one kernel per dtype instead of an ``isfinite`` per
     tensor, about 10x faster for the few dozen small tensors of a policy and its optimizer
     state); it multiplies in place by exactly 1, so no value changes.  Where that operator is
-    missing or refuses a dtype, it falls back to ``isfinite`` on the concatenation.
+    missing or refuses a dtype, it falls back to an ``isfinite`` per tensor.
     """
     tensors = list(tensors)
     if not tensors:
