@@ -4,7 +4,7 @@ The baseline, ``FirstOrderACKTR`` below, is ACKTR with K-FAC preconditioning dis
 nothing else changed: no Fisher pass, so the K-FAC optimizers have no statistics and take
 their documented fallback, the plain gradient, under the same momentum, KL-clip scaling and
 gradient clip. The difference in time is therefore exactly what K-FAC adds: the Fisher
-pass's backward and its hooks, the factor updates, the eigendecompositions (every
+pass's backward (to the layer outputs) and the statistics it records, the factor updates, the eigendecompositions (every
 ``inverse_every`` updates, so updates are timed in blocks of that many) and the
 preconditioning. Both agents update from the same rollout batch, in interleaved blocks,
 on one thread; the figure is the ratio of the median per-update times.
