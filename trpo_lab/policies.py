@@ -499,6 +499,7 @@ class ActorCritic(nn.Module):
                 if isinstance(module, nn.Linear):
                     module.reset_parameters()
         self.log_std = nn.Parameter(torch.full((n_outputs,), float(log_std_init))) if self.is_gaussian else None
+        self._numpy_params: list[nn.Parameter] | None = None  # see numpy_policy
 
     def actor_parameters(self) -> list[nn.Parameter]:
         params = list(self.actor.parameters())
@@ -599,16 +600,21 @@ class ActorCritic(nn.Module):
         Draws one seed from ``generator`` for the noise of a rollout of ``n_steps`` steps of
         ``n_envs`` environments.
         """
-        if self.log_std is None and not isinstance(self.distribution, Categorical):
-            return None
-        if self.one_hot_obs or any(
-            p.device.type != "cpu" or p.dtype not in (torch.float32, torch.float64) for p in self.parameters()
+        if self._numpy_params is None:  # the structure never changes: decide once
+            n_actor = sum(isinstance(m, nn.Linear) for m in self.actor)
+            n_critic = sum(isinstance(m, nn.Linear) for m in self.critic)
+            kinds = {type(m) for m in (*self.actor, *self.critic) if not isinstance(m, nn.Linear)}
+            supported = (
+                (self.log_std is not None or isinstance(self.distribution, Categorical))
+                and not self.one_hot_obs
+                and n_actor == n_critic
+                and kinds <= set(_NUMPY_ACTIVATIONS)
+                and len(kinds) <= 1
+            )
+            self._numpy_params = list(self.parameters()) if supported else []
+        if not self._numpy_params or any(
+            p.device.type != "cpu" or p.dtype not in (torch.float32, torch.float64) for p in self._numpy_params
         ):
-            return None
-        n_actor = sum(isinstance(m, nn.Linear) for m in self.actor)
-        n_critic = sum(isinstance(m, nn.Linear) for m in self.critic)
-        kinds = {type(m) for m in (*self.actor, *self.critic) if not isinstance(m, nn.Linear)}
-        if n_actor != n_critic or not kinds <= set(_NUMPY_ACTIVATIONS) or len(kinds) > 1:
             return None
         seed = int(torch.randint(0, 2**62, (), generator=generator))
         return NumpyRolloutPolicy(self, np.random.Generator(np.random.PCG64(seed)), n_envs, n_steps)
