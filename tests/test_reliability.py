@@ -297,9 +297,10 @@ def test_huge_rewards_without_normalization_never_give_nan_parameters(algo: str)
 
 
 def _state_vector(agent: OnPolicyAgent) -> torch.Tensor:
-    from trpo_lab.agents.base import _floating_tensors
+    from trpo_lab.agents.base import _tensor_leaves
 
-    return torch.cat([t.detach().reshape(-1).double().clone() for t in _floating_tensors(agent._optimizer_states())])
+    floating = [t for t in _tensor_leaves(agent._optimizer_states()) if t.is_floating_point()]
+    return torch.cat([t.detach().reshape(-1).double().clone() for t in floating])
 
 
 @pytest.mark.parametrize("algo", ["trpo", "npg", *OTHER_ALGOS])
@@ -315,10 +316,11 @@ def test_the_guard_undoes_a_poisoned_update_of_every_agent(algo: str) -> None:
 
     def poisoned(batch: Any) -> dict[str, float]:
         metrics = real_update(batch)
-        from trpo_lab.agents.base import _floating_tensors
+        from trpo_lab.agents.base import _tensor_leaves
 
         with torch.no_grad():
-            for tensor in [*agent.policy.parameters(), *_floating_tensors(agent._optimizer_states())]:
+            floating = [t for t in _tensor_leaves(agent._optimizer_states()) if t.is_floating_point()]
+            for tensor in [*agent.policy.parameters(), *floating]:
                 tensor.fill_(math.nan)
         return metrics
 

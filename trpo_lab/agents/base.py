@@ -1172,18 +1172,6 @@ def _clone_tree(value: Any) -> Any:
     return value
 
 
-def _floating_tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        if value.is_floating_point():
-            yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _floating_tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _floating_tensors(item)
-
-
 class _StopRequest:
     """The first SIGINT/SIGTERM received during :meth:`OnPolicyAgent.learn`."""
 
