@@ -63,7 +63,7 @@ from torch import Tensor, nn
 
 from trpo_lab.buffer import RolloutBatch, RolloutBuffer, minibatches
 from trpo_lab.config import AgentConfig
-from trpo_lab.distributed import DistributedContext, minibatch_plan, rank_seed
+from trpo_lab.distributed import DistributedContext, Reducer, rank_seed
 from trpo_lab.envs import (
     EnvStateError,
     NonFiniteEnvError,
@@ -251,6 +251,8 @@ class OnPolicyAgent(ABC):
         if dist is not None and not isinstance(dist, DistributedContext):
             raise ValueError(f"Invalid dist: {dist!r}; expected a DistributedContext (trpo_lab.distributed.init_distributed)")
         self.dist = dist
+        self.reducer = Reducer(dist)
+        """Every cross-process reduction of an update (the identity in one process)."""
         self.local_seed = seed if dist is None else rank_seed(seed, dist.rank)
         """Seed of this process's environments and samplers (``seed`` itself outside data-parallel runs)."""
         if env_kwargs is not None and not isinstance(env_kwargs, Mapping):
@@ -362,10 +364,7 @@ class OnPolicyAgent(ABC):
         Raises:
             ValueError: a rank has no valid transition (``n_steps * n_envs`` too small).
         """
-        if self.dist is None:
-            self._rank_sizes = [local_size]
-            return
-        self._rank_sizes = self.dist.rank_sizes(local_size)
+        self._rank_sizes = self.reducer.share_batch_sizes(local_size)
         empty = [rank for rank, size in enumerate(self._rank_sizes) if size == 0]
         if empty:
             raise ValueError(
@@ -378,40 +377,21 @@ class OnPolicyAgent(ABC):
 
         The counts default to the update batch's (:meth:`_share_batch_sizes`).
         """
-        if self.dist is None:
-            return local_mean
-        if local_count is None or total_count is None:
-            local_count, total_count = self._rank_sizes[self.dist.rank], sum(self._rank_sizes)
-        return self.dist.weighted_mean(local_mean, local_count, total_count)
+        return self.reducer.mean(local_mean, local_count, total_count)
 
     def _all_reduce_grads(self, params: list[nn.Parameter], local_count: float | None = None,
                           total_count: float | None = None, with_means: Tensor | None = None) -> Tensor | None:
         """Turn each ``p.grad`` of a local mean loss into the gradient of the mean over all ranks
         (one bucket, which also carries ``with_means`` and returns their global means).
         One process: nothing to do, ``with_means`` is returned as it is."""
-        if self.dist is None:
-            return with_means
-        if local_count is None or total_count is None:
-            local_count, total_count = self._rank_sizes[self.dist.rank], sum(self._rank_sizes)
-        return self.dist.all_reduce_grads_(params, local_count, total_count, with_means)
+        return self.reducer.grads(params, local_count, total_count, with_means)
 
     def _normalize_advantages(self, advantages: Tensor) -> Tensor:
         """``(Â − mean) / (std + 1e-8)``, with the mean and (unbiased) std over all ranks' samples.
 
         Left unchanged when there is at most one sample in all.
         """
-        if self.dist is None:
-            if advantages.numel() <= 1:
-                return advantages
-            return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        wide = advantages.to(torch.float64)
-        count = torch.tensor(float(advantages.numel()), dtype=torch.float64, device=advantages.device)
-        total, total_sum, total_square = self.dist.all_reduce_sum(torch.stack([count, wide.sum(), wide.square().sum()]))
-        if float(total) <= 1:
-            return advantages
-        mean = total_sum / total
-        std = ((total_square - total * mean * mean) / (total - 1)).clamp_min(0.0).sqrt()
-        return ((wide - mean) / (std + 1e-8)).to(advantages.dtype)
+        return self.reducer.normalize_advantages(advantages)
 
     def _minibatch_plan(self, local_size: int, batch_size: int) -> list[tuple[int, int, int]]:
         """``(start, stop, global_size)`` of each minibatch of a shuffled local batch.
@@ -420,10 +400,7 @@ class OnPolicyAgent(ABC):
         :func:`~trpo_lab.distributed.minibatch_plan`, the same number of minibatches on every
         rank, whatever its sample count, each about ``batch_size`` samples over all ranks.
         """
-        if self.dist is None:
-            return [(start, min(start + batch_size, local_size), min(batch_size, local_size - start))
-                    for start in range(0, local_size, batch_size)]
-        return minibatch_plan(self._rank_sizes, self.dist.rank, batch_size)
+        return self.reducer.minibatch_plan(local_size, batch_size)
 
     def _shuffled_minibatches(self, batch: RolloutBatch, batch_size: int) -> Iterator[tuple[RolloutBatch, int]]:
         """Shuffled minibatches of ``batch`` (:func:`~trpo_lab.buffer.minibatches` in one process,
