@@ -25,6 +25,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from trpo_lab.optim._flat import all_finite, any_nonfinite
+from trpo_lab.optim.linalg import EigendecompositionError, symmetric_eigh
+from trpo_lab.validation import check_int, check_number, require
 
 __all__ = ["KFAC"]
 
@@ -120,31 +122,6 @@ def _output_grad_rows(module: nn.Linear | nn.Conv2d, grad: Tensor) -> tuple[Tens
 
 def _with_ones_column(rows: Tensor) -> Tensor:
     return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-
-
-def _robust_eigh(matrix: Tensor) -> tuple[tuple[Tensor, Tensor] | None, int]:
-    """Eigendecomposition of a symmetric PSD factor that never raises.
-
-    Tries ``torch.linalg.eigh`` in the matrix's dtype, then once more in float64 when that
-    raised or returned non-finite values. Negative eigenvalues (round-off on a PSD matrix)
-    are clamped at 0.
-
-    Returns:
-        ((eigenvalues, eigenvectors) in the matrix's dtype, or None when every attempt
-        failed; the number of float64 retries made).
-    """
-    symmetric = 0.5 * (matrix + matrix.mT)
-    dtypes = [matrix.dtype] if matrix.dtype == torch.float64 else [matrix.dtype, torch.float64]
-    for attempt, dtype in enumerate(dtypes):
-        try:
-            eigenvalues, eigenvectors = torch.linalg.eigh(symmetric.to(dtype))
-        except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
-            continue
-        eigenvalues = eigenvalues.to(matrix.dtype)
-        eigenvectors = eigenvectors.to(matrix.dtype)
-        if bool(torch.isfinite(eigenvalues).all() & torch.isfinite(eigenvectors).all()):
-            return (eigenvalues.clamp_min(0.0), eigenvectors), attempt
-    return None, len(dtypes) - 1
 
 
 def _eigenbasis_denominator(
@@ -321,26 +298,17 @@ class KFAC(torch.optim.Optimizer):
     ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"Invalid module: expected an nn.Module, got {type(module).__name__}")
-        if not 0.0 <= lr < math.inf:
-            raise ValueError(f"Invalid learning rate: {lr} (expected a finite lr >= 0)")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"Invalid momentum: {momentum} (expected 0 <= momentum < 1)")
-        if not 0.0 <= damping < math.inf:
-            raise ValueError(f"Invalid damping: {damping} (expected a finite damping >= 0)")
-        if kl_clip is not None and not 0.0 < kl_clip < math.inf:
-            raise ValueError(f"Invalid kl_clip: {kl_clip} (expected a finite kl_clip > 0 or None)")
-        if not 0.0 <= stat_decay < 1.0:
-            raise ValueError(f"Invalid stat_decay: {stat_decay} (expected 0 <= stat_decay < 1)")
-        if type(inverse_every) is not int or inverse_every < 1:
-            raise ValueError(f"Invalid inverse_every: {inverse_every} (expected an int >= 1)")
-        if not 0.0 <= weight_decay < math.inf:
-            raise ValueError(
-                f"Invalid weight_decay: {weight_decay} (expected a finite weight_decay >= 0)"
-            )
-        if damping_mode not in _DAMPING_MODES:
-            raise ValueError(
-                f"Invalid damping_mode: {damping_mode!r} (expected one of {_DAMPING_MODES})"
-            )
+        check_number("lr", lr, minimum=0.0)
+        check_number("momentum", momentum, minimum=0.0, expected="0 <= momentum < 1")
+        require(momentum < 1.0, "momentum", momentum, "0 <= momentum < 1")
+        check_number("damping", damping, minimum=0.0)
+        if kl_clip is not None:
+            check_number("kl_clip", kl_clip, minimum=0.0, strict=True, expected="a finite number > 0 or None")
+        check_number("stat_decay", stat_decay, minimum=0.0, expected="0 <= stat_decay < 1")
+        require(stat_decay < 1.0, "stat_decay", stat_decay, "0 <= stat_decay < 1")
+        check_int("inverse_every", inverse_every, minimum=1)
+        check_number("weight_decay", weight_decay, minimum=0.0)
+        require(damping_mode in _DAMPING_MODES, "damping_mode", damping_mode, f"one of {_DAMPING_MODES}")
 
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
@@ -541,10 +509,13 @@ class KFAC(torch.optim.Optimizer):
     def _refresh_eigendecompositions(self, state: dict[str, Any]) -> None:
         self._eigh_generation += 1
         for factor in ("A", "G"):
-            result, retries = _robust_eigh(state[factor])
-            self._counters["eigh_retries"] += retries
-            if result is not None:
-                state[f"eigenvalues_{factor}"], state[f"eigenvectors_{factor}"] = result
+            try:
+                eigenvalues, eigenvectors, retried = symmetric_eigh(state[factor])
+            except EigendecompositionError as error:
+                self._counters["eigh_retries"] += len(error.dtypes) - 1
+            else:
+                self._counters["eigh_retries"] += int(retried)
+                state[f"eigenvalues_{factor}"], state[f"eigenvectors_{factor}"] = eigenvalues, eigenvectors
                 continue
             self._counters["eigh_fallbacks"] += 1
             if f"eigenvectors_{factor}" not in state:

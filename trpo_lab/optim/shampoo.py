@@ -20,6 +20,10 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from trpo_lab.optim._flat import all_finite
+from trpo_lab.optim.linalg import InverseRootError, matrix_inverse_root
+from trpo_lab.validation import check_int, check_number, is_int, require
+
 __all__ = ["InverseRootError", "Shampoo", "matrix_inverse_root"]
 
 Grafting = Literal["adam", "sgd", "none"]
@@ -28,70 +32,6 @@ _GRAFTING_CHOICES: tuple[str, ...] = ("adam", "sgd", "none")
 # Per-parameter event counters kept in the optimizer state (so they survive state_dict());
 # `Shampoo.stats` sums them over all parameters.
 _COUNTERS: tuple[str, ...] = ("skipped_nonfinite_steps", "root_float64_retries", "root_fallbacks")
-
-
-class InverseRootError(RuntimeError):
-    """Neither the working-precision nor the float64 eigendecomposition gave a finite root."""
-
-
-def matrix_inverse_root(matrix: Tensor, root: int, epsilon: float) -> tuple[Tensor, bool]:
-    """Inverse ``root``-th root of a symmetric positive semi-definite matrix.
-
-    Computes ``(A + epsilon·I)^(-1/root)`` from the symmetric eigendecomposition
-    ``A = Q diag(λ) Qᵀ`` as ``Q diag((max(λ, 0) + epsilon)^(-1/root)) Qᵀ``. ``A`` is
-    symmetrised first and eigenvalues that rounding made negative are clamped to zero, so the
-    result is finite for any finite PSD input and ``epsilon > 0``. The epsilon is absolute,
-    which matches the paper's initialisation of the statistics at ``epsilon·I``.
-
-    The decomposition runs in the matrix's dtype (float16/bfloat16 are promoted to float32).
-    If ``torch.linalg.eigh`` raises a ``RuntimeError`` (``torch.linalg.LinAlgError`` is one)
-    or the root is not finite, it is retried once in float64.
-
-    Args:
-        matrix: Square symmetric PSD matrix, shape ``(n, n)``.
-        root: The ``p`` in ``A^(-1/p)``; a positive integer.
-        epsilon: Regulariser added to every eigenvalue; must be positive.
-
-    Returns:
-        ``(inverse_root, retried_in_float64)``: the root in ``matrix.dtype`` and whether the
-        float64 retry was needed.
-
-    Raises:
-        InverseRootError: If the float64 attempt also raises or is not finite.
-        ValueError: If ``matrix`` is not square, ``root < 1`` or ``epsilon <= 0``.
-    """
-    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"Invalid matrix shape: {tuple(matrix.shape)} (expected (n, n))")
-    if isinstance(root, bool) or not isinstance(root, int) or root < 1:
-        raise ValueError(f"Invalid root: {root!r} (expected an integer >= 1)")
-    if not epsilon > 0.0:
-        raise ValueError(f"Invalid epsilon: {epsilon!r} (expected > 0)")
-    working_dtype = (
-        matrix.dtype if matrix.dtype in (torch.float32, torch.float64) else torch.float32
-    )
-    attempts = [working_dtype] if working_dtype == torch.float64 else [working_dtype, torch.float64]
-    failure: BaseException | None = None
-    for dtype in attempts:
-        try:
-            result = _eigh_inverse_root(matrix.to(dtype), root, epsilon).to(matrix.dtype)
-        except RuntimeError as error:
-            failure = error
-            continue
-        if bool(torch.isfinite(result).all()):
-            return result, dtype != working_dtype
-        failure = None
-    raise InverseRootError(
-        f"inverse {root}-th root of a {tuple(matrix.shape)} matrix failed in "
-        f"{', '.join(str(dtype) for dtype in attempts)}"
-        + ("" if failure is None else f": {failure}")
-    ) from failure
-
-
-def _eigh_inverse_root(matrix: Tensor, root: int, epsilon: float) -> Tensor:
-    symmetric = 0.5 * (matrix + matrix.mT)
-    eigenvalues, eigenvectors = torch.linalg.eigh(symmetric)
-    scales = (eigenvalues.clamp(min=0.0) + epsilon).pow(-1.0 / root)
-    return (eigenvectors * scales) @ eigenvectors.mT
 
 
 def _diagonal_inverse_root(statistics: Tensor, root: int, epsilon: float) -> Tensor:
@@ -118,19 +58,6 @@ def _precondition(tensor: Tensor, inverse_roots: Sequence[Tensor]) -> Tensor:
         else:
             tensor = torch.tensordot(tensor, inverse_root, dims=([0], [0]))
     return tensor
-
-
-def _all_finite(tensors: Sequence[Tensor]) -> bool:
-    return bool(torch.stack([torch.isfinite(tensor).all() for tensor in tensors]).all())
-
-
-def _require(condition: bool, name: str, value: object, allowed: str) -> None:
-    if not condition:
-        raise ValueError(f"Invalid {name}: {value!r} (expected {allowed})")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class Shampoo(Optimizer):
@@ -247,31 +174,25 @@ class Shampoo(Optimizer):
         grafting_beta2: float = 0.999,
         grafting_epsilon: float = 1e-8,
     ) -> None:
-        _require(lr >= 0.0, "lr", lr, ">= 0")
-        _require(len(betas) == 2, "betas", betas, "a pair (beta1, beta2)")
-        _require(0.0 <= betas[0] < 1.0, "betas[0]", betas[0], "0 <= beta1 < 1")
-        _require(0.0 < betas[1] <= 1.0, "betas[1]", betas[1], "0 < beta2 <= 1")
-        _require(epsilon > 0.0, "epsilon", epsilon, "> 0")
-        _require(weight_decay >= 0.0, "weight_decay", weight_decay, ">= 0")
-        _require(
-            _is_int(precondition_every) and precondition_every >= 1,
-            "precondition_every", precondition_every, "an integer >= 1",
-        )
-        _require(
-            _is_int(start_preconditioning_step) and start_preconditioning_step >= 1,
-            "start_preconditioning_step", start_preconditioning_step, "an integer >= 1",
-        )
-        _require(
-            _is_int(max_preconditioner_dim) and max_preconditioner_dim >= 1,
-            "max_preconditioner_dim", max_preconditioner_dim, "an integer >= 1",
-        )
-        _require(
-            exponent_override is None or (_is_int(exponent_override) and exponent_override >= 1),
+        check_number("lr", lr, minimum=0.0)
+        require(len(betas) == 2, "betas", betas, "a pair (beta1, beta2)")
+        check_number("betas[0]", betas[0], minimum=0.0, expected="0 <= beta1 < 1")
+        require(betas[0] < 1.0, "betas[0]", betas[0], "0 <= beta1 < 1")
+        check_number("betas[1]", betas[1], minimum=0.0, maximum=1.0, expected="0 < beta2 <= 1")
+        require(betas[1] > 0.0, "betas[1]", betas[1], "0 < beta2 <= 1")
+        check_number("epsilon", epsilon, minimum=0.0, strict=True)
+        check_number("weight_decay", weight_decay, minimum=0.0)
+        check_int("precondition_every", precondition_every, minimum=1)
+        check_int("start_preconditioning_step", start_preconditioning_step, minimum=1)
+        check_int("max_preconditioner_dim", max_preconditioner_dim, minimum=1)
+        require(
+            exponent_override is None or (is_int(exponent_override) and exponent_override >= 1),
             "exponent_override", exponent_override, "None or an integer >= 1",
         )
-        _require(grafting in _GRAFTING_CHOICES, "grafting", grafting, f"one of {_GRAFTING_CHOICES}")
-        _require(0.0 <= grafting_beta2 < 1.0, "grafting_beta2", grafting_beta2, "0 <= beta < 1")
-        _require(grafting_epsilon >= 0.0, "grafting_epsilon", grafting_epsilon, ">= 0")
+        require(grafting in _GRAFTING_CHOICES, "grafting", grafting, f"one of {_GRAFTING_CHOICES}")
+        check_number("grafting_beta2", grafting_beta2, minimum=0.0, expected="0 <= beta < 1")
+        require(grafting_beta2 < 1.0, "grafting_beta2", grafting_beta2, "0 <= beta < 1")
+        check_number("grafting_epsilon", grafting_epsilon, minimum=0.0)
         defaults: dict[str, Any] = dict(
             lr=lr,
             betas=tuple(betas),
@@ -397,7 +318,7 @@ class Shampoo(Optimizer):
             exp_avg_sq = state["grafting_exp_avg_sq"].mul(group["grafting_beta2"])
             exp_avg_sq.addcmul_(grad, grad, value=1.0 - group["grafting_beta2"])
             candidates.append(exp_avg_sq)
-        if not _all_finite(candidates):
+        if not all_finite(candidates):
             state["skipped_nonfinite_steps"] += 1
             return None
 

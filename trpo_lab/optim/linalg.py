@@ -1,0 +1,162 @@
+"""Robust symmetric eigendecomposition and inverse matrix roots, shared by K-FAC and Shampoo.
+
+Both preconditioners decompose a symmetric positive semi-definite statistic,
+``A = Q diag(λ) Qᵀ``, and both need that to survive long runs: rounding makes a
+PSD matrix slightly asymmetric and gives it slightly negative eigenvalues, and
+``torch.linalg.eigh`` in float32 can fail to converge or return NaN on a badly
+scaled matrix. This module is the one place that handles it (Shi et al., 2023,
+"A Distributed Data-Parallel PyTorch Implementation of the Distributed Shampoo
+Optimizer", section on numerical robustness):
+
+1. symmetrise, ``A ← (A + Aᵀ) / 2``;
+2. decompose with ``torch.linalg.eigh`` in the *working dtype* (the matrix's own
+   dtype; float16 and bfloat16 are promoted to float32, which ``eigh`` needs);
+3. if that raises (``torch.linalg.LinAlgError`` is a ``RuntimeError``) or any result
+   is not finite once cast back to the matrix's dtype, retry once in float64;
+4. clamp the eigenvalues at 0.
+
+Results come back in the matrix's dtype, together with whether the float64 retry
+was needed, so callers can count retries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from trpo_lab.validation import check_int, check_number
+
+__all__ = [
+    "EigendecompositionError",
+    "InverseRootError",
+    "SymmetricEigh",
+    "matrix_inverse_root",
+    "symmetric_eigh",
+    "working_dtype",
+]
+
+
+class EigendecompositionError(RuntimeError):
+    """Neither the working-dtype nor the float64 eigendecomposition gave finite results.
+
+    Attributes:
+        dtypes: The dtypes that were tried, in order (their number minus one is the number
+            of float64 retries made).
+    """
+
+    def __init__(self, message: str, dtypes: tuple[torch.dtype, ...]) -> None:
+        super().__init__(message)
+        self.dtypes = dtypes
+
+
+class InverseRootError(EigendecompositionError):
+    """Neither the working-precision nor the float64 eigendecomposition gave a finite root."""
+
+
+class SymmetricEigh(NamedTuple):
+    """``A = Q diag(λ) Qᵀ`` with ``λ ≥ 0``, in the matrix's dtype."""
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    retried_in_float64: bool
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a decomposition of a ``dtype`` matrix is first attempted in (float32 or float64)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _check_square(matrix: Tensor) -> None:
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"Invalid matrix shape: {tuple(matrix.shape)}; expected (n, n)")
+
+
+def _clamped_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Steps 1, 2 and 4 in ``matrix``'s dtype: eigenvalues (clamped at 0) and eigenvectors."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (matrix + matrix.mT))
+    return eigenvalues.clamp(min=0.0), eigenvectors
+
+
+def _with_float64_retry(
+    matrix: Tensor, compute: Callable[[Tensor], tuple[Tensor, ...]], error: type[EigendecompositionError], what: str
+) -> tuple[tuple[Tensor, ...], bool]:
+    """Runs ``compute`` on ``matrix`` in its working dtype, then once in float64 if that raised
+    or gave a non-finite result; returns the results cast to ``matrix.dtype`` and whether the
+    retry was needed. One host synchronisation per attempt (the finiteness check)."""
+    first = working_dtype(matrix.dtype)
+    dtypes = (first,) if first == torch.float64 else (first, torch.float64)
+    failure: RuntimeError | None = None
+    for dtype in dtypes:
+        try:
+            results = tuple(result.to(matrix.dtype) for result in compute(matrix.to(dtype)))
+        except RuntimeError as raised:
+            failure = raised
+            continue
+        if bool(torch.stack([torch.isfinite(result).all() for result in results]).all()):
+            return results, dtype != first
+        failure = None
+    raise error(
+        f"{what} of a {tuple(matrix.shape)} matrix failed in {', '.join(str(dtype) for dtype in dtypes)}"
+        + ("" if failure is None else f": {failure}"),
+        dtypes,
+    ) from failure
+
+
+def symmetric_eigh(matrix: Tensor) -> SymmetricEigh:
+    """Eigendecomposition of a symmetric PSD matrix: symmetrise, ``eigh``, float64 retry, clamp.
+
+    Args:
+        matrix: Square symmetric positive semi-definite matrix, shape ``(n, n)``.
+
+    Returns:
+        ``(eigenvalues, eigenvectors, retried_in_float64)``: ascending eigenvalues clamped at
+        0 and orthonormal eigenvectors (columns), both in ``matrix.dtype``.
+
+    Raises:
+        EigendecompositionError: If the float64 attempt also raises or is not finite.
+        ValueError: If ``matrix`` is not square.
+    """
+    _check_square(matrix)
+    (eigenvalues, eigenvectors), retried = _with_float64_retry(
+        matrix, _clamped_eigh, EigendecompositionError, "eigendecomposition"
+    )
+    return SymmetricEigh(eigenvalues, eigenvectors, retried)
+
+
+def matrix_inverse_root(matrix: Tensor, root: int, epsilon: float) -> tuple[Tensor, bool]:
+    """Inverse ``root``-th root of a symmetric positive semi-definite matrix.
+
+    Computes ``(A + epsilon·I)^(-1/root)`` from the symmetric eigendecomposition
+    ``A = Q diag(λ) Qᵀ`` as ``Q diag((max(λ, 0) + epsilon)^(-1/root)) Qᵀ``, so the result is
+    finite for any finite PSD input and ``epsilon > 0``. The epsilon is absolute, which
+    matches Shampoo's initialisation of the statistics at ``epsilon·I``. The root is formed
+    in the dtype the decomposition succeeded in and retried in float64 (see the module
+    docstring) if it is not finite in ``matrix.dtype``.
+
+    Args:
+        matrix: Square symmetric PSD matrix, shape ``(n, n)``.
+        root: The ``p`` in ``A^(-1/p)``; a positive integer.
+        epsilon: Regulariser added to every eigenvalue; must be positive.
+
+    Returns:
+        ``(inverse_root, retried_in_float64)``: the root in ``matrix.dtype`` and whether the
+        float64 retry was needed.
+
+    Raises:
+        InverseRootError: If the float64 attempt also raises or is not finite.
+        ValueError: If ``matrix`` is not square, ``root < 1`` or ``epsilon <= 0``.
+    """
+    _check_square(matrix)
+    check_int("root", root, minimum=1)
+    check_number("epsilon", epsilon, minimum=0.0, strict=True, expected="a finite number > 0")
+
+    def inverse_root(working: Tensor) -> tuple[Tensor]:
+        eigenvalues, eigenvectors = _clamped_eigh(working)
+        scales = (eigenvalues + epsilon).pow(-1.0 / root)
+        return ((eigenvectors * scales) @ eigenvectors.mT,)
+
+    (result,), retried = _with_float64_retry(matrix, inverse_root, InverseRootError, f"inverse {root}-th root")
+    return result, retried
