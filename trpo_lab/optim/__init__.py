@@ -7,6 +7,8 @@
 - :class:`KFAC`: Kronecker-factored natural gradient over Linear/Conv2d layers (ACKTR).
 - :class:`Shampoo`: per-axis inverse-root preconditioning with grafting.
 - :mod:`trpo_lab.optim.exact`: dense Fisher, Hessian, natural-gradient and Newton steps.
+- :mod:`trpo_lab.optim.linalg`: the robust symmetric eigendecomposition and inverse roots
+  (float64 retry) that K-FAC and Shampoo share.
 """
 
 from trpo_lab.optim._flat import assign_flat_, flat_params, unflatten
@@ -14,8 +16,8 @@ from trpo_lab.optim.cg import CGResult, conjugate_gradient, solve_cg
 from trpo_lab.optim.fisher import fisher_vector_product, fisher_vector_product_func, flat_grad
 from trpo_lab.optim.kfac import KFAC
 from trpo_lab.optim.line_search import LineSearchResult, kl_line_search
-from trpo_lab.optim.trust_region import scale_to_kl_radius
 from trpo_lab.optim.shampoo import InverseRootError, Shampoo, matrix_inverse_root
+from trpo_lab.optim.trust_region import scale_to_kl_radius
 
 __all__ = [
     "CGResult",
