@@ -297,9 +297,9 @@ def test_huge_rewards_without_normalization_never_give_nan_parameters(algo: str)
 
 
 def _state_vector(agent: OnPolicyAgent) -> torch.Tensor:
-    from trpo_lab.agents.base import _tensor_leaves
+    from trpo_lab.agents.guard import tensor_leaves
 
-    floating = [t for t in _tensor_leaves(agent._optimizer_states()) if t.is_floating_point()]
+    floating = [t for t in tensor_leaves(agent._optimizer_states()) if t.is_floating_point()]
     return torch.cat([t.detach().reshape(-1).double().clone() for t in floating])
 
 
@@ -316,10 +316,10 @@ def test_the_guard_undoes_a_poisoned_update_of_every_agent(algo: str) -> None:
 
     def poisoned(batch: Any) -> dict[str, float]:
         metrics = real_update(batch)
-        from trpo_lab.agents.base import _tensor_leaves
+        from trpo_lab.agents.guard import tensor_leaves
 
         with torch.no_grad():
-            floating = [t for t in _tensor_leaves(agent._optimizer_states()) if t.is_floating_point()]
+            floating = [t for t in tensor_leaves(agent._optimizer_states()) if t.is_floating_point()]
             for tensor in [*agent.policy.parameters(), *floating]:
                 tensor.fill_(math.nan)
         return metrics
@@ -584,16 +584,16 @@ def test_every_result_file_of_a_run_is_complete_after_it(tmp_path: Path) -> None
         written.append(Path(path).name)
         real(path, data)
 
-    import trpo_lab.agents.base as base
+    import trpo_lab.agents.checkpoint as checkpoint
 
-    original = base.atomic_write_bytes
-    base.atomic_write_bytes = spy  # type: ignore[assignment]
+    original = checkpoint.atomic_write_bytes
+    checkpoint.atomic_write_bytes = spy  # type: ignore[assignment]
     try:
         TRPO("CartPole-v1", n_envs=2, seed=0, n_steps=16, n_critic_updates=1, checkpoint_every=2).learn(
             4 * 32, run_dir=tmp_path, tensorboard=False
         )
     finally:
-        base.atomic_write_bytes = original  # type: ignore[assignment]
+        checkpoint.atomic_write_bytes = original  # type: ignore[assignment]
     assert written.count("checkpoint.pt") == 3 and written.count("final.pt") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "config.toml", "final.pt", "progress.csv"]
 

@@ -12,22 +12,25 @@ the actor and the critic (as Stable-Baselines3):
 The optional early stop follows SB3: before each gradient step, the minibatch estimate
 KL ≈ 1/B Σ (r − 1 − log r) (Schulman's k3 estimator) is compared to ``1.5 · target_kl``.
 
-Data-parallel (``dist=``): every rank steps through the same number of minibatches
-(:func:`~trpo_lab.distributed.minibatch_plan`), the advantages are normalized with each
-minibatch's statistics over all ranks, the early-stop KL and the gradients are sample-weighted
-means over all ranks (each one all-reduce), so every rank takes the same optimizer step.
+Data-parallel (``dist=``), through the agent's :class:`~trpo_lab.distributed.Reducer`: every
+rank steps through the same number of minibatches (``reducer.shuffled_minibatches``), the
+advantages are normalized with each minibatch's statistics over all ranks, and the early-stop
+KL travels in the gradients' bucket (one all-reduce per minibatch step,
+``reducer.grads(..., with_means=approx_kl)``), so every rank takes the same optimizer step.
+In one process each of these is the local computation.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
 from trpo_lab.agents.base import OnPolicyAgent
-from trpo_lab.agents.trpo import explained_variance
+from trpo_lab.agents.metrics import explained_variance
 from trpo_lab.buffer import RolloutBatch
 from trpo_lab.config import PPOConfig
 from trpo_lab.optim._flat import clip_grad_norm_
@@ -176,7 +179,7 @@ class PPO(OnPolicyAgent):
     def _optimizer_states(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict()}
 
-    def _load_optimizer_states(self, states: dict[str, Any]) -> None:
+    def _load_optimizer_states(self, states: Mapping[str, Any]) -> None:
         self.optimizer.load_state_dict(states["optimizer"])
 
     def _minibatch_loss(self, minibatch: RolloutBatch) -> PPOLoss:
@@ -185,7 +188,7 @@ class PPO(OnPolicyAgent):
         params = policy.dist_params(obs)
         advantages = minibatch.advantages
         if cfg.normalize_advantage:
-            advantages = self._normalize_advantages(advantages)
+            advantages = self.reducer.normalize_advantages(advantages)
         return ppo_loss(
             policy.distribution.log_prob(params, minibatch.actions),
             minibatch.log_probs,
@@ -200,8 +203,13 @@ class PPO(OnPolicyAgent):
             ent_coef=cfg.ent_coef,
         )
 
-    def update(self, batch: RolloutBatch) -> dict[str, float]:
-        cfg, policy = self.config, self.policy
+    def update(self, batch: RolloutBatch) -> dict[str, Tensor | float]:
+        """``n_epochs`` passes of clipped-surrogate minibatch steps; returns device-tensor metrics.
+
+        The early stop (``target_kl``) is decided on the minibatch's KL before its optimizer
+        step; it is the only host synchronisation, and only when ``target_kl`` is set.
+        """
+        cfg, policy, reducer = self.config, self.policy, self.reducer
         parameters = list(policy.parameters())
         obs = policy.preprocess(batch.observations)
         with torch.no_grad():
@@ -211,29 +219,22 @@ class PPO(OnPolicyAgent):
         early_stop = False
         epochs_done = 0
         for _ in range(cfg.n_epochs):
-            for minibatch, total_count in self._shuffled_minibatches(batch, cfg.batch_size):
+            for minibatch, total_count in reducer.shuffled_minibatches(batch, cfg.batch_size, self.shuffle_generator):
                 loss = self._minibatch_loss(minibatch)
-                if self.dist is None:
-                    # SB3's early stop; the comparison syncs with the host, so only when asked for.
-                    if cfg.target_kl is not None and float(loss.approx_kl) > 1.5 * cfg.target_kl:
-                        early_stop = True
-                        break
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.total.backward()
-                else:  # the same decision, with the KL of all ranks carried in the gradient's bucket
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.total.backward()
-                    approx_kl = self._all_reduce_grads(parameters, minibatch.size, total_count, loss.approx_kl)
-                    if cfg.target_kl is not None and approx_kl is not None and float(approx_kl) > 1.5 * cfg.target_kl:
-                        early_stop = True
-                        break
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.total.backward()
+                # The KL of all ranks' samples rides in the gradients' bucket (itself in one process).
+                approx_kl = reducer.grads(parameters, minibatch.size, total_count, with_means=loss.approx_kl)
+                if cfg.target_kl is not None and approx_kl is not None and float(approx_kl) > 1.5 * cfg.target_kl:
+                    early_stop = True  # SB3's early stop, before this minibatch's step
+                    break
                 grad_norms.append(clip_grad_norm_(parameters, cfg.max_grad_norm))
                 self.optimizer.step()
                 losses.append(loss)
             if early_stop:
                 break
             epochs_done += 1
-        metrics: dict[str, Tensor] = {}
+        metrics: dict[str, Tensor | float] = {}
         if losses:
             def mean_of(name: str) -> Tensor:
                 return torch.stack([getattr(loss, name).detach() for loss in losses]).mean()
@@ -253,11 +254,8 @@ class PPO(OnPolicyAgent):
             metrics["train/explained_variance"] = explained_variance(batch.values, batch.returns)
             if policy.log_std is not None:
                 metrics["train/std"] = policy.log_std.exp().mean()
-        keys = list(metrics)
-        values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).cpu().tolist()
-        result = dict(zip(keys, values))
-        result["train/n_updates"] = float(len(losses))
-        result["train/epochs"] = float(epochs_done)
-        result["train/early_stop"] = float(early_stop)
-        result["train/learning_rate"] = cfg.learning_rate
-        return result
+        metrics["train/n_updates"] = float(len(losses))
+        metrics["train/epochs"] = float(epochs_done)
+        metrics["train/early_stop"] = float(early_stop)
+        metrics["train/learning_rate"] = cfg.learning_rate
+        return metrics

@@ -9,16 +9,27 @@ Ranks may hold different numbers of valid samples (autoreset slots are dropped),
 means are combined as sample-weighted sums: a rank contributes
 ``local_mean * n_local / n_global``. The counts default to those of the current update
 batch, which the loop announces with :meth:`Reducer.share_batch_sizes`.
+
+Fewer collectives: a loop of many small sequential steps (a critic's minibatch epochs, an
+L-BFGS solve) would make one all-reduce per step. Instead, :meth:`Reducer.gather` fetches
+the rows it needs from every rank once per update, and the loop runs on all of them with
+:meth:`Reducer.replicated`, the identity reducer: every rank repeats the same arithmetic
+on the same rows with the same (shared) shuffle stream, so they stay identical without
+any further collective, which the loop's drift check verifies.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from trpo_lab.distributed.context import DistributedContext, minibatch_plan
+
+if TYPE_CHECKING:
+    from trpo_lab.buffer import RolloutBatch
 
 __all__ = ["Reducer"]
 
@@ -82,6 +93,48 @@ class Reducer:
                 for start in range(0, local_size, batch_size)
             ]
         return minibatch_plan(self.rank_sizes, self.rank, batch_size)
+
+    def shuffled_minibatches(
+        self, batch: RolloutBatch, batch_size: int, generator: torch.Generator
+    ) -> Iterator[tuple[RolloutBatch, int]]:
+        """Shuffled minibatches of ``batch`` (:meth:`minibatch_plan`) and each one's size over all ranks.
+
+        One permutation from ``generator`` (drawn on the CPU) and one gather per field per
+        epoch; the minibatches are views of the shuffled batch.
+        """
+        if batch_size < 1:
+            raise ValueError(f"Invalid batch_size: {batch_size}; expected >= 1")
+        device = batch.observations.device
+        perm = torch.randperm(batch.size, generator=generator, device="cpu").to(device)
+        shuffled = batch.index(perm)
+        for start, stop, total_count in self.minibatch_plan(batch.size, batch_size):
+            yield type(batch)(*(field[start:stop] for field in shuffled)), total_count
+
+    # ------------------------------------------------------------------ gathered work
+    def gather(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Every rank's rows of each tensor, in rank order (one collective for all of them).
+
+        Each tensor has this rank's :attr:`local_count` rows. One process: the tensors themselves.
+        """
+        if self.context is None:
+            return list(tensors)
+        return self.context.all_gather_rows(tensors, self.rank_sizes)
+
+    def gather_batch(self, batch: RolloutBatch) -> RolloutBatch:
+        """Every rank's transitions of ``batch`` as one batch, in rank order (one collective)."""
+        return type(batch)(*self.gather(list(batch)))
+
+    def replicated(self) -> Reducer:
+        """The reducer for work that every rank repeats on :meth:`gather`-ed rows.
+
+        The identity, with the current batch being all ranks' samples (``local_count ==
+        total_count``). One process: this reducer itself.
+        """
+        if self.context is None:
+            return self
+        replica = Reducer()
+        replica.rank_sizes = [self.total_count]
+        return replica
 
     # ------------------------------------------------------------------ reductions
     def _counts(self, local_count: float | None, total_count: float | None) -> tuple[float, float]:
