@@ -1,29 +1,22 @@
-"""`trpo-lab compare`: the runner end to end in a subprocess, rerun skipping, statistics, bad input."""
+"""`trpo-lab compare` (trpo_lab.experiments.runner): end to end in a subprocess, rerun skipping, interrupts, bad input."""
 
 from __future__ import annotations
 
 import csv
-import math
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from trpo_lab.cli import main
-from trpo_lab.experiments import (
-    AlgoSummary,
-    experiment_from_dict,
-    iqm,
-    load_experiment,
-    mean_ci,
-    t_critical,
-    winner,
-)
+from trpo_lab.experiments import Experiment, experiment_from_dict, finished_result, run_experiment
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = """
 description = "tiny smoke experiment"
 algos = ["trpo", "ppo"]
@@ -176,56 +169,39 @@ def test_missing_experiment_file_and_unknown_name(capsys: pytest.CaptureFixture[
     assert "Unknown experiment 'nosuchexperiment'" in capsys.readouterr().err
 
 
-def test_command_line_overrides_reshape_the_grid(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRPO_LAB_PRESETS", str(ROOT))
-    experiment = load_experiment(None).with_overrides(algos=["PPO", "npg"], envs=["Acrobot-v1"], seeds=2, steps=1234)
-    runs = experiment.runs("out")
-    assert [(r.algo, r.env_id, r.seed) for r in runs] == [
-        ("ppo", "Acrobot-v1", 0), ("ppo", "Acrobot-v1", 1), ("npg", "Acrobot-v1", 0), ("npg", "Acrobot-v1", 1)
-    ]
-    assert {r.total_timesteps for r in runs} == {1234}
-    # Acrobot's settings come from its suite entry (envs/classic.toml), the agent tables on top
-    ppo = runs[0]
-    assert ppo.hyperparameters["normalize_obs"] is True and ppo.n_envs == 16
-    assert ppo.run_dir == Path("out/runs/Acrobot-v1-ppo-seed0")
+def _tiny_experiment() -> Experiment:
+    return experiment_from_dict(
+        {"algos": ["ppo"], "envs": ["CartPole-v1"], "seeds": 1, "steps": 500, "eval_episodes": 1}, "tiny", "test"
+    )
 
 
-def test_budgets_come_from_the_experiment_then_the_suite(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRPO_LAB_PRESETS", str(ROOT))
-    spec = {"algos": ["trpo"], "suite": "classic", "envs": ["CartPole-v1", "Pendulum-v1"],
-            "steps": {"CartPole-v1": 777}, "seeds": [5, 9]}
-    experiment = experiment_from_dict(spec, name="x", origin="test")
-    assert experiment.steps == {"CartPole-v1": 777, "Pendulum-v1": 200_000}
-    assert experiment.seeds == [5, 9]
-    with pytest.raises(ValueError, match="not in suite"):
-        experiment_from_dict({**spec, "envs": ["Hopper-v5"]}, name="x", origin="test")
+def test_a_run_is_finished_only_with_final_pt_and_a_result_of_the_same_settings(tmp_path: Path) -> None:
+    (spec,) = _tiny_experiment().runs(tmp_path)
+    spec.run_dir.mkdir(parents=True)
+    record = {"final_return": 1.0, "settings": spec.settings()}
+    (spec.run_dir / "result.json").write_text(json.dumps(record))
+    assert finished_result(spec) is None  # no final.pt yet
+    (spec.run_dir / "final.pt").write_bytes(b"")
+    assert finished_result(spec) == record
+    (spec.run_dir / "result.json").write_text(json.dumps({**record, "settings": {**spec.settings(), "seed": 7}}))
+    assert finished_result(spec) is None
+    (spec.run_dir / "result.json").write_text("{not json")
+    assert finished_result(spec) is None
 
 
-def test_t_critical_matches_scipy() -> None:
-    stats = pytest.importorskip("scipy.stats")
-    for df in (1, 2, 3, 5, 10, 29, 30, 31, 50, 100, 1000):
-        assert t_critical(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3), df
-
-
-def test_mean_ci_and_iqm_by_hand() -> None:
-    mean, half = mean_ci([1.0, 2.0, 3.0])
-    # s = 1, n = 3: half width = t_{0.975,2} / sqrt(3) = 4.303 / 1.732
-    assert mean == 2.0 and half == pytest.approx(4.303 / math.sqrt(3))
-    assert math.isnan(mean_ci([5.0])[1])
-    # 8 values: drop the 2 lowest and 2 highest
-    assert iqm([100, 1, 2, 3, 4, 5, 6, -50]) == pytest.approx((2 + 3 + 4 + 5) / 4)
-    assert iqm([7.0]) == 7.0
-
-
-def _summary(algo: str, mean: float, ci: float) -> AlgoSummary:
-    return AlgoSummary(algo=algo, seeds=3, mean=mean, ci=ci, iqm=mean, fps=1.0, wall_s=1.0, timesteps=1.0)
-
-
-def test_winner_needs_separated_intervals() -> None:
-    clear = {"ppo": _summary("ppo", 500, 5), "trpo": _summary("trpo", 300, 50)}
-    assert winner(clear).startswith("ppo")
-    overlap = {"ppo": _summary("ppo", 500, 150), "trpo": _summary("trpo", 400, 50), "acktr": _summary("acktr", 100, 1)}
-    text = winner(overlap)
-    assert text.startswith("no clear winner") and "trpo" in text and "acktr" not in text
-    single_seed = {"ppo": _summary("ppo", 500, math.nan), "trpo": _summary("trpo", 100, math.nan)}
-    assert winner(single_seed).startswith("no clear winner")
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"executor": "dask"}, "Invalid executor: 'dask'; expected 'local' or 'ray'"),
+        ({"ray_address": "auto"}, "Invalid ray_address: 'auto'; it needs executor 'ray'"),
+        ({"workers": 0}, "Invalid workers: 0; expected an integer >= 1"),
+        ({"workers": True}, "Invalid workers: True; expected an integer >= 1"),
+    ],
+)
+def test_run_experiment_refuses_bad_arguments_before_writing_anything(
+    tmp_path: Path, kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError) as error:
+        run_experiment(_tiny_experiment(), tmp_path / "out", progress=False, **kwargs)
+    assert str(error.value) == message
+    assert not (tmp_path / "out").exists()

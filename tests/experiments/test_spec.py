@@ -1,0 +1,74 @@
+"""trpo_lab.experiments.spec: experiment specs, their validation, command-line overrides, the grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trpo_lab.experiments import experiment_from_dict, load_experiment
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_command_line_overrides_reshape_the_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRPO_LAB_PRESETS", str(ROOT))
+    experiment = load_experiment(None).with_overrides(algos=["PPO", "npg"], envs=["Acrobot-v1"], seeds=2, steps=1234)
+    runs = experiment.runs("out")
+    assert [(r.algo, r.env_id, r.seed) for r in runs] == [
+        ("ppo", "Acrobot-v1", 0), ("ppo", "Acrobot-v1", 1), ("npg", "Acrobot-v1", 0), ("npg", "Acrobot-v1", 1)
+    ]
+    assert {r.total_timesteps for r in runs} == {1234}
+    # Acrobot's settings come from its suite entry (envs/classic.toml), the agent tables on top
+    ppo = runs[0]
+    assert ppo.hyperparameters["normalize_obs"] is True and ppo.n_envs == 16
+    assert ppo.run_dir == Path("out/runs/Acrobot-v1-ppo-seed0")
+    assert ppo.key == "Acrobot-v1-ppo-seed0"
+    assert "run_dir" not in ppo.settings() and ppo.settings()["total_timesteps"] == 1234
+
+
+def test_budgets_come_from_the_experiment_then_the_suite(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRPO_LAB_PRESETS", str(ROOT))
+    spec = {"algos": ["trpo"], "suite": "classic", "envs": ["CartPole-v1", "Pendulum-v1"],
+            "steps": {"CartPole-v1": 777}, "seeds": [5, 9]}
+    experiment = experiment_from_dict(spec, name="x", origin="test")
+    assert experiment.steps == {"CartPole-v1": 777, "Pendulum-v1": 200_000}
+    assert experiment.seeds == [5, 9]
+    with pytest.raises(ValueError, match="not in suite"):
+        experiment_from_dict({**spec, "envs": ["Hopper-v5"]}, name="x", origin="test")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"steps": 0}, "steps for CartPole-v1 is 0; expected an integer >= 1"),
+        ({"steps": {"CartPole-v1": True}}, "steps for CartPole-v1 is True; expected an integer >= 1"),
+        ({"steps": {"Acrobot-v1": 5}}, "steps given for ['Acrobot-v1'], which it does not run"),
+        ({"eval_episodes": 0}, "eval_episodes 0; expected an integer >= 1"),
+        ({"workers": 1.5}, "workers 1.5; expected an integer >= 1"),
+        ({"seeds": [1, 1]}, "seeds [1, 1]; expected distinct integers"),
+        ({"seeds": True}, "seeds True; expected a count or a list of integers"),
+        ({"algos": ["ppo", "PPO"]}, "has duplicates"),
+        ({"algos": []}, "algos is empty"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_key_and_the_value(changes: dict[str, Any], message: str) -> None:
+    spec = {"algos": ["ppo"], "envs": ["CartPole-v1"], **changes}
+    with pytest.raises(ValueError) as error:
+        experiment_from_dict(spec, name="x", origin="test")
+    assert str(error.value).startswith("Invalid experiment test: ") and message in str(error.value)
+
+
+def test_the_resolved_spec_round_trips_through_toml(tmp_path: Path) -> None:
+    experiment = experiment_from_dict(
+        {"algos": ["ppo", "trpo"], "envs": ["CartPole-v1"], "seeds": [3, 4], "steps": 900, "eval_episodes": 2,
+         "description": "round trip"},
+        name="x", origin="test",
+    )
+    path = tmp_path / "resolved.toml"
+    path.write_text(experiment.to_toml())
+    again = load_experiment(path)
+    assert (again.algos, again.seeds, again.steps, again.eval_episodes, again.description) == (
+        experiment.algos, experiment.seeds, experiment.steps, experiment.eval_episodes, experiment.description
+    )

@@ -1,0 +1,264 @@
+"""Experiment specs: the TOML file of a compare, validated, and the grid of runs it asks for.
+
+An experiment spec has the keys::
+
+    description = "..."                  # optional, shown in the report
+    algos = ["trpo", "acktr", "ppo"]
+    suite = "classic"                    # envs/classic.toml: per-env budget, n_envs, normalization
+    envs = ["CartPole-v1"]               # optional subset of the suite (default: all of it)
+    seeds = 3                            # or a list of seeds, e.g. [0, 1, 2]
+    steps = 50000                        # optional budget for every env, or a table per env id
+    eval_episodes = 10                   # deterministic evaluation episodes per final agent
+    workers = 2                          # optional default for --workers
+
+:func:`load_experiment` reads one (a file, a name in ``experiments/`` or a built-in),
+:meth:`Experiment.with_overrides` applies the command line, and :meth:`Experiment.runs`
+resolves the grid (env-major) against the agent presets into :class:`RunSpec` cells.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from trpo_lab.presets import BUILTIN_EXPERIMENTS, experiment_names, load_preset, load_suite, preset_file, suite_entry
+from trpo_lab.validation import is_int
+
+__all__ = ["DEFAULT_TIMESTEPS", "RunSpec", "Experiment", "load_experiment", "experiment_from_dict"]
+
+DEFAULT_TIMESTEPS = 100_000
+_EXPERIMENT_KEYS = ("description", "algos", "suite", "envs", "seeds", "steps", "eval_episodes", "workers")
+
+
+@dataclass(kw_only=True)
+class RunSpec:
+    """One cell of the grid: everything a worker needs to train and evaluate one agent."""
+
+    algo: str
+    env_id: str
+    seed: int
+    total_timesteps: int
+    n_envs: int
+    vectorization: str
+    hyperparameters: dict[str, Any]
+    eval_episodes: int
+    run_dir: Path
+
+    @property
+    def key(self) -> str:
+        """``<ENV>-<algo>-seed<S>``: the run's name, and its folder under ``runs/``."""
+        return f"{self.env_id}-{self.algo}-seed{self.seed}"
+
+    def settings(self) -> dict[str, Any]:
+        """What the run was asked to do, as JSON data (stored in ``spec.json``, compared on rerun)."""
+        data = asdict(self)
+        del data["run_dir"]
+        result: dict[str, Any] = json.loads(json.dumps(data))
+        return result
+
+
+@dataclass(kw_only=True)
+class Experiment:
+    """A validated experiment spec (see the module docstring for the TOML keys).
+
+    Attributes:
+        envs: Env id -> its suite entry (budget, ``n_envs``, normalization), in run order.
+        steps: Env id -> the budget every algorithm gets on it.
+    """
+
+    name: str
+    origin: str
+    description: str = ""
+    suite: str | None = None
+    algos: list[str]
+    envs: dict[str, dict[str, Any]]
+    seeds: list[int]
+    steps: dict[str, int]
+    eval_episodes: int = 10
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        from trpo_lab.config import config_class
+        from trpo_lab.envs import check_env_id
+
+        where = f"experiment {self.origin}"
+        if not self.algos:
+            raise ValueError(f"Invalid {where}: algos is empty; expected at least one of trpo, npg, acktr, ppo")
+        for algo in self.algos:
+            config_class(algo)
+        if len(set(self.algos)) != len(self.algos):
+            raise ValueError(f"Invalid {where}: algos {self.algos} has duplicates")
+        if not self.envs:
+            raise ValueError(f"Invalid {where}: no environments")
+        for env_id in self.envs:
+            check_env_id(env_id)
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"Invalid {where}: seeds {self.seeds}; expected distinct integers")
+        for env_id, budget in self.steps.items():
+            if not is_int(budget) or budget < 1:
+                raise ValueError(f"Invalid {where}: steps for {env_id} is {budget!r}; expected an integer >= 1")
+        if not is_int(self.eval_episodes) or self.eval_episodes < 1:
+            raise ValueError(f"Invalid {where}: eval_episodes {self.eval_episodes!r}; expected an integer >= 1")
+        if self.workers is not None and (not is_int(self.workers) or self.workers < 1):
+            raise ValueError(f"Invalid {where}: workers {self.workers!r}; expected an integer >= 1")
+
+    def with_overrides(
+        self,
+        algos: Sequence[str] | None = None,
+        envs: Sequence[str] | None = None,
+        seeds: int | None = None,
+        steps: int | None = None,
+        eval_episodes: int | None = None,
+    ) -> Experiment:
+        """The same experiment with command-line overrides applied (``seeds=N`` means 0..N-1)."""
+        changes: dict[str, Any] = {}
+        if algos is not None:
+            changes["algos"] = [a.lower() for a in algos]
+        if envs is not None:
+            changes["envs"] = {
+                env_id: self.envs[env_id] if env_id in self.envs else _any_suite_entry(env_id) for env_id in envs
+            }
+            changes["steps"] = {env_id: _budget(env_id, changes["envs"][env_id], self.steps) for env_id in envs}
+            if not set(envs) <= set(self.envs):
+                changes["suite"] = None  # the envs now come from whichever suite lists them
+        if seeds is not None:
+            if seeds < 1:
+                raise ValueError(f"Invalid --seeds: {seeds}; expected >= 1")
+            changes["seeds"] = list(range(seeds))
+        if steps is not None:
+            changes["steps"] = {env_id: steps for env_id in changes.get("envs", self.envs)}
+        if eval_episodes is not None:
+            changes["eval_episodes"] = eval_episodes
+        return replace(self, **changes)
+
+    def runs(self, out_dir: str | Path) -> list[RunSpec]:
+        """The grid, env-major, resolved against the agent presets."""
+        out = Path(out_dir)
+        specs = []
+        for env_id, entry in self.envs.items():
+            for algo in self.algos:
+                hyperparameters, run = load_preset(algo, env_id, suite=entry)
+                for seed in self.seeds:
+                    spec = RunSpec(
+                        algo=algo,
+                        env_id=env_id,
+                        seed=seed,
+                        total_timesteps=self.steps[env_id],
+                        n_envs=int(run.get("n_envs", 8)),
+                        vectorization=str(run.get("vectorization", "sync")),
+                        hyperparameters=hyperparameters,
+                        eval_episodes=self.eval_episodes,
+                        run_dir=out / "runs" / f"{env_id}-{algo}-seed{seed}",
+                    )
+                    specs.append(spec)
+        return specs
+
+    def to_toml(self) -> str:
+        """The resolved spec as TOML (written to ``experiment.toml`` in the compare folder)."""
+        import tomli_w
+
+        data: dict[str, Any] = {"description": self.description, "algos": self.algos}
+        if self.suite is not None:
+            data["suite"] = self.suite
+        data.update(envs=list(self.envs), seeds=self.seeds, eval_episodes=self.eval_episodes, steps=self.steps)
+        return f"# {self.name}, resolved from {self.origin} and the command line\n" + tomli_w.dumps(data)
+
+
+def _any_suite_entry(env_id: str) -> dict[str, Any]:
+    from trpo_lab.envs import check_env_id
+
+    check_env_id(env_id)
+    return suite_entry(env_id)
+
+
+def _budget(env_id: str, entry: Mapping[str, Any], steps: Mapping[str, int]) -> int:
+    if env_id in steps:
+        return steps[env_id]
+    return int(entry.get("total_timesteps", DEFAULT_TIMESTEPS))
+
+
+def load_experiment(source: str | Path | None = None) -> Experiment:
+    """Read an experiment: a TOML file path, a name in ``experiments/``, or ``None`` for ``default``.
+
+    Raises:
+        ValueError: missing or unreadable file, unknown name, key, algorithm, suite or env.
+    """
+    from trpo_lab.config import load_toml
+
+    name = "default" if source is None else str(source)
+    path = Path(name)
+    if source is not None and (path.suffix == ".toml" or path.exists() or os.sep in name):
+        data, origin, name = load_toml(path), str(path), path.stem
+    else:
+        found = preset_file("experiments", name)
+        if found is not None:
+            data, origin = load_toml(found), str(found)
+        elif name in BUILTIN_EXPERIMENTS:
+            data, origin = BUILTIN_EXPERIMENTS[name], f"built-in experiment {name!r}"
+        else:
+            raise ValueError(
+                f"Unknown experiment {name!r}; expected a TOML file or one of {', '.join(experiment_names())}"
+            )
+    return experiment_from_dict(data, name=name, origin=origin)
+
+
+def experiment_from_dict(data: Mapping[str, Any], name: str, origin: str) -> Experiment:
+    """Validate the TOML data of an experiment spec."""
+    unknown = sorted(set(data) - set(_EXPERIMENT_KEYS))
+    if unknown:
+        raise ValueError(f"Invalid experiment {origin}: unknown key(s) {unknown}; expected some of {list(_EXPERIMENT_KEYS)}")
+    algos = data.get("algos")
+    if not isinstance(algos, list) or not all(isinstance(a, str) for a in algos):
+        raise ValueError(f"Invalid experiment {origin}: algos must be a list of names, got {algos!r}")
+    suite: dict[str, dict[str, Any]] = {}
+    if "suite" in data:
+        if not isinstance(data["suite"], str):
+            raise ValueError(f"Invalid experiment {origin}: suite must be the name of a file in envs/, got {data['suite']!r}")
+        suite, _ = load_suite(data["suite"])
+    env_ids = data.get("envs", list(suite))
+    if not isinstance(env_ids, list) or not all(isinstance(e, str) for e in env_ids):
+        raise ValueError(f"Invalid experiment {origin}: envs must be a list of environment ids, got {env_ids!r}")
+    envs: dict[str, dict[str, Any]] = {}
+    for env_id in env_ids:
+        if suite and env_id not in suite:
+            raise ValueError(
+                f"Invalid experiment {origin}: env {env_id!r} is not in suite {data['suite']!r} "
+                f"({', '.join(suite)})"
+            )
+        envs[env_id] = dict(suite[env_id]) if suite else _any_suite_entry(env_id)
+    seeds_value = data.get("seeds", 3)
+    if is_int(seeds_value):
+        if seeds_value < 1:
+            raise ValueError(f"Invalid experiment {origin}: seeds {seeds_value}; expected >= 1 or a list")
+        seeds = list(range(seeds_value))
+    elif isinstance(seeds_value, list) and all(is_int(s) for s in seeds_value):
+        seeds = list(seeds_value)
+    else:
+        raise ValueError(f"Invalid experiment {origin}: seeds {seeds_value!r}; expected a count or a list of integers")
+    steps_value = data.get("steps", {})
+    if is_int(steps_value):
+        explicit = {env_id: steps_value for env_id in envs}
+    elif isinstance(steps_value, Mapping):
+        explicit = dict(steps_value)
+        stray = sorted(set(explicit) - set(envs))
+        if stray:
+            raise ValueError(f"Invalid experiment {origin}: steps given for {stray}, which it does not run")
+    else:
+        raise ValueError(f"Invalid experiment {origin}: steps {steps_value!r}; expected an integer or a table per env")
+    steps = {env_id: _budget(env_id, entry, explicit) for env_id, entry in envs.items()}
+    return Experiment(
+        name=name,
+        origin=origin,
+        description=str(data.get("description", "")),
+        suite=data.get("suite"),
+        algos=[a.lower() for a in algos],
+        envs=envs,
+        seeds=seeds,
+        steps=steps,
+        eval_episodes=data.get("eval_episodes", 10),
+        workers=data.get("workers"),
+    )
