@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
+import trpo_lab.optim
 from trpo_lab.optim._flat import all_finite, any_nonfinite, clip_grad_norm_
 
 
@@ -25,12 +29,31 @@ def test_all_finite_finds_one_bad_element_and_changes_nothing(dtype: torch.dtype
     assert all_finite([])
 
 
-def test_all_finite_without_the_fused_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delattr(torch, "_amp_foreach_non_finite_check_and_unscale_")
-    tensors = [torch.tensor([1e300], dtype=torch.float64), torch.ones(3)]
+def test_all_finite_with_mixed_dtypes_keeps_each_dtypes_range() -> None:
+    tensors = [torch.tensor([1e300], dtype=torch.float64), torch.ones(3), torch.full((2,), 6e4, dtype=torch.float16)]
     assert all_finite(tensors)  # no float32 cast on the way: 1e300 stays finite
+    assert any_nonfinite(tensors).dtype == torch.get_default_dtype() and any_nonfinite(tensors).shape == (1,)
     tensors[1][2] = float("nan")
     assert not all_finite(tensors)
+    assert any_nonfinite(tensors).item() == 1.0
+
+
+def test_all_finite_ignores_autograd_and_builds_no_graph() -> None:
+    param = torch.nn.Parameter(torch.ones(3))
+    flag = any_nonfinite([param * 2.0, param])
+    assert not flag.requires_grad and flag.item() == 0.0
+
+
+def test_optim_uses_no_private_torch_api() -> None:
+    """Private torch operators (``torch._foreach_*``, ``torch._amp_*``) change without notice."""
+    package = Path(trpo_lab.optim.__file__).parent
+    offenders = [
+        f"{path.name}:{number}: {line.strip()}"
+        for path in sorted(package.glob("*.py"))
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if re.search(r"\btorch\._[a-z]", line)
+    ]
+    assert offenders == []
 
 
 @pytest.mark.parametrize("max_norm", [0.1, 1.0, 100.0])
@@ -43,10 +66,11 @@ def test_clip_grad_norm_matches_torch(max_norm: float) -> None:
     ours[1].grad = None  # parameters without a gradient are skipped
     theirs[1].grad = None
     norm = clip_grad_norm_(ours, max_norm)
-    torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(theirs, max_norm))
+    # Bitwise: the same per-tensor norms, the same scale, so runs clip exactly as torch would.
+    assert torch.equal(norm, torch.nn.utils.clip_grad_norm_(theirs, max_norm))
     for a, b in zip(ours, theirs):
         if a.grad is not None:
-            torch.testing.assert_close(a.grad, b.grad)
+            assert torch.equal(a.grad, b.grad)
 
 
 def test_clip_grad_norm_mixed_dtypes_and_no_gradients() -> None:
