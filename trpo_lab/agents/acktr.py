@@ -10,8 +10,10 @@ returns for ``gae_lambda = 1``, GAE otherwise) and returns R:
     ν       = min(1, sqrt(κ / (η² gᵀV)))                  (κ = ``kl_clip`` / ``vf_kl_clip``)
     m       ← μ m + (1 − μ) ν V,   params ← params − η m  (μ = ``momentum``, η = ``learning_rate``)
 
-with one :class:`~trpo_lab.optim.KFAC` for the actor and one for the critic. Their Kronecker
-factors come from a *Fisher pass* on the same forward pass (Wu et al., 2017, section 3.1):
+with one :class:`~trpo_lab.optim.KFAC` for the actor and one for the critic, held together by
+:class:`ActorCriticKFAC` (which :class:`trpo_lab.sb3.ACKTR` uses too: the two are one
+algorithm). Their Kronecker factors come from a *Fisher pass* on the same forward pass
+(Wu et al., 2017, section 3.1), :func:`sampled_fisher_loss`:
 
     actor:  −1/N Σ log π_θ(ã|s),              ã ~ π_θ(·|s)   (the true Fisher of the policy)
     critic: 1/N Σ (V_w(s) − (V_w(s) + ε))²,  ε ~ N(0, 1)     (Gauss–Newton: the Fisher of a
@@ -31,7 +33,8 @@ Design:
       4 E[J Jᵀ] (J = ∂V/∂w; the factor 4 = E[(2ε)²] comes from the squared-error Fisher loss
       above, as in the reference code), so E[(ΔV)²] ≲ κ / 4: the critic may move its values
       by about √κ / 2 (RMS) per update, 0.16 for the default 0.1. With one joint optimizer,
-      as in the reference Atari code, the value gradient would spend the policy's KL budget.
+      as in the reference Atari code, the value gradient spends the policy's KL budget;
+      ``benchmarks/acktr_joint_vs_separate.py`` compares the two forms.
     - The Gaussian log-std is a free parameter, not a Linear layer, so it falls back to the
       plain gradient inside the actor's KFAC (K-FAC's convention), still under the actor's
       KL clip and momentum. Its exact Fisher block is 2·I per action dimension (it is state
@@ -41,31 +44,201 @@ Design:
       steps the KL clip leaves alone.
     - ``lr_schedule = "linear"`` decays η linearly to 0 over the ``total_timesteps`` given to
       :meth:`ACKTR.learn` (the reference Atari setting); "constant" (default) keeps it.
-    - Data-parallel (``dist=``): the loss gradients of actor and critic are all-reduced in one
-      bucket before clipping, and both KFACs fold in the factors of every rank's Fisher pass
-      (``statistics_reducer``), so every rank takes the same step. The Fisher-pass generator
-      keeps the run's seed on every rank (each rank samples for its own states).
+    - Data-parallel: the loss gradients of actor and critic are averaged over ranks in one
+      bucket before clipping (``reducer.grads``), and both KFACs fold in the factors of every
+      rank's Fisher pass (``statistics_reducer=reducer.weighted_means``), so every rank takes
+      the same step. The Fisher-pass generator keeps the run's seed on every rank (each rank
+      samples for its own states).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar, TypeVar
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from trpo_lab.agents.base import OnPolicyAgent
-from trpo_lab.agents.trpo import explained_variance
+from trpo_lab.agents.metrics import explained_variance
 from trpo_lab.buffer import RolloutBatch
 from trpo_lab.config import ACKTRConfig
 from trpo_lab.optim._flat import clip_grad_norm_
-from trpo_lab.optim.kfac import KFAC
+from trpo_lab.optim.kfac import KFAC, StatisticsReducer
 from trpo_lab.policies import ActorCritic
 
-__all__ = ["ACKTR", "fisher_losses"]
+__all__ = ["ACKTR", "ActorCriticKFAC", "FisherLoss", "sampled_fisher_loss"]
 
 _A = TypeVar("_A", bound="ACKTR")
+
+
+# ---------------------------------------------------------------------- the Fisher loss
+
+
+class FisherLoss(NamedTuple):
+    """The two terms of ACKTR's Fisher loss (batch means, with their graphs).
+
+    Attributes:
+        policy: ``−mean log π(ã|s)`` for actions ã drawn from the current policy.
+        value: ``mean((V − (sg(V) + ε))²)`` for ε ~ N(0, 1) (a zero tensor without values).
+    """
+
+    policy: Tensor
+    value: Tensor
+
+    def total(self, value_coef: float = 1.0) -> Tensor:
+        """``policy + value_coef · value``: what one backward through both networks takes."""
+        return self.policy + value_coef * self.value
+
+
+def sampled_fisher_loss(
+    log_prob: Callable[[Tensor], Tensor],
+    sampled_actions: Tensor,
+    values: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> FisherLoss:
+    """ACKTR's *sampled* Fisher loss, the one definition (agents, SB3 adapters, TRPO's K-FAC).
+
+    The gradients of this loss at the layer outputs give K-FAC the statistics of the policy's
+    true Fisher and of the critic's Gauss–Newton matrix (Wu et al., 2017, section 3.1;
+    Martens & Grosse, 2015, section 5):
+
+        policy = −1/N Σ log π(ã|s),                 ã ~ π(·|s)
+        value  = 1/N Σ (V(s) − (sg(V(s)) + ε))²,    ε ~ N(0, 1)
+
+    E_ã[∇log π ∇log πᵀ] is the Fisher of π; with a *sampled* target the value term's
+    gradient −2ε ∂V/∂w has E[4ε² J Jᵀ] = 4 J Jᵀ, the Fisher of a unit-variance Gaussian on
+    V (Gauss–Newton), up to the factor 4 of the squared error (as in the reference code).
+
+    Args:
+        log_prob: ``a ↦ log π(a|s)`` per sample, through the policy's graph (e.g.
+            ``lambda a: dist.log_prob(dist_params, a)``, or an SB3 distribution's ``log_prob``).
+        sampled_actions: ã drawn from π(·|s) by the caller, with the policy's own sampler and
+            random stream. Detached here: a reparameterised sample must not carry ∂ã/∂θ.
+        values: V(s), one per sample (any shape, flattened), with their graph; or None for a
+            policy alone (TRPO's K-FAC curvature).
+        generator: Draws ε (the default generator when None). Drawn after ã, so the order
+            of a run's random stream is: actions, then value noise.
+    """
+    policy_term = -log_prob(sampled_actions.detach()).mean()
+    if values is None:
+        return FisherLoss(policy_term, torch.zeros((), dtype=policy_term.dtype, device=policy_term.device))
+    values = values.reshape(-1)
+    noise = torch.randn(values.shape, generator=generator, device=values.device, dtype=values.dtype)
+    return FisherLoss(policy_term, (values - (values.detach() + noise)).square().mean())
+
+
+# ---------------------------------------------------------------------- the optimizer pair
+
+
+class ActorCriticKFAC:
+    """ACKTR's optimizer: one :class:`~trpo_lab.optim.KFAC` per network, each with its own KL clip.
+
+    It reads like one ``torch.optim`` optimizer, so SB3's algorithms can hold it as
+    ``policy.optimizer``: :attr:`param_groups` (the actor's, then the critic's; setting ``lr``
+    in each, as SB3's learning-rate update does, sets both), :meth:`zero_grad`, :meth:`step`,
+    :meth:`state_dict` / :meth:`load_state_dict` (``{"actor": ..., "critic": ...}``) and
+    :meth:`track_statistics` / :meth:`record_statistics` for the Fisher pass.
+
+    :meth:`step` clips each network's gradient to ``max_grad_norm`` (the norms are
+    :attr:`last_grad_norms`), then takes both KL-clipped K-FAC steps.
+
+    Args:
+        actor: The actor's parameters as a module (its Linear/Conv2d layers are preconditioned,
+            free parameters such as a log-std take the plain gradient).
+        critic: The critic's parameters as a module.
+        lr, momentum, damping, stat_decay, inverse_every: Shared by both KFACs.
+        kl_clip: The actor's trust region κ.
+        vf_kl_clip: The critic's trust region κ, or None for no clip.
+        max_grad_norm: Per-network gradient-norm clip before preconditioning, or None.
+        statistics_reducer: Folds every rank's factors in (data-parallel), for both KFACs.
+    """
+
+    def __init__(
+        self,
+        actor: nn.Module,
+        critic: nn.Module,
+        *,
+        lr: float,
+        momentum: float,
+        damping: float,
+        stat_decay: float,
+        inverse_every: int,
+        kl_clip: float,
+        vf_kl_clip: float | None,
+        max_grad_norm: float | None,
+        statistics_reducer: StatisticsReducer | None = None,
+    ) -> None:
+        common: dict[str, Any] = {
+            "lr": lr,
+            "momentum": momentum,
+            "damping": damping,
+            "stat_decay": stat_decay,
+            "inverse_every": inverse_every,
+            "statistics_reducer": statistics_reducer,
+        }
+        self.actor = KFAC(actor, kl_clip=kl_clip, **common)
+        self.critic = KFAC(critic, kl_clip=vf_kl_clip, **common)
+        self.max_grad_norm = max_grad_norm
+        self._owner = {id(m): self.actor for m in actor.modules()} | {id(m): self.critic for m in critic.modules()}
+        self.last_grad_norms: dict[str, Tensor] = {}
+
+    @property
+    def optimizers(self) -> dict[str, KFAC]:
+        """``{"actor": KFAC, "critic": KFAC}``."""
+        return {"actor": self.actor, "critic": self.critic}
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [*self.actor.param_groups, *self.critic.param_groups]
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = lr
+
+    @contextlib.contextmanager
+    def track_statistics(self, hooks: bool = True) -> Iterator[None]:
+        """Both KFACs' :meth:`~trpo_lab.optim.KFAC.track_statistics` at once."""
+        with self.actor.track_statistics(hooks=hooks), self.critic.track_statistics(hooks=hooks):
+            yield
+
+    def record_statistics(self, module: nn.Module, inputs: Tensor, output_grads: Tensor) -> None:
+        """Hand one layer's Fisher-pass inputs and output gradients to the KFAC that owns it."""
+        optimizer = self._owner.get(id(module), self.actor)  # a foreign layer: KFAC names it
+        optimizer.record_statistics(module, inputs, output_grads)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.actor.zero_grad(set_to_none=set_to_none)
+        self.critic.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: None = None) -> None:
+        """Clip each network's gradient to ``max_grad_norm``, then step both KFACs."""
+        norms: dict[str, Tensor] = {}
+        for name, optimizer in self.optimizers.items():
+            params: list[Tensor] = optimizer.param_groups[0]["params"]
+            if self.max_grad_norm is not None:
+                norms[name] = clip_grad_norm_(params, self.max_grad_norm)
+        for optimizer in self.optimizers.values():
+            optimizer.step()
+        self.last_grad_norms = norms
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """Both :attr:`KFAC.last_stats`, as ``kfac/actor/...`` and ``kfac/critic/...``."""
+        return {
+            f"kfac/{name}/{key.removeprefix('kfac/')}": value
+            for name, optimizer in self.optimizers.items()
+            for key, value in optimizer.last_stats.items()
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        """Load :meth:`state_dict` (``strict`` is accepted for SB3's loader and ignored)."""
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(dict(state_dict[name]))
 
 
 class _ActorModule(nn.Module):
@@ -83,28 +256,7 @@ class _ActorModule(nn.Module):
             self.log_std = nn.ParameterList([policy.log_std])
 
 
-def fisher_losses(
-    policy: ActorCritic, dist_params: Tensor, values: Tensor, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The losses whose gradients give ACKTR's Kronecker factors (means over the batch).
-
-    Args:
-        policy: Supplies the action distribution.
-        dist_params: Distribution parameters of the current policy ``(N, param_dim)``, with grad.
-        values: ``V_w(s)`` ``(N,)``, with grad.
-        generator: Draws the sampled actions and the value noise.
-
-    Returns:
-        ``(actor_loss, critic_loss, sampled_actions)`` with ``actor_loss = −mean log π(ã|s)``
-        for ã ~ π(·|s) and ``critic_loss = mean((V − (V + ε))²)`` for ε ~ N(0, 1), both
-        differentiated through ``dist_params`` / ``values`` only.
-    """
-    dist = policy.distribution
-    sampled = dist.sample(dist_params.detach(), generator)
-    actor_loss = -dist.log_prob(dist_params, sampled).mean()
-    noise = torch.randn(values.shape, generator=generator, device=values.device, dtype=values.dtype)
-    critic_loss = (values - (values.detach() + noise)).square().mean()
-    return actor_loss, critic_loss, sampled
+# ---------------------------------------------------------------------- the agent
 
 
 class ACKTR(OnPolicyAgent):
@@ -134,31 +286,38 @@ class ACKTR(OnPolicyAgent):
 
     def _setup(self) -> None:
         cfg = self.config
-        common: dict[str, Any] = {
-            "lr": cfg.learning_rate,
-            "momentum": cfg.momentum,
-            "damping": cfg.damping,
-            "stat_decay": cfg.stat_decay,
-            "inverse_every": cfg.inverse_every,
-            # Data-parallel: fold the factors of every rank's Fisher pass into the averages.
-            "statistics_reducer": None if self.dist is None else self.dist.weighted_means,
-        }
-        self.actor_optimizer = KFAC(_ActorModule(self.policy), kl_clip=cfg.kl_clip, **common)
-        self.critic_optimizer = KFAC(self.policy.critic, kl_clip=cfg.vf_kl_clip, **common)
+        self.optimizer = ActorCriticKFAC(
+            _ActorModule(self.policy),
+            self.policy.critic,
+            lr=cfg.learning_rate,
+            momentum=cfg.momentum,
+            damping=cfg.damping,
+            stat_decay=cfg.stat_decay,
+            inverse_every=cfg.inverse_every,
+            kl_clip=cfg.kl_clip,
+            vf_kl_clip=cfg.vf_kl_clip,
+            max_grad_norm=cfg.max_grad_norm,
+            statistics_reducer=self.reducer.weighted_means,
+        )
         self.fisher_generator = torch.Generator(device=self.device)
         self.fisher_generator.manual_seed(self.seed + 2)
         self._schedule_timesteps: int | None = None
 
+    @property
+    def actor_optimizer(self) -> KFAC:
+        """The actor's KFAC."""
+        return self.optimizer.actor
+
+    @property
+    def critic_optimizer(self) -> KFAC:
+        """The critic's KFAC."""
+        return self.optimizer.critic
+
     def _optimizer_states(self) -> dict[str, Any]:
-        return {
-            "actor": self.actor_optimizer.state_dict(),
-            "critic": self.critic_optimizer.state_dict(),
-            "fisher_rng": self.fisher_generator.get_state(),
-        }
+        return {**self.optimizer.state_dict(), "fisher_rng": self.fisher_generator.get_state()}
 
     def _load_optimizer_states(self, states: Mapping[str, Any]) -> None:
-        self.actor_optimizer.load_state_dict(states["actor"])
-        self.critic_optimizer.load_state_dict(states["critic"])
+        self.optimizer.load_state_dict(states)
         self.fisher_generator.set_state(states["fisher_rng"])
 
     # ------------------------------------------------------------------ schedule
@@ -181,72 +340,56 @@ class ACKTR(OnPolicyAgent):
         """One forward of actor and critic, and the Fisher pass's backward on it.
 
         Statistics are recorded only here: every Linear layer's inputs from the forward and
-        the Fisher losses' gradients with respect to its outputs, taken by
+        the gradients of :func:`sampled_fisher_loss` with respect to its outputs, taken by
         ``torch.autograd.grad`` straight into the two K-FACs (``record_statistics``; no
         module hooks, and no weight gradients for the Fisher pass). The returned
         ``(dist_params, values)`` keep their graph for the loss backward.
         """
-        n_actor = sum(isinstance(m, nn.Linear) for m in self.policy.actor)
-        with self.actor_optimizer.track_statistics(hooks=False), self.critic_optimizer.track_statistics(hooks=False):
+        dist = self.policy.distribution
+        with self.optimizer.track_statistics(hooks=False):
             dist_params, values, trace = self.policy.traced_forward(obs)
-            actor_loss, critic_loss, _ = fisher_losses(self.policy, dist_params, values, self.fisher_generator)
-            output_grads = torch.autograd.grad(actor_loss + critic_loss, [out for _, _, out in trace], retain_graph=True)
-            for i, ((layer, inputs, _), grad) in enumerate(zip(trace, output_grads, strict=True)):
-                optimizer = self.actor_optimizer if i < n_actor else self.critic_optimizer
-                optimizer.record_statistics(layer, inputs, grad)
+            sampled = dist.sample(dist_params.detach(), self.fisher_generator)
+            fisher = sampled_fisher_loss(lambda a: dist.log_prob(dist_params, a), sampled, values, self.fisher_generator)
+            outputs = [out for _, _, out in trace]
+            output_grads = torch.autograd.grad(fisher.total(), outputs, retain_graph=True)
+            for (layer, inputs, _), grad in zip(trace, output_grads, strict=True):
+                self.optimizer.record_statistics(layer, inputs, grad)
         return dist_params, values
 
-    def update(self, batch: RolloutBatch) -> dict[str, float]:
+    def update(self, batch: RolloutBatch) -> dict[str, Tensor | float]:
         policy, cfg, dist = self.policy, self.config, self.policy.distribution
         obs = policy.preprocess(batch.observations)
         advantages = batch.advantages
         if cfg.normalize_advantage:
-            advantages = self._normalize_advantages(advantages)
+            advantages = self.reducer.normalize_advantages(advantages)
         lr = self.current_learning_rate()
-        optimizers = (self.actor_optimizer, self.critic_optimizer)
-        for optimizer in optimizers:
-            optimizer.param_groups[0]["lr"] = lr
+        self.optimizer.set_lr(lr)
 
         dist_params, values = self.forward_with_fisher_pass(obs)
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         log_probs = dist.log_prob(dist_params, batch.actions)
         entropy = dist.entropy(dist_params).mean()
         policy_loss = -(log_probs * advantages).mean()
         value_loss = nn.functional.mse_loss(values, batch.returns)
         loss = policy_loss - cfg.ent_coef * entropy + cfg.vf_coef * value_loss
         loss.backward()
-        self._all_reduce_grads([*policy.actor_parameters(), *policy.critic_parameters()])  # data-parallel: one bucket
-        actor_grad_norm = clip_grad_norm_(policy.actor_parameters(), cfg.max_grad_norm)
-        critic_grad_norm = clip_grad_norm_(policy.critic_parameters(), cfg.max_grad_norm)
-        for optimizer in optimizers:
-            optimizer.step()
+        self.reducer.grads([*policy.actor_parameters(), *policy.critic_parameters()])  # one bucket
+        self.optimizer.step()
 
         with torch.no_grad():
-            old_params = dist_params.detach()
-            kl = dist.kl(old_params, policy.dist_params(obs)).mean()
-            metrics: dict[str, Tensor] = {
-                "train/policy_loss": policy_loss.detach(),
-                "train/value_loss": value_loss.detach(),
-                "train/entropy": entropy.detach(),
-                "train/explained_variance": explained_variance(batch.values, batch.returns),
-                "train/kl": kl,
-                "train/actor_grad_norm": actor_grad_norm,
-                "train/critic_grad_norm": critic_grad_norm,
-            }
-            if policy.log_std is not None:
-                metrics["train/std"] = policy.log_std.exp().mean()
-        keys = list(metrics)
-        values_host = torch.stack([metrics[k].float().reshape(()) for k in keys]).cpu().tolist()
-        result = dict(zip(keys, values_host))
-        result["train/learning_rate"] = lr
-        result.update(self._curvature_metrics())
-        return result
-
-    def _curvature_metrics(self) -> dict[str, float]:
-        """``kfac/actor/...`` and ``kfac/critic/...``: both optimizers' :attr:`KFAC.last_stats`."""
-        metrics: dict[str, float] = {}
-        for name, optimizer in (("actor", self.actor_optimizer), ("critic", self.critic_optimizer)):
-            for key, value in optimizer.last_stats.items():
-                metrics[f"kfac/{name}/{key.removeprefix('kfac/')}"] = value
+            kl = dist.kl(dist_params.detach(), policy.dist_params(obs)).mean()
+        metrics: dict[str, Tensor | float] = {
+            "train/policy_loss": policy_loss.detach(),
+            "train/value_loss": value_loss.detach(),
+            "train/entropy": entropy.detach(),
+            "train/explained_variance": explained_variance(batch.values, batch.returns),
+            "train/kl": kl,
+            "train/actor_grad_norm": self.optimizer.last_grad_norms["actor"],
+            "train/critic_grad_norm": self.optimizer.last_grad_norms["critic"],
+        }
+        if policy.log_std is not None:
+            metrics["train/std"] = policy.log_std.detach().exp().mean()
+        metrics["train/learning_rate"] = lr
+        metrics.update(self.optimizer.last_stats)
         return metrics
+

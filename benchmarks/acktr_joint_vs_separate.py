@@ -1,0 +1,233 @@
+"""ACKTR with one joint K-FAC (actor and critic together) against two separate ones.
+
+The two forms of ACKTR that trpo_lab used to ship, on the same seeds, presets and budgets:
+
+``separate``  :class:`trpo_lab.agents.ACKTR`: one :class:`~trpo_lab.optim.KFAC` for the actor
+              (trust region ``kl_clip``) and one for the critic (``vf_kl_clip``), gradient norms
+              clipped per network.
+``joint``     the form of the reference Atari code and of the former ``trpo_lab.sb3.ACKTR``:
+              one KFAC over actor and critic, one KL clip ``kl_clip`` on their summed
+              ``η² gᵀF̂⁻¹g``, one gradient-norm clip over all parameters.
+
+Everything else is shared: the same Fisher pass (sampled actions, Gauss–Newton value noise),
+the same loss, the preset's hyperparameters (``agents/acktr.toml``), the same rollout seeds.
+Each run reports its final deterministic return (mean of ``--eval-episodes`` episodes, on
+evaluation seeds that depend only on the run's seed) and its wall time; the summary gives,
+per env and form, the mean over seeds ± the 95% Student-t half-width, and the paired
+difference joint − separate.
+
+Results are appended, one JSON line per finished run, to ``--out`` (so a long run can be
+read while it goes), then summarised there and on stdout::
+
+    nice python benchmarks/acktr_joint_vs_separate.py \\
+        --envs CartPole-v1:100000 Pendulum-v1:200000 HalfCheetah-v5:200000 --seeds 0 1 2 \\
+        --out benchmarks/results/acktr_joint_vs_separate.jsonl
+    python benchmarks/acktr_joint_vs_separate.py --summarize benchmarks/results/acktr_joint_vs_separate.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from scipy import stats
+from torch import Tensor, nn
+
+from trpo_lab.agents.acktr import ACKTR
+from trpo_lab.optim.kfac import KFAC
+from trpo_lab.presets import load_preset
+
+FORMS = ("separate", "joint")
+
+
+class _JointModule(nn.Module):
+    """Actor network, free log-std and critic: the parameters of the one joint KFAC."""
+
+    def __init__(self, agent: ACKTR) -> None:
+        super().__init__()
+        self.actor = agent.policy.actor
+        if agent.policy.log_std is not None:
+            self.log_std = nn.ParameterList([agent.policy.log_std])
+        self.critic = agent.policy.critic
+
+
+class JointACKTR(ACKTR):
+    """ACKTR with one KFAC over actor and critic (kl_clip on the sum), one gradient clip."""
+
+    def _setup(self) -> None:
+        super()._setup()
+        cfg = self.config
+        joint = KFAC(
+            _JointModule(self),
+            lr=cfg.learning_rate,
+            momentum=cfg.momentum,
+            damping=cfg.damping,
+            kl_clip=cfg.kl_clip,
+            stat_decay=cfg.stat_decay,
+            inverse_every=cfg.inverse_every,
+        )
+        # The Fisher pass records every layer into the one optimizer.
+        self.actor_optimizer = self.critic_optimizer = joint
+
+    def forward_with_fisher_pass(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """The same Fisher pass as ACKTR's, every layer's statistics into the one KFAC."""
+        from trpo_lab.agents.acktr import fisher_losses
+
+        optimizer = self.actor_optimizer
+        with optimizer.track_statistics(hooks=False):
+            dist_params, values, trace = self.policy.traced_forward(obs)
+            actor_loss, critic_loss, _ = fisher_losses(self.policy, dist_params, values, self.fisher_generator)
+            output_grads = torch.autograd.grad(actor_loss + critic_loss, [out for _, _, out in trace], retain_graph=True)
+            for (layer, inputs, _), grad in zip(trace, output_grads, strict=True):
+                optimizer.record_statistics(layer, inputs, grad)
+        return dist_params, values
+
+    def update(self, batch: Any) -> dict[str, float]:
+        from trpo_lab.agents.metrics import explained_variance
+        from trpo_lab.optim._flat import clip_grad_norm_
+
+        policy, cfg, dist = self.policy, self.config, self.policy.distribution
+        optimizer = self.actor_optimizer
+        obs = policy.preprocess(batch.observations)
+        advantages = batch.advantages
+        if cfg.normalize_advantage:
+            advantages = self.reducer.normalize_advantages(advantages)
+        optimizer.param_groups[0]["lr"] = self.current_learning_rate()
+        dist_params, values = self.forward_with_fisher_pass(obs)
+        optimizer.zero_grad(set_to_none=True)
+        log_probs = dist.log_prob(dist_params, batch.actions)
+        entropy = dist.entropy(dist_params).mean()
+        policy_loss = -(log_probs * advantages).mean()
+        value_loss = nn.functional.mse_loss(values, batch.returns)
+        (policy_loss - cfg.ent_coef * entropy + cfg.vf_coef * value_loss).backward()
+        clip_grad_norm_([*policy.actor_parameters(), *policy.critic_parameters()], cfg.max_grad_norm)
+        optimizer.step()
+        with torch.no_grad():
+            kl = dist.kl(dist_params.detach(), policy.dist_params(obs)).mean()
+        metrics: dict[str, Tensor] = {
+            "train/policy_loss": policy_loss.detach(),
+            "train/value_loss": value_loss.detach(),
+            "train/explained_variance": explained_variance(batch.values, batch.returns),
+            "train/kl": kl,
+        }
+        return {key: float(value) for key, value in metrics.items()}
+
+
+CLASSES: dict[str, type[ACKTR]] = {"separate": ACKTR, "joint": JointACKTR}
+
+
+def run_one(form: str, env_id: str, steps: int, seed: int, eval_episodes: int) -> dict[str, Any]:
+    """Train one agent from the preset and evaluate it deterministically."""
+    hyperparameters, run = load_preset("acktr", env_id)
+    agent = CLASSES[form](env_id, n_envs=int(run.get("n_envs", 8)), seed=seed, device="cpu", **hyperparameters)
+    start = time.perf_counter()
+    agent.learn(steps, tensorboard=False)
+    wall = time.perf_counter() - start
+    returns = agent.evaluate(eval_episodes, deterministic=True, seed=10_000 + seed)
+    agent.close()
+    return {
+        "form": form,
+        "env": env_id,
+        "seed": seed,
+        "steps": agent.num_timesteps,
+        "final_return": float(returns.mean()),
+        "wall_s": wall,
+    }
+
+
+def _ci95(values: Sequence[float]) -> float:
+    if len(values) < 2:
+        return math.nan
+    return float(stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
+
+
+def summarize(rows: list[dict[str, Any]]) -> str:
+    """Per env: mean ± 95% CI of final return and wall time per form, and the paired difference."""
+    lines = [
+        "| env | form | seeds | final return (mean ± 95% CI) | wall s (mean) |",
+        "|---|---|---|---|---|",
+    ]
+    envs = list(dict.fromkeys(row["env"] for row in rows))
+    paired: list[str] = []
+    for env_id in envs:
+        by_form = {form: {r["seed"]: r for r in rows if r["env"] == env_id and r["form"] == form} for form in FORMS}
+        for form in FORMS:
+            runs = list(by_form[form].values())
+            if not runs:
+                continue
+            ret = [r["final_return"] for r in runs]
+            wall = [r["wall_s"] for r in runs]
+            seeds = ",".join(str(s) for s in sorted(by_form[form]))
+            lines.append(
+                f"| {env_id} | {form} | {seeds} | {statistics.mean(ret):.1f} ± {_ci95(ret):.1f} | {statistics.mean(wall):.0f} |"
+            )
+        common = sorted(set(by_form["joint"]) & set(by_form["separate"]))
+        if common:
+            diff = [by_form["joint"][s]["final_return"] - by_form["separate"][s]["final_return"] for s in common]
+            ratio = statistics.mean(by_form["joint"][s]["wall_s"] for s in common) / statistics.mean(
+                by_form["separate"][s]["wall_s"] for s in common
+            )
+            paired.append(
+                f"- {env_id}: joint − separate = {statistics.mean(diff):+.1f} ± {_ci95(diff):.1f} "
+                f"(paired over seeds {common}); wall time joint / separate = {ratio:.2f}x"
+            )
+    return "\n".join([*lines, "", *paired])
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for row in rows if "form" in row]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--envs",
+        nargs="+",
+        default=["CartPole-v1:100000", "Pendulum-v1:200000", "HalfCheetah-v5:200000"],
+        help="ENV:STEPS entries",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS)
+    parser.add_argument("--eval-episodes", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/acktr_joint_vs_separate.jsonl"))
+    parser.add_argument("--summarize", type=Path, default=None, help="only print the summary of a results file")
+    args = parser.parse_args()
+    if args.summarize is not None:
+        print(summarize(_read(args.summarize)))
+        return
+    torch.set_num_threads(args.threads)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    header = {"header": True, "commit": commit, "argv": vars(args) | {"out": str(args.out)}, "torch": torch.__version__,
+              "machine": platform.platform(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with args.out.open("a") as fh:
+        fh.write(json.dumps(header, default=str) + "\n")
+    for entry in args.envs:
+        env_id, _, steps = entry.rpartition(":")
+        for seed in args.seeds:
+            for form in args.forms:  # interleaved, so a partial file still compares like with like
+                row = run_one(form, env_id, int(steps), seed, args.eval_episodes)
+                print(json.dumps(row), flush=True)
+                with args.out.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+    print(summarize(_read(args.out)))
+
+
+if __name__ == "__main__":
+    main()
