@@ -12,15 +12,14 @@ are not timed:
   samples of all ranks; with the preset's, N ranks would take N times the critic steps);
 * ``N x n_envs/N``: N ranks sharing the baseline's environments: the same batch per update
   as one process (strong scaling: the same training, run faster);
-* with ``--gloo``, the weak-scaling case again with every all-reduce through gloo's TCP
-  loopback instead of the shared-memory transport (``init_distributed(shared_memory=False)``).
 * with ``--same-batch-size``, the weak-scaling case again with the preset's ``batch_size``.
 
-Throughput is env steps of all ranks per second of rank 0's wall clock; the figures that
-matter are the ratios of medians. Rank 0 also reports the bytes it all-reduced per update
-(``dist/bytes_reduced``) and the number of all-reduce calls.
+Every collective goes through gloo (torch.distributed), on the CPU. Throughput is env steps of
+all ranks per second of rank 0's wall clock; the figures that matter are the ratios of
+medians. Rank 0 also reports the bytes it reduced or gathered per update
+(``dist/bytes_reduced``) and the number of collectives.
 
-    python benchmarks/distributed_scaling.py --env HalfCheetah-v5 --updates 5 --repeats 3 --gloo
+    python benchmarks/distributed_scaling.py --env HalfCheetah-v5 --updates 5 --repeats 3
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ def _free_port() -> int:
 
 
 def _worker(
-    rank: int, world: int, envs_per_rank: int, shared_memory: bool, batch_scale: int, port: int, args: Any, out: str
+    rank: int, world: int, envs_per_rank: int, batch_scale: int, port: int, args: Any, out: str
 ) -> None:
     from trpo_lab.agents.trpo import TRPO
     from trpo_lab.distributed import init_distributed
@@ -53,7 +52,7 @@ def _worker(
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    ctx = init_distributed("gloo", timeout_s=300, shared_memory=None if shared_memory else False) if world > 1 else None
+    ctx = init_distributed("gloo", timeout_s=300) if world > 1 else None
     hyperparameters, _ = load_preset("trpo", args.env)
     hyperparameters["batch_size"] = batch_scale * int(hyperparameters.get("batch_size", 64))
     agent = TRPO(args.env, n_envs=envs_per_rank, seed=0, dist=ctx, **hyperparameters)
@@ -76,7 +75,6 @@ def _worker(
                 "bytes_per_update": statistics.median(m[3] for m in marks[args.warmup:]),
                 "reductions_per_update": (r1 - r0) / timed,
                 "parameters": sum(p.numel() for p in agent.policy.parameters()),
-                "transport": "shared memory" if ctx is not None and ctx.transport is not None else "gloo",
             },
             Path(out) / "result.pt",
         )
@@ -85,11 +83,11 @@ def _worker(
 
 
 def _run(
-    world: int, envs_per_rank: int, shared_memory: bool, batch_scale: int, args: argparse.Namespace, out: str
+    world: int, envs_per_rank: int, batch_scale: int, args: argparse.Namespace, out: str
 ) -> dict[str, Any]:
     mp.start_processes(
         _worker,
-        args=(world, envs_per_rank, shared_memory, batch_scale, _free_port(), args, out),
+        args=(world, envs_per_rank, batch_scale, _free_port(), args, out),
         nprocs=world,
         start_method="spawn",
         join=True,
@@ -105,7 +103,6 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=5, help="timed updates per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed updates at the start of each run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration, interleaved")
-    parser.add_argument("--gloo", action="store_true", help="also run the weak-scaling case through gloo only")
     parser.add_argument("--same-batch-size", action="store_true",
                         help="also run the weak-scaling case with the preset's batch_size")
     args = parser.parse_args()
@@ -114,16 +111,14 @@ def main() -> None:
 
     n_envs = int(load_preset("trpo", args.env)[1].get("n_envs", 8))
     n = args.nproc
-    configs: dict[str, tuple[int, int, bool, int]] = {
-        "1 process": (1, n_envs, True, 1),
-        f"{n} x {n_envs} envs": (n, n_envs, True, n),
+    configs: dict[str, tuple[int, int, int]] = {
+        "1 process": (1, n_envs, 1),
+        f"{n} x {n_envs} envs": (n, n_envs, n),
     }
     if n_envs % n == 0:
-        configs[f"{n} x {n_envs // n} envs"] = (n, n_envs // n, True, 1)
-    if args.gloo:
-        configs[f"{n} x {n_envs} envs, gloo"] = (n, n_envs, False, n)
+        configs[f"{n} x {n_envs // n} envs"] = (n, n_envs // n, 1)
     if args.same_batch_size:
-        configs[f"{n} x {n_envs} envs, same batch_size"] = (n, n_envs, True, 1)
+        configs[f"{n} x {n_envs} envs, same batch_size"] = (n, n_envs, 1)
 
     load_before = os.getloadavg()
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
@@ -141,7 +136,7 @@ def main() -> None:
         f"{os.cpu_count()} CPUs; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"
     )
     for name, runs in results.items():
-        world, envs, _, batch_scale = configs[name]
+        world, envs, batch_scale = configs[name]
         each = ", ".join(f"{r['steps_per_s']:.0f}" for r in runs)
         line = (
             f"  {name:32s} median {median[name]:7.0f} env-steps/s  {median[name] / median['1 process']:5.2f}x  "
@@ -152,8 +147,8 @@ def main() -> None:
         if world > 1:
             last = runs[-1]
             line += (
-                f"; {last['transport']}: {last['bytes_per_update'] / 1e6:.2f} MB in "
-                f"{last['reductions_per_update']:.0f} all-reduces per update"
+                f"; gloo: {last['bytes_per_update'] / 1e6:.2f} MB in "
+                f"{last['reductions_per_update']:.0f} collectives per update"
             )
         print(line)
     parameters = results["1 process"][-1]["parameters"]

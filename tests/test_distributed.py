@@ -97,7 +97,7 @@ def _dead_rank_worker(rank: int, port: int, out_dir: str) -> None:
 def test_dead_rank_makes_the_other_fail_within_the_timeout(tmp_path: Path) -> None:
     # The dead rank's exit code surfaces as ProcessExitedException or not: the survivor catches
     # its error and exits 0, unless a broken gloo pair aborts it at interpreter exit (about
-    # half the time with gloo; never through the shared-memory transport).
+    # half the time with gloo).
     with contextlib.suppress(Exception):
         spawn_two(_dead_rank_worker, str(tmp_path))
     text = (tmp_path / "error.txt").read_text().split()
@@ -189,44 +189,33 @@ def test_kfac_factors_reduced_over_ranks_equal_the_factors_of_the_whole_batch(tm
     assert not torch.allclose(rank0_only.state[model[0].weight]["A"], expected[0])
 
 
-def _transport_worker(rank: int, port: int, out_dir: str) -> None:
-    import platform
-
-    import torch.distributed as dist
+def _gather_worker(rank: int, port: int, out_dir: str) -> None:
+    from trpo_lab.distributed import Reducer
 
     ctx = _bootstrap(rank, 2, port)
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        assert ctx.transport is None
-        return
-    assert ctx.transport is not None
-    first_slots = ctx.transport.slot_bytes
-    results = {}
-    for name, tensor in {
-        "small": torch.tensor([1.5, -2.0, 3.25]) * (rank + 1),
-        "float64": torch.linspace(0, 1, 1000, dtype=torch.float64) + rank,
-        "large": torch.randn(600_000, generator=torch.Generator().manual_seed(rank)),  # 2.4 MB: the slots grow
-        "small_again": torch.full((5,), float(rank)),
-    }.items():
-        via_gloo = tensor.clone()
-        dist.all_reduce(via_gloo)
-        results[name] = (tensor, ctx.all_reduce_sum(tensor), via_gloo)
-    results["max"] = (torch.tensor([rank, -rank, 7.0]), ctx.all_reduce_max(torch.tensor([rank, -rank, 7.0])), None)
-    results["grown"] = ctx.transport.slot_bytes > first_slots
-    torch.save(results, Path(out_dir) / f"transport{rank}.pt")
+    reducer = Reducer(ctx)
+    rows = 3 if rank == 0 else 5  # unequal row counts: the buckets are padded
+    reducer.share_batch_sizes(rows)
+    obs = torch.arange(rows * 4, dtype=torch.float32).reshape(rows, 2, 2) + 100 * rank
+    actions = torch.arange(rows, dtype=torch.long) + 10 * rank
+    values = torch.linspace(0, 1, rows, dtype=torch.float64) + rank
+    gathered = reducer.gather([obs, actions, values])
+    replica = reducer.replicated()
+    torch.save({"mine": (obs, actions, values), "gathered": gathered, "counts": (replica.local_count, replica.total_count),
+                "plan": replica.minibatch_plan(8, 3), "reductions": ctx.traffic.reductions},
+               Path(out_dir) / f"gather{rank}.pt")
     ctx.close()
 
 
-def test_shared_memory_transport_sums_like_gloo_grows_and_takes_the_max(tmp_path: Path) -> None:
-    spawn_two(_transport_worker, str(tmp_path))
-    if not (tmp_path / "transport0.pt").exists():
-        pytest.skip("the shared-memory transport is x86-64 only")
-    r0 = torch.load(tmp_path / "transport0.pt", weights_only=False)
-    r1 = torch.load(tmp_path / "transport1.pt", weights_only=False)
-    for name in ("small", "float64", "large", "small_again"):
-        (mine0, shm0, gloo0), (mine1, shm1, _) = r0[name], r1[name]
-        assert shm0.dtype == mine0.dtype and shm0.shape == mine0.shape
-        assert torch.equal(shm0, shm1)  # every rank holds the same bits
-        assert torch.equal(shm0, gloo0)  # two ranks: the same correctly rounded sums as gloo
-        torch.testing.assert_close(shm0, mine0 + mine1)
-    assert torch.equal(r0["max"][1], torch.tensor([1.0, 0.0, 7.0])) and torch.equal(r1["max"][1], r0["max"][1])
-    assert r0["grown"] and r1["grown"]
+def test_gather_returns_every_ranks_rows_in_rank_order_in_one_collective(tmp_path: Path) -> None:
+    spawn_two(_gather_worker, str(tmp_path))
+    r0 = torch.load(tmp_path / "gather0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "gather1.pt", weights_only=False)
+    for field, (a, b) in enumerate(zip(r0["mine"], r1["mine"])):
+        expected = torch.cat([a, b])
+        for result in (r0, r1):
+            got = result["gathered"][field]
+            assert got.dtype == expected.dtype and torch.equal(got, expected)
+    assert r0["counts"] == r1["counts"] == (8, 8)  # the replica's batch is every rank's samples
+    assert r0["plan"] == r1["plan"] == [(0, 3, 3), (3, 6, 3), (6, 8, 2)]  # the single-process plan
+    assert r0["reductions"] == r1["reductions"] == 2  # the batch sizes, then one gather

@@ -1,9 +1,8 @@
 """Data-parallel training (issue #8) on 2 gloo processes spawned by the tests.
 
-What is proven: the ranks stay bit-identical for every agent, through the shared-memory
-transport and through gloo; the first TRPO step on a batch split over 2 ranks equals the
-single-process step on the whole batch; a resumed 2-rank run
-repeats the uninterrupted one exactly; drift is caught; 2 ranks x 4 envs learn CartPole-v1
+What is proven: the ranks stay bit-identical for every agent through gloo; the first TRPO
+step on a batch split over 2 ranks equals the single-process step on the whole batch; a
+resumed 2-rank run repeats the uninterrupted one exactly; drift is caught; 2 ranks x 4 envs learn CartPole-v1
 within the single-process budget of 1 rank x 8 envs; a dead or hung rank stops the other
 with one line within the timeout; ``trpo-lab train --nproc 2`` runs end to end; and
 ``compare --executor ray`` writes what the local executor writes.
@@ -29,15 +28,11 @@ from trpo_lab.buffer import RolloutBatch
 from trpo_lab.distributed import DistributedContext, RankDriftError, init_distributed
 
 
-def _join(
-    rank: int, port: int, timeout_s: float = 60.0, check_every: int = 10, shared_memory: bool | None = None
-) -> DistributedContext:
+def _join(rank: int, port: int, timeout_s: float = 60.0, check_every: int = 10) -> DistributedContext:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
-    ctx = init_distributed("gloo", timeout_s=timeout_s, check_every=check_every, shared_memory=shared_memory)
+    ctx = init_distributed("gloo", timeout_s=timeout_s, check_every=check_every)
     assert ctx is not None
-    if shared_memory is False:
-        assert ctx.transport is None
     return ctx
 
 
@@ -63,16 +58,16 @@ _LOCKSTEP_CASES: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
-def _lockstep_worker(rank: int, port: int, out_dir: str, shared_memory: bool) -> None:
+def _lockstep_worker(rank: int, port: int, out_dir: str) -> None:
     from trpo_lab.agents import agent_class
 
-    ctx = _join(rank, port, check_every=2, shared_memory=None if shared_memory else False)
+    ctx = _join(rank, port, check_every=2)
     out = Path(out_dir)
     results: dict[str, Any] = {}
     for i, (algo, env_id, extra) in enumerate(_LOCKSTEP_CASES):
         agent = agent_class(algo)(env_id, n_envs=2, seed=3, dist=ctx, n_steps=64, **extra)
         sizes: list[int] = []
-        agent.learn(1_500, callback=lambda a, m: sizes.append(sum(a._rank_sizes)) or None)
+        agent.learn(1_500, callback=lambda a, m: sizes.append(a.reducer.total_count) or None)  # noqa: B023
         rms = agent._running_statistics()
         results[f"{i}"] = {
             "params": _flat(agent),
@@ -110,9 +105,8 @@ def _lockstep_worker(rank: int, port: int, out_dir: str, shared_memory: bool) ->
     ctx.close()
 
 
-@pytest.mark.parametrize("transport", ["shared_memory", "gloo"])
-def test_ranks_stay_bit_identical_resume_exactly_and_drift_is_caught(tmp_path: Path, transport: str) -> None:
-    spawn_two(_lockstep_worker, str(tmp_path), transport == "shared_memory")
+def test_ranks_stay_bit_identical_resume_exactly_and_drift_is_caught(tmp_path: Path) -> None:
+    spawn_two(_lockstep_worker, str(tmp_path))
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     for i, (algo, env_id, extra) in enumerate(_LOCKSTEP_CASES):

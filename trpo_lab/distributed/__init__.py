@@ -7,6 +7,7 @@ local computation) in one process and torch.distributed collectives under torchr
 
 from trpo_lab.distributed.context import *  # noqa: F403
 from trpo_lab.distributed.context import __all__ as _context_all
+from trpo_lab.distributed.data_parallel import DataParallel
 from trpo_lab.distributed.reducer import Reducer
 
-__all__ = [*_context_all, "Reducer"]
+__all__ = [*_context_all, "DataParallel", "Reducer"]

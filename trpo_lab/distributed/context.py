@@ -2,23 +2,20 @@
 
 The pattern is OpenAI baselines' TRPO-MPI: every rank steps its own environments, and
 every quantity the update needs from the whole batch (gradients, each Fisher-vector
-product inside CG, line-search losses and KLs, critic gradients, K-FAC factors,
-advantage statistics) is all-reduced.  Each reduction sends one flat bucket, never one
-call per tensor.  Ranks may hold different numbers of valid samples (autoreset slots are
-dropped), so batch means are combined as sample-weighted sums: a rank contributes
-``local_mean * n_local / n_global``.
+product inside CG, line-search losses and KLs, K-FAC factors, advantage statistics) is
+all-reduced, or the rows themselves are gathered once so that every rank repeats the same
+work on all of them (:meth:`DistributedContext.all_gather_rows`).  Each reduction sends one
+flat bucket, never one call per tensor.  Ranks may hold different numbers of valid samples
+(autoreset slots are dropped), so batch means are combined as sample-weighted sums: a rank
+contributes ``local_mean * n_local / n_global``.
 
 Every collective runs under the process group's timeout: a rank that dies or hangs makes
 the others raise :class:`RankFailedError` (one line: which rank, which collective, the
 timeout) instead of waiting forever.
 
-When every rank runs on one x86-64 machine (``trpo-lab train --nproc N``), the all-reduces go
-through :class:`SharedMemoryTransport` instead of gloo's TCP loopback: a trust-region update
-makes hundreds of small, strictly sequential all-reduces (one per CG step, per critic
-minibatch...), and on small VMs each gloo all-reduce costs about a millisecond of thread and
-vCPU wake-ups, more than the work it synchronises; through shared memory it costs ~10 µs.  Each rank seeds its environments and samplers with
-:func:`rank_seed` (``seed + 1000 * rank``), so ranks collect different data while rank 0's
-stream is the single-process one.
+The collectives are torch.distributed's: gloo for CPU tensors, nccl for CUDA ones.  Each
+rank seeds its environments and samplers with :func:`rank_seed` (``seed + 1000 * rank``), so
+ranks collect different data while rank 0's stream is the single-process one.
 
 Nothing here knows about RL agents; :class:`DistributedContext` is what the agents hold.
 """
@@ -27,12 +24,7 @@ from __future__ import annotations
 
 import datetime
 import math
-import mmap
 import os
-import platform
-import socket
-import tempfile
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,6 +39,7 @@ __all__ = [
     "DistributedContext",
     "CollectiveTraffic",
     "init_distributed",
+    "joined_process_group",
     "flatten",
     "unflatten_into",
     "rank_seed",
@@ -55,7 +48,6 @@ __all__ = [
     "RANK_SEED_STRIDE",
     "RankDriftError",
     "RankFailedError",
-    "SharedMemoryTransport",
 ]
 
 _T = TypeVar("_T")
@@ -131,166 +123,6 @@ def unflatten_into(flat: Tensor, tensors: Sequence[Tensor]) -> None:
         offset += n
 
 
-class SharedMemoryTransport:
-    """Sum and max all-reduces between the ranks of one machine through a shared memory file.
-
-    The file holds one 64-byte counter per rank and two banks of one slot per rank. The
-    ``k``-th all-reduce writes this rank's tensor into its slot of bank ``k % 2``, then
-    publishes ``k + 1`` in its counter, waits until every counter has reached ``k + 1`` and
-    combines the slots in rank order, so every rank computes the same bits. A rank can only
-    write bank ``k % 2`` again at call ``k + 2``, after every rank has published ``k + 2``,
-    that is after every rank has finished reading call ``k``: two banks are enough.
-
-    Publishing a counter after the data relies on x86-64's store order (TSO), so the transport
-    is only used on x86-64. A wait spins for :attr:`SPIN_S` (5 ms, yielding the CPU to anything
-    else runnable), then sleeps in growing steps (up to 1 ms); it fails with :class:`RankFailedError` when another rank's process is gone
-    (checked every second) or after ``timeout_s``. The file is unlinked as soon as every rank
-    has mapped it, so nothing is left behind whatever happens to the processes. Slots grow
-    (collectively: every rank reduces the same sizes in the same order) when a tensor is
-    larger than they are.
-    """
-
-    _COUNTER_BYTES = 64  # one cache line per rank
-    SPIN_S = 5e-3
-    """How long a wait spins (yielding the CPU) before it starts to sleep."""
-
-    def __init__(self, rank: int, world_size: int, timeout_s: float, peer_pids: Sequence[int]) -> None:
-        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
-        self.peer_pids = [pid for r, pid in enumerate(peer_pids) if r != rank]
-        self.slot_bytes = 0
-        self.calls = 0
-        self._map: mmap.mmap | None = None
-        self._counters: np.ndarray = np.zeros(0, dtype=np.int64)
-
-    @classmethod
-    def connect(cls, rank: int, world_size: int, timeout_s: float) -> SharedMemoryTransport | None:
-        """Collective: the transport if every rank runs on this x86-64 machine, else ``None``."""
-        here = (socket.gethostname(), _boot_id(), platform.machine().lower())
-        everyone: list[Any] = [None] * world_size
-        dist.all_gather_object(everyone, (here, os.getpid()))
-        same_machine = all(host == here for host, _ in everyone)
-        if not same_machine or here[2] not in ("x86_64", "amd64"):
-            return None
-        transport = cls(rank, world_size, timeout_s, [pid for _, pid in everyone])
-        return transport if transport._remap(1 << 20) else None
-
-    def _remap(self, slot_bytes: int) -> bool:
-        """Collective: map a new file with slots of ``slot_bytes``; False (on every rank) if any rank failed."""
-        slot_bytes = -(-slot_bytes // 64) * 64
-        size = self.world_size * self._COUNTER_BYTES + 2 * self.world_size * slot_bytes
-        path = None
-        if self.rank == 0:
-            try:
-                folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
-                fd, path = tempfile.mkstemp(prefix="trpo_lab_allreduce_", dir=folder)
-                os.ftruncate(fd, size)
-                os.close(fd)
-            except OSError:
-                path = None
-        holder = [path]
-        dist.broadcast_object_list(holder, src=0)
-        path = holder[0]
-        new_map = None
-        if path is not None:
-            try:
-                with open(path, "r+b") as fh:
-                    new_map = mmap.mmap(fh.fileno(), size)
-            except OSError:
-                new_map = None
-        mapped = [False] * self.world_size
-        dist.all_gather_object(mapped, new_map is not None)  # every rank has mapped (or failed): unlink
-        if self.rank == 0 and path is not None:
-            os.unlink(path)
-        if not all(mapped):
-            if new_map is not None:
-                new_map.close()
-            return False
-        assert new_map is not None
-        self.close()
-        self._map, self.slot_bytes, self.calls = new_map, slot_bytes, 0
-        self._counters = np.frombuffer(new_map, dtype=np.int64, count=self.world_size * 8)[::8]
-        return True
-
-    def _slot(self, bank: int, rank: int, like: Tensor) -> Tensor:
-        offset = self.world_size * self._COUNTER_BYTES + (bank * self.world_size + rank) * self.slot_bytes
-        return torch.frombuffer(self._map, dtype=like.dtype, count=like.numel(), offset=offset)
-
-    def all_reduce(self, flat: Tensor, op: str) -> Tensor:
-        """Sum (``op="sum"``) or element-wise maximum (``"max"``) of a CPU tensor over ranks, as a new tensor."""
-        data = flat.detach().reshape(-1)
-        needed = data.numel() * data.element_size()
-        if needed > self.slot_bytes and not self._remap(max(needed, 2 * self.slot_bytes)):
-            raise RuntimeError(f"cannot map {needed} bytes of shared memory per rank")
-        bank = self.calls % 2
-        self._slot(bank, self.rank, data).copy_(data)
-        self.calls += 1
-        self._counters[self.rank] = self.calls
-        self._wait(self.calls)
-        out = self._slot(bank, 0, data).clone()
-        for rank in range(1, self.world_size):
-            if op == "sum":
-                out.add_(self._slot(bank, rank, data))
-            else:
-                torch.maximum(out, self._slot(bank, rank, data), out=out)
-        return out.view_as(flat)
-
-    def _wait(self, target: int) -> None:
-        counters = self._counters
-        if (counters >= target).all():
-            return
-        start = time.monotonic()
-        next_check, delay = start + 1.0, 0.0
-        while not (counters >= target).all():
-            now = time.monotonic()
-            if now - start < 2e-4:
-                continue  # the other ranks are usually a few microseconds away
-            if now - start < self.SPIN_S:
-                os.sched_yield()  # spin, but let whatever else wants this CPU run
-            else:  # a long wait (a rank still collecting its rollout): sleep, in growing steps
-                time.sleep(delay)
-                delay = min(max(2 * delay, 5e-5), 1e-3)
-            if now >= next_check:
-                next_check = now + 1.0
-                gone = [pid for pid in self.peer_pids if not _process_alive(pid)]
-                if gone:
-                    raise RuntimeError(f"the process of another rank (pid {gone[0]}) has exited")
-                if now - start > self.timeout_s:
-                    raise RuntimeError(f"no answer for {now - start:.0f} s through shared memory")
-
-    def close(self) -> None:
-        """Unmap the file (it is already unlinked)."""
-        self._counters = np.zeros(0, dtype=np.int64)  # drop the view that pins the map
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:  # a tensor still views it: the map goes with the last view
-                pass
-            self._map = None
-
-
-def _boot_id() -> str:
-    """Tells machines (and containers sharing a host name) apart; empty where there is none."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as fh:
-            return fh.read().strip()
-    except OSError:
-        return ""
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # an exited child not yet reaped by its launcher is a zombie
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return True
-
-
 @dataclass
 class CollectiveTraffic:
     """What this rank has sent through all-reduces so far (for ``dist/bytes_reduced``).
@@ -315,8 +147,6 @@ class DistributedContext:
         timeout_s: The process group's collective timeout (for error messages).
         check_every: Updates between :meth:`check_in_sync` checks of the agents' parameters.
         traffic: Running counts of the bytes all-reduced.
-        transport: The shared-memory transport of CPU all-reduces when every rank runs on
-            this machine (see :func:`init_distributed`), else ``None`` (the backend's).
     """
 
     rank: int
@@ -325,7 +155,6 @@ class DistributedContext:
     timeout_s: float = 120.0
     check_every: int = 10
     traffic: CollectiveTraffic = field(default_factory=CollectiveTraffic, compare=False, repr=False)
-    transport: SharedMemoryTransport | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -339,8 +168,6 @@ class DistributedContext:
 
     def close(self) -> None:
         """Leave the process group (call once at the end of training)."""
-        if self.transport is not None:
-            self.transport.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -356,11 +183,8 @@ class DistributedContext:
     # -------------------------------------------------------------- reductions
     def _all_reduce(self, flat: Tensor, op: str) -> Tensor:
         with self._collective(f"all-reduce ({op})"):
-            if self.transport is not None and flat.device.type == "cpu":
-                out = self.transport.all_reduce(flat, op)
-            else:
-                out = flat.detach().clone()
-                dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+            out = flat.detach().clone()
+            dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
         self.traffic.bytes_reduced += out.numel() * out.element_size()
         self.traffic.reductions += 1
         return out
@@ -409,6 +233,34 @@ class DistributedContext:
         for i, t in enumerate(tensors):
             out.append((summed[offset : offset + t.numel()] / totals[i]).view_as(t))
             offset += t.numel()
+        return out
+
+    def all_gather_rows(self, tensors: Sequence[Tensor], rank_sizes: Sequence[int]) -> list[Tensor]:
+        """Every rank's rows of each tensor, concatenated in rank order (one collective).
+
+        ``tensors`` have ``rank_sizes[rank]`` rows each on this rank (any dtype that float64
+        holds exactly: floats up to float64, integers below 2**53). They travel as one float64
+        bucket per rank, padded to the largest rank's rows, and come back in their own dtypes.
+        """
+        local = rank_sizes[self.rank]
+        longest = max(rank_sizes)
+        widths = [t[0].numel() if t.shape[0] else math.prod(t.shape[1:]) for t in tensors]
+        row = sum(widths)
+        bucket = torch.zeros(longest, row, dtype=torch.float64, device=self.device)
+        offset = 0
+        for t, width in zip(tensors, widths):
+            bucket[:local, offset : offset + width] = t.detach().reshape(local, width).to(self.device, torch.float64)
+            offset += width
+        buckets = [torch.empty_like(bucket) for _ in range(self.world_size)]
+        with self._collective("all-gather"):
+            dist.all_gather(buckets, bucket)
+        self.traffic.bytes_reduced += bucket.numel() * bucket.element_size() * self.world_size
+        self.traffic.reductions += 1
+        rows = torch.cat([b[:n] for b, n in zip(buckets, rank_sizes)])
+        out, offset = [], 0
+        for t, width in zip(tensors, widths):
+            out.append(rows[:, offset : offset + width].reshape(-1, *t.shape[1:]).to(t.device, t.dtype))
+            offset += width
         return out
 
     def total_count(self, local_count: int) -> int:
@@ -481,7 +333,9 @@ class DistributedContext:
                 f"(rank {self.rank} of {self.world_size}); the run cannot continue"
             )
 
-    def merge_running_mean_std_(self, rms: Any, base: tuple[np.ndarray, np.ndarray, float] | None) -> tuple[np.ndarray, np.ndarray, float]:
+    def merge_running_mean_std_(
+        self, rms: Any, base: tuple[np.ndarray, np.ndarray, float] | None
+    ) -> tuple[np.ndarray, np.ndarray, float]:
         """Merge Gymnasium ``RunningMeanStd`` statistics across ranks, exactly.
 
         Every rank starts from the same synced statistics ``base`` (mean, var, count) and
@@ -528,7 +382,7 @@ def _mark_joined() -> None:
 
 
 def init_distributed(
-    backend: str | None = None, timeout_s: float = 120.0, check_every: int = 10, shared_memory: bool | None = None
+    backend: str | None = None, timeout_s: float = 120.0, check_every: int = 10
 ) -> DistributedContext | None:
     """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...).
 
@@ -536,9 +390,6 @@ def init_distributed(
     nccl when CUDA is available and gloo otherwise.  ``timeout_s`` bounds every collective,
     so a rank that dies makes the others fail with an error instead of hanging.
     ``check_every`` is the number of updates between parameter drift checks.
-    ``shared_memory``: with gloo, reduce CPU tensors through :class:`SharedMemoryTransport`
-    when every rank runs on this x86-64 machine (``None``, default: whenever possible;
-    ``False``: always gloo).
 
     Raises:
         ValueError: a bad ``backend``, ``timeout_s`` or ``check_every``, or ``WORLD_SIZE``.
@@ -576,13 +427,6 @@ def init_distributed(
     else:
         device = torch.device("cpu")
     world = dist.get_world_size()
-    transport = None
-    if backend == "gloo" and shared_memory is not False:
-        try:
-            transport = SharedMemoryTransport.connect(rank, world, timeout_s)
-        except RuntimeError as exc:
-            detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-            raise _failure(rank, world, "setting up shared memory", timeout_s, detail) from None
     return DistributedContext(
-        rank=rank, world_size=world, device=device, timeout_s=timeout_s, check_every=check_every, transport=transport
+        rank=rank, world_size=world, device=device, timeout_s=timeout_s, check_every=check_every
     )
