@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import gymnasium as gym
+import numpy as np
 import pytest
 
 from trpo_lab.config import CONFIGS, config_class, load_toml
@@ -167,3 +169,21 @@ def test_unreadable_toml_names_the_file(tmp_path: Path) -> None:
     bad.write_text("algos = [\n")
     with pytest.raises(ValueError, match="bad.toml"):
         load_experiment(bad)
+
+
+# --- the config dataclasses behind every preset are frozen ------------------------------------
+
+
+@pytest.mark.parametrize("algo", sorted(CONFIGS))
+def test_configs_are_frozen_and_replace_returns_a_validated_copy(algo: str) -> None:
+    config = CONFIGS[algo]()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.gamma = 0.5  # type: ignore[misc]
+    changed = config.replace(gamma=0.9, n_steps=np.int64(32))
+    assert changed is not config and changed.gamma == 0.9 and config.gamma != 0.9
+    assert type(changed.n_steps) is int and changed.n_steps == 32  # numpy integers coerced
+    assert type(changed).from_dict(changed.to_dict()) == changed
+    with pytest.raises(ValueError, match=r"Invalid gamma: 1.5; expected in \(0, 1\]"):
+        config.replace(gamma=1.5)
+    with pytest.raises(ValueError, match=r"Invalid n_steps: 1.5 \(float\); expected an integer"):
+        config.replace(n_steps=1.5)

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from trpo_lab.validation import check_int, invalid, is_int, is_number
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -51,23 +53,23 @@ def _param(default: Any, check: Check | None = None, allowed: str = "", doc: str
 
 
 def _positive(v: Any) -> bool:
-    return v > 0
+    return bool(v > 0)
 
 
 def _non_negative(v: Any) -> bool:
-    return v >= 0
+    return bool(v >= 0)
 
 
 def _unit_open_closed(v: Any) -> bool:
-    return 0 < v <= 1
+    return bool(0 < v <= 1)
 
 
 def _unit_closed(v: Any) -> bool:
-    return 0 <= v <= 1
+    return bool(0 <= v <= 1)
 
 
 def _unit_open(v: Any) -> bool:
-    return 0 < v < 1
+    return bool(0 < v < 1)
 
 
 def _type_error(name: str, value: Any, expected: str) -> ValueError:
@@ -87,11 +89,11 @@ def _coerce(name: str, annotation: str, value: Any) -> Any:
             raise _type_error(name, value, "true or false")
         return value
     if base == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise _type_error(name, value, "an integer")
-        return value
+        return int(value)
     if base == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_number(value, finite=False):
             raise _type_error(name, value, "a number")
         value = float(value)
         if not math.isfinite(value):
@@ -108,9 +110,12 @@ def _coerce(name: str, annotation: str, value: Any) -> Any:
     return value
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class AgentConfig:
-    """Hyperparameters shared by every on-policy agent."""
+    """Hyperparameters shared by every on-policy agent.
+
+    Configs are frozen: change one with :meth:`replace`, which returns a validated copy.
+    """
 
     algo: ClassVar[str] = ""
 
@@ -136,8 +141,8 @@ class AgentConfig:
             value = _coerce(name, str(f.type), getattr(self, name))
             check = f.metadata.get("check")
             if check is not None and value is not None and not check(value):
-                raise ValueError(f"Invalid {name}: {value!r}; expected {f.metadata['allowed']}")
-            setattr(self, name, value)
+                raise invalid(name, value, f.metadata["allowed"])
+            object.__setattr__(self, name, value)  # frozen: the coerced value replaces the given one
         from trpo_lab.policies import validate_policy_kwargs  # torch only once a config is built
 
         validate_policy_kwargs(self.policy_kwargs)
@@ -169,6 +174,7 @@ class AgentConfig:
         return data
 
     def replace(self: C, **changes: Any) -> C:
+        """A validated copy with ``changes`` applied (configs are frozen)."""
         return type(self).from_dict({**self.to_dict(), **changes})
 
 
@@ -185,7 +191,7 @@ def _allowed(choices: tuple[str, ...]) -> str:
     return "one of " + ", ".join(repr(c) for c in choices)
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class TrustRegionConfig(AgentConfig):
     """The KL-scaled natural step of TRPO and NPG, its curvature backend and the critic fit.
 
@@ -227,9 +233,8 @@ class TrustRegionConfig(AgentConfig):
                 raise ValueError(
                     f"Invalid diagnostics key {key!r} (value {value!r}); expected one of {sorted(DIAGNOSTICS)}"
                 )
-        every = self.diagnostics.get("exact_every", 0)
-        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-            raise ValueError(f"Invalid diagnostics.exact_every: {every!r}; expected {DIAGNOSTICS['exact_every']}")
+        check_int("diagnostics.exact_every", self.diagnostics.get("exact_every", 0), minimum=0,
+                  expected=DIAGNOSTICS["exact_every"])
 
     @property
     def exact_every(self) -> int:
@@ -238,7 +243,7 @@ class TrustRegionConfig(AgentConfig):
         return every
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class TRPOConfig(TrustRegionConfig):
     """TRPO (Schulman et al., 2015): natural step scaled to the KL radius, then a line search."""
 
@@ -252,7 +257,7 @@ class TRPOConfig(TrustRegionConfig):
     line_search_batched: bool = _param(False, doc="evaluate all step sizes in one vmapped pass (GPU)")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class NPGConfig(TrustRegionConfig):
     """Natural policy gradient (Kakade, 2001): the TRPO step with a fixed KL radius, no line search.
 
@@ -270,7 +275,7 @@ def _optimizer_name(v: Any) -> bool:
     return v.lower() in PPO_OPTIMIZERS or ("." in v and not v.startswith(".") and not v.endswith("."))
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class PPOConfig(AgentConfig):
     """PPO (Schulman et al., 2017): clipped surrogate, minibatch epochs, one optimizer for actor and critic."""
 
@@ -299,7 +304,7 @@ class PPOConfig(AgentConfig):
             raise ValueError("Invalid optimizer_kwargs: 'lr'; set learning_rate instead")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class ACKTRConfig(AgentConfig):
     """ACKTR (Wu et al., 2017): K-FAC natural gradient for actor and critic, KL-clipped.
 

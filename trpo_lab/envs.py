@@ -32,12 +32,14 @@ from typing import Any, Literal
 import gymnasium as gym
 import numpy as np
 import torch
-from gymnasium.vector import AutoresetMode, AsyncVectorEnv, SyncVectorEnv, VectorEnv, VectorWrapper
+from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv, VectorEnv, VectorWrapper
 from gymnasium.wrappers.vector import (
     NormalizeObservation,
     NormalizeReward,
     RecordEpisodeStatistics,
 )
+
+from trpo_lab.validation import check_int, require
 
 Vectorization = Literal["sync", "async", "vector_entry_point"]
 NanPolicy = Literal["raise", "skip"]
@@ -128,14 +130,12 @@ def make_vec_env(
             ``nan_policy``, ``env_kwargs`` the environment does not accept, a factory that
             returns no ``gymnasium.Env``, or a missing optional dependency (MuJoCo).
     """
-    if not isinstance(n_envs, int) or isinstance(n_envs, bool) or n_envs < 1:
-        raise ValueError(f"Invalid n_envs: {n_envs!r}; expected an integer >= 1")
-    if vectorization not in ("sync", "async", "vector_entry_point"):
-        raise ValueError(
-            f"Invalid vectorization: {vectorization!r}; expected 'sync', 'async' or 'vector_entry_point'"
-        )
-    if nan_policy not in ("raise", "skip", None):
-        raise ValueError(f"Invalid nan_policy: {nan_policy!r}; expected 'raise' or 'skip'")
+    n_envs = check_int("n_envs", n_envs, minimum=1)
+    require(
+        vectorization in ("sync", "async", "vector_entry_point"),
+        "vectorization", vectorization, "'sync', 'async' or 'vector_entry_point'",
+    )
+    require(nan_policy in ("raise", "skip", None), "nan_policy", nan_policy, "'raise' or 'skip'")
     if env_kwargs is not None and not (
         isinstance(env_kwargs, Mapping) and all(isinstance(key, str) for key in env_kwargs)
     ):
@@ -286,8 +286,7 @@ class NonFiniteGuard(VectorWrapper):
 
     def __init__(self, env: VectorEnv, nan_policy: NanPolicy = "raise") -> None:
         super().__init__(env)
-        if nan_policy not in ("raise", "skip"):
-            raise ValueError(f"Invalid nan_policy: {nan_policy!r}; expected 'raise' or 'skip'")
+        require(nan_policy in ("raise", "skip"), "nan_policy", nan_policy, "'raise' or 'skip'")
         if nan_policy == "skip" and not isinstance(env.unwrapped, (SyncVectorEnv, AsyncVectorEnv)):
             raise ValueError(
                 f"Invalid nan_policy: 'skip' needs a vector env that can reset single sub-environments "
@@ -302,7 +301,8 @@ class NonFiniteGuard(VectorWrapper):
     def _bad_observations(self, obs: Any) -> np.ndarray:
         if not self._check_obs:
             return np.zeros(self.num_envs, dtype=np.bool_)
-        return ~np.isfinite(obs.reshape(obs.shape[0], -1)).all(axis=1)
+        bad: np.ndarray = ~np.isfinite(obs.reshape(obs.shape[0], -1)).all(axis=1)
+        return bad
 
     def reset(self, *, seed: Any = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
         obs, infos = self.env.reset(seed=seed, options=options)

@@ -10,12 +10,13 @@ waits for the host (no ``.item()``, no ``if residual < tol: break``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from trpo_lab.validation import check_int, check_number
 
 __all__ = ["CGResult", "conjugate_gradient", "solve_cg"]
 
@@ -44,10 +45,8 @@ def _validate(b: Tensor, max_iter: int, tol: float, x0: Tensor | None) -> None:
         raise ValueError(f"Invalid b: got {shape}; expected a 1-D tensor (a flat vector)")
     if not b.is_floating_point():
         raise ValueError(f"Invalid b: got dtype {b.dtype}; expected a floating-point tensor")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"Invalid max_iter: {max_iter!r}; expected an integer >= 1")
-    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not math.isfinite(tol) or tol < 0:
-        raise ValueError(f"Invalid tol: {tol!r}; expected a finite number >= 0 (a bound on the squared residual)")
+    check_int("max_iter", max_iter, minimum=1)
+    check_number("tol", tol, minimum=0.0, expected="a finite number >= 0 (a bound on the squared residual)")
     if x0 is not None and (not isinstance(x0, Tensor) or x0.shape != b.shape):
         shape = tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__
         raise ValueError(f"Invalid x0: got {shape}; expected None or a tensor of the shape of b, {tuple(b.shape)}")

@@ -12,7 +12,6 @@ operations and no host synchronisation.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from trpo_lab.optim._flat import assign_flat_, flat_params, total_numel, validate_params
+from trpo_lab.validation import check_int, check_number
 
 __all__ = ["LineSearchResult", "kl_line_search"]
 
@@ -49,11 +49,6 @@ class LineSearchResult(NamedTuple):
     actual_improvement: Tensor
 
 
-def _require_finite_number(name: str, value: float, allowed: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"Invalid {name}: {value!r}; expected {allowed}")
-
-
 def _validate(
     params: list[Tensor],
     full_step: Tensor,
@@ -64,19 +59,11 @@ def _validate(
     max_iter: int,
     accept_ratio: float,
 ) -> None:
-    _require_finite_number("kl_limit", kl_limit, "a finite number > 0")
-    if kl_limit <= 0:
-        raise ValueError(f"Invalid kl_limit: {kl_limit!r}; expected a finite number > 0")
-    _require_finite_number("shrinking_factor", shrinking_factor, "a number in the open interval (0, 1)")
-    if not 0 < shrinking_factor < 1:
-        raise ValueError(
-            f"Invalid shrinking_factor: {shrinking_factor!r}; expected a number in the open interval (0, 1)"
-        )
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"Invalid max_iter: {max_iter!r}; expected an integer >= 1")
-    _require_finite_number("accept_ratio", accept_ratio, "a finite number >= 0")
-    if accept_ratio < 0:
-        raise ValueError(f"Invalid accept_ratio: {accept_ratio!r}; expected a finite number >= 0")
+    check_number("kl_limit", kl_limit, minimum=0.0, strict=True)
+    check_number("shrinking_factor", shrinking_factor, minimum=0.0, maximum=1.0, strict=True,
+                 expected="a number in the open interval (0, 1)")
+    check_int("max_iter", max_iter, minimum=1)
+    check_number("accept_ratio", accept_ratio, minimum=0.0)
     size = total_numel(params)
     if not isinstance(full_step, Tensor) or full_step.dim() != 1 or full_step.numel() != size:
         shape = tuple(full_step.shape) if isinstance(full_step, Tensor) else type(full_step).__name__
