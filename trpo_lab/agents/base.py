@@ -47,7 +47,6 @@ from trpo_lab.agents.checkpoint import CHECKPOINT_FORMAT, read_checkpoint, space
 from trpo_lab.agents.guard import NonFiniteUpdateError, UpdateGuard
 from trpo_lab.agents.metrics import to_host
 from trpo_lab.agents.signals import StopRequest, TrainingInterrupted, stop_on_signals
-from trpo_lab.buffer import RolloutBatch, RolloutBuffer
 from trpo_lab.config import AgentConfig
 from trpo_lab.distributed import DistributedContext, Reducer, rank_seed
 from trpo_lab.distributed.data_parallel import DataParallel
@@ -59,7 +58,9 @@ from trpo_lab.envs import (
     make_vec_env,
 )
 from trpo_lab.logging import RunLogger, atomic_write_text
-from trpo_lab.policies import ActorCritic
+from trpo_lab.nn.policy import ActorCritic
+from trpo_lab.rollout.buffer import RolloutBatch, RolloutBuffer
+from trpo_lab.rollout.collector import RolloutCollector
 
 A = TypeVar("A", bound="OnPolicyAgent")
 
@@ -163,8 +164,9 @@ class OnPolicyAgent(ABC):
             torch.manual_seed(seed)
             self.policy = ActorCritic(self.observation_space, self.action_space, **self.config.policy_kwargs)
         self.policy.to(self.device)
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(local_seed)
+        # Every action of the rollout (and of predict) draws its noise on the CPU from this
+        # generator, so a seed gives the same stream on every device and acting path.
+        self.generator = torch.Generator().manual_seed(local_seed)
         # The update's shuffles draw the same stream on every rank (rank 0's, the single-process
         # one), so that work every rank repeats on gathered data stays identical.
         self.shuffle_generator = torch.Generator().manual_seed(seed + 1)
@@ -185,6 +187,8 @@ class OnPolicyAgent(ABC):
                 f"Invalid n_steps: {self.config.n_steps}; a rollout buffer of n_steps x n_envs = "
                 f"{self.config.n_steps} x {self.n_envs} does not fit in memory; lower n_steps or n_envs"
             ) from None
+        self.collector = RolloutCollector(self)
+        """Steps the environments into the buffer (:mod:`trpo_lab.rollout.collector`)."""
         self._clip_actions = isinstance(self.action_space, gym.spaces.Box)
         self.num_timesteps = 0
         self.num_updates = 0
@@ -272,100 +276,9 @@ class OnPolicyAgent(ABC):
 
     # ------------------------------------------------------------------ rollout
     def collect_rollout(self) -> int:
-        """Fill the buffer with ``n_steps`` vectorized steps and compute GAE; returns env steps taken.
-
-        The hot loop: one fused actor+critic forward per step (:meth:`ActorCritic.fused`),
-        run in numpy on the CPU (:class:`~trpo_lab.policies.NumpyRolloutPolicy`; torch
-        elsewhere), observations written once into the buffer and read back as a zero-copy
-        view, everything stored through numpy views, and no per-step Python objects beyond
-        Gymnasium's.
-
-        With ``nan_policy = "skip"``, a step at which sub-environment ``i`` returned NaN or
-        inf (the :class:`~trpo_lab.envs.NonFiniteGuard` has already reset it and zeroed the
-        reward) is stored as an invalid slot, like an auto-reset slot, and the slot before it
-        is marked truncated: its advantage bootstraps from ``V`` of the last finite
-        observation instead of running through the dropped step.  The next slot starts the
-        new episode from the reset observation.
-
-        Raises:
-            NonFiniteEnvError: ``nan_policy = "raise"`` and an environment returned NaN or inf,
-                or more than half of this rollout's transitions had to be dropped.
-        """
-        env, buffer = self.env, self.buffer
-        if self._last_obs is None:
-            self._last_obs, _ = env.reset(seed=self._reset_seed)
-            self._autoreset[:] = False
-        obs = self._last_obs
-        buffer.reset()
-        numpy_acting = None
-        if buffer.device.type == "cpu":
-            numpy_acting = self.policy.numpy_policy(self.generator, self.n_envs, self.config.n_steps)
-        acting = self.policy.fused() if numpy_acting is None else None
-        steps = skipped = step = 0
-        low = high = None
-        if self._clip_actions:
-            low, high = self.action_space.low, self.action_space.high  # type: ignore[attr-defined]
-        autoreset = self._autoreset
-        try:
-            with torch.inference_mode():
-                for step in range(self.config.n_steps):
-                    if numpy_acting is not None:  # CPU: numpy in, numpy out
-                        actions_np, log_probs, values = numpy_acting.act(buffer.put_observation_array(obs))
-                        obs_t = actions = None
-                    else:
-                        assert acting is not None
-                        obs_t = buffer.put_observation(obs)
-                        actions, log_probs, values = acting.act(obs_t, self.generator)
-                        actions_np = actions.numpy() if actions.device.type == "cpu" else actions.cpu().numpy()
-                    env_actions = np.clip(actions_np, low, high) if low is not None else actions_np
-                    next_obs, rewards, terminated, truncated, infos = env.step(env_actions)
-                    valid = ~autoreset
-                    if "_nonfinite" in infos:
-                        skipped += self._drop_non_finite(step, infos["_nonfinite"], valid)
-                    buffer.add(
-                        obs_t, actions_np if actions is None else actions, log_probs, values,
-                        rewards, terminated, truncated, valid,
-                    )
-                    steps += int(valid.sum())
-                    autoreset = terminated | truncated
-                    if "_episode" in infos:
-                        self._record_episodes(infos)
-                    obs = next_obs
-                if numpy_acting is not None:
-                    last_values = torch.from_numpy(numpy_acting.values(obs))
-                else:
-                    last_values = self.policy.value(self.policy.preprocess(torch.as_tensor(obs, device=self.device)))
-        except NonFiniteEnvError as exc:
-            raise NonFiniteEnvError(
-                f"{exc} at rollout step {step} (update {self.num_updates + 1}, timestep {self.num_timesteps + steps}); "
-                "check the environment, wrap it to sanitise its output, or set nan_policy='skip' to drop such steps",
-                exc.env_index,
-            ) from None
-        self._autoreset = autoreset
-        self._last_obs = obs
-        if 2 * skipped > self.config.n_steps * self.n_envs:
-            raise NonFiniteEnvError(
-                f"{skipped} of the {self.config.n_steps * self.n_envs} transitions of update {self.num_updates + 1} "
-                "were NaN or inf and had to be dropped (nan_policy='skip'); the environment is broken"
-            )
-        buffer.finish(last_values.clone(), self.config.gamma, self.config.gae_lambda)
-        return steps
-
-    def _drop_non_finite(self, step: int, bad: np.ndarray, valid: np.ndarray) -> int:
-        """Invalidate the slots of sub-environments whose output was non-finite (see :meth:`collect_rollout`)."""
-        valid &= ~bad
-        if step > 0:
-            self.buffer.truncated[step - 1, torch.as_tensor(bad, device=self.buffer.device)] = True
-        count = int(bad.sum())
-        self.num_nonfinite_skipped += count
-        return count
-
-    def _record_episodes(self, infos: dict[str, Any]) -> None:
-        done_mask = infos["_episode"]
-        for ret, length in zip(infos["episode"]["r"][done_mask], infos["episode"]["l"][done_mask]):
-            self.episode_returns.append(float(ret))
-            self.episode_lengths.append(float(length))
-            self.num_episodes += 1
+        """Fill the buffer with ``n_steps`` vectorized steps and compute GAE; returns env steps taken
+        (:meth:`~trpo_lab.rollout.collector.RolloutCollector.collect`)."""
+        return self.collector.collect()
 
     # ------------------------------------------------------------------ training loop
     def learn(
@@ -518,7 +431,8 @@ class OnPolicyAgent(ABC):
         if wrapper is None:
             return obs
         rms = wrapper.obs_rms
-        return ((obs - rms.mean) / np.sqrt(rms.var + wrapper.epsilon)).astype(np.float32)
+        normalized: np.ndarray = ((obs - rms.mean) / np.sqrt(rms.var + wrapper.epsilon)).astype(np.float32)
+        return normalized
 
     def predict(self, obs: Any, deterministic: bool = True) -> np.ndarray:
         """Actions for raw (unnormalized) observations: numpy in, numpy out.
@@ -658,21 +572,9 @@ class OnPolicyAgent(ABC):
                 agent_cls = agent_class(data["algo"])  # type: ignore[assignment]
             except ValueError as exc:
                 raise ValueError(f"Checkpoint {path}: {exc}") from None
-        env = env if env is not None else data["env_id"]
-        if env is None:
-            raise ValueError(f"Checkpoint {path} was trained on a custom env factory; pass env= to load it")
-        kwargs: dict[str, Any] = {
-            "n_envs": data["n_envs"],
-            "seed": data["seed"],
-            "vectorization": data.get("vectorization", "sync"),
-            "env_kwargs": data.get("env_kwargs") or None,
-            "device": device or "cpu",
-        }
-        config = dict(data["config"])
-        for key, value in overrides.items():
-            (config if key in config else kwargs)[key] = value
+        env, kwargs = checkpoint.constructor_arguments(data, path, env, device, overrides)
         try:
-            agent = agent_cls(env, **kwargs, **config)
+            agent = agent_cls(env, **kwargs)
         except ValueError as exc:
             raise ValueError(f"Checkpoint {path}: {exc}") from None
         try:

@@ -45,6 +45,7 @@ __all__ = [
     "space_signature",
     "read_checkpoint",
     "write_checkpoint",
+    "constructor_arguments",
     "agent_state",
     "load_agent_state",
     "local_state",
@@ -72,7 +73,7 @@ _CHECKPOINT_FIELDS: dict[str, tuple[type, ...]] = {
 }
 
 
-def space_signature(space: gym.Space) -> dict[str, Any]:
+def space_signature(space: gym.Space[Any]) -> dict[str, Any]:
     """Plain-data description of a space, stored in checkpoints to detect mismatched envs."""
     if isinstance(space, gym.spaces.Discrete):
         return {"type": "Discrete", "n": int(space.n)}
@@ -214,6 +215,34 @@ def agent_state(agent: OnPolicyAgent, local: Mapping[str, Any] | None = None) ->
 
 
 # ---------------------------------------------------------------------------- loading
+def constructor_arguments(
+    data: Mapping[str, Any], path: str | Path, env: Any, device: Any, overrides: Mapping[str, Any]
+) -> tuple[Any, dict[str, Any]]:
+    """The environment and keyword arguments that rebuild the checkpoint's agent.
+
+    The checkpoint's own settings and hyperparameters, with ``overrides`` (constructor
+    arguments or hyperparameters) applied; ``env`` defaults to the checkpoint's env id and
+    ``device`` to ``"cpu"``.
+
+    Raises:
+        ValueError: the agent was trained on a custom env factory and no ``env`` is given.
+    """
+    env = env if env is not None else data["env_id"]
+    if env is None:
+        raise ValueError(f"Checkpoint {path} was trained on a custom env factory; pass env= to load it")
+    kwargs: dict[str, Any] = {
+        "n_envs": data["n_envs"],
+        "seed": data["seed"],
+        "vectorization": data.get("vectorization", "sync"),
+        "env_kwargs": data.get("env_kwargs") or None,
+        "device": device or "cpu",
+    }
+    config = dict(data["config"])
+    for key, value in overrides.items():
+        (config if key in config else kwargs)[key] = value
+    return env, {**kwargs, **config}
+
+
 def _check_fits(agent: OnPolicyAgent, data: Mapping[str, Any]) -> None:
     """Refuse a checkpoint of other spaces or network shapes before anything is changed."""
     for key, space in (("observation_space", agent.observation_space), ("action_space", agent.action_space)):

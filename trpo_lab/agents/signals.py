@@ -60,7 +60,7 @@ def stop_on_signals(stop: StopRequest) -> Iterator[None]:
             flush=True,
         )
 
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
         current = signal.getsignal(signum)
         if current is signal.SIG_IGN:
@@ -69,5 +69,5 @@ def stop_on_signals(stop: StopRequest) -> Iterator[None]:
     try:
         yield
     finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old if old is not None else signal.SIG_DFL)
+        for number, old in previous.items():
+            signal.signal(number, old if old is not None else signal.SIG_DFL)

@@ -106,7 +106,7 @@ class Reducer:
             raise ValueError(f"Invalid batch_size: {batch_size}; expected >= 1")
         device = batch.observations.device
         perm = torch.randperm(batch.size, generator=generator, device="cpu").to(device)
-        shuffled = batch.index(perm)
+        shuffled = [field[perm] for field in batch]
         for start, stop, total_count in self.minibatch_plan(batch.size, batch_size):
             yield type(batch)(*(field[start:stop] for field in shuffled)), total_count
 
@@ -214,4 +214,5 @@ class Reducer:
             return advantages
         mean = total_sum / total
         std = ((total_square - total * mean * mean) / (total - 1)).clamp_min(0.0).sqrt()
-        return ((wide - mean) / (std + 1e-8)).to(advantages.dtype)
+        normalized: Tensor = ((wide - mean) / (std + 1e-8)).to(advantages.dtype)
+        return normalized
