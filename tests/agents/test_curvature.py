@@ -27,6 +27,7 @@ from trpo_lab.agents.trpo import TRPO
 from trpo_lab.config import TRPOConfig, parse_set_option
 from trpo_lab.optim._flat import flat_params, total_numel
 from trpo_lab.optim.exact import cosine_similarity, newton_step
+from trpo_lab.optim.trust_region import Direction, FisherVectorProduct
 from trpo_lab.presets import load_preset
 
 TINY = {"net_arch": {"pi": [8], "vf": [16]}}
@@ -39,19 +40,26 @@ def _one_thread() -> None:
 
 
 @dataclass
+class Seen:
+    grad: Tensor
+    fvp: FisherVectorProduct
+    problem: CurvatureProblem
+
+
+@dataclass
 class Recorder(Curvature):
-    """Wraps an agent's backend and keeps the problems natural_step hands it."""
+    """Wraps an agent's backend and keeps what natural_step hands it."""
 
     inner: Curvature
-    problems: list[CurvatureProblem] = field(default_factory=list)
+    problems: list[Seen] = field(default_factory=list)
 
-    def direction(self, problem: CurvatureProblem) -> tuple[Tensor, dict[str, Tensor]]:
-        self.problems.append(problem)
-        return self.inner.direction(problem)
+    def direction(self, grad: Tensor, fvp: FisherVectorProduct, problem: CurvatureProblem) -> Direction:
+        self.problems.append(Seen(grad, fvp, problem))
+        return self.inner.direction(grad, fvp, problem)
 
 
-def _step_problem(agent: TRPO) -> tuple[CurvatureProblem, Tensor]:
-    """One rollout and natural_step; the problem the backend saw and its scaled step."""
+def _step_problem(agent: TRPO) -> tuple[Seen, Tensor]:
+    """One rollout and natural_step; what the backend saw and the scaled step."""
     recorder = Recorder(agent.curvature)
     agent.curvature = recorder
     agent.collect_rollout()
@@ -70,16 +78,19 @@ def _tiny_agent(env_id: str, **hyperparameters: Any) -> TRPO:
 @pytest.mark.parametrize("env_id", ENVS)
 def test_exact_backend_equals_cg_run_to_convergence(env_id: str) -> None:
     agent = _tiny_agent(env_id, curvature="exact")
-    problem, _ = _step_problem(agent)
-    size = problem.grad.numel()
-    exact, _ = agent.curvature.direction(problem)
-    converged = CGCurvature(agent.policy, agent.config.replace(cg_max_steps=size, cg_tol=0.0), agent.generator)
-    cg, metrics = converged.direction(problem)
-    assert float(cosine_similarity(exact, cg)) > 0.9999
-    torch.testing.assert_close(problem.fvp(exact), problem.grad, rtol=1e-3, atol=1e-4 * float(problem.grad.norm()))
+    seen, _ = _step_problem(agent)
+    size = seen.grad.numel()
+    exact = agent.curvature.direction(seen.grad, seen.fvp, seen.problem).direction
+    converged = CGCurvature(agent.policy.actor_parameters(), agent.config.replace(cg_max_steps=size, cg_tol=0.0))
+    cg = converged.direction(seen.grad, seen.fvp, seen.problem)
+    assert float(cosine_similarity(exact, cg.direction)) > 0.9999
+    torch.testing.assert_close(seen.fvp(exact), seen.grad, rtol=1e-3, atol=1e-4 * float(seen.grad.norm()))
     # The natural gradient is not the plain one, so the check above compares different things.
-    assert float(cosine_similarity(exact, problem.grad)) < 0.99
-    assert float(metrics["train/cg_residual"]) < 1e-3 * float(problem.grad.norm())
+    assert float(cosine_similarity(exact, seen.grad)) < 0.99
+    assert float(cg.metrics["cg_residual"]) < 1e-3 * float(seen.grad.norm())
+    # CG hands over (F + γI) s = g − r, so natural_step needs no further product for sᵀFs.
+    assert cg.product is not None
+    torch.testing.assert_close(cg.product, seen.fvp(cg.direction), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("env_id", ENVS)
@@ -87,8 +98,8 @@ def test_every_backend_step_is_scaled_to_the_kl_radius(env_id: str) -> None:
     """½ βsᵀFβs = δ whatever produced s (one code path after the direction)."""
     for curvature in ("cg", "kfac", "shampoo", "exact"):
         agent = _tiny_agent(env_id, curvature=curvature, target_kl=0.01)
-        problem, full_step = _step_problem(agent)
-        quadratic_kl = 0.5 * torch.dot(full_step, problem.fvp(full_step))
+        seen, full_step = _step_problem(agent)
+        quadratic_kl = 0.5 * torch.dot(full_step, seen.fvp(full_step))
         assert float(quadratic_kl) == pytest.approx(0.01, rel=1e-3), curvature
 
 
@@ -146,6 +157,17 @@ def test_npg_takes_the_full_step_of_any_backend(curvature: str) -> None:
     agent.learn(3 * 4 * 128, callback=lambda a, m: kls.append(m["train/kl"]) or None)
     assert len(kls) >= 3
     assert all(0.002 < kl < 0.05 for kl in kls), kls
+
+
+def test_kfac_backend_is_built_with_the_agents_reducer_and_only_the_actors_layers() -> None:
+    agent = _tiny_agent("Pendulum-v1", curvature="kfac")
+    kfac = agent.curvature.kfac  # type: ignore[attr-defined]
+    assert kfac.statistics_reducer == agent.reducer.weighted_means
+    assert {id(p) for p in kfac.param_groups[0]["params"]} == {id(p) for p in agent.policy.actor.parameters()}
+    with pytest.raises(ValueError, match="Invalid module: None"):
+        make_curvature(agent.config, agent.policy.actor_parameters())
+    with pytest.raises(ValueError, match="are not actor parameters"):
+        make_curvature(agent.config, agent.policy.actor_parameters(), agent.policy.critic)
 
 
 # ---------------------------------------------------------------------------------- diagnostics
@@ -207,7 +229,7 @@ def test_backend_state_survives_save_and_load(tmp_path: Path, curvature: str) ->
     original = agent.natural_step(obs, batch, advantages).full_step
     restored = loaded.natural_step(obs, batch, advantages).full_step
     torch.testing.assert_close(restored, original)
-    loaded.curvature = make_curvature(loaded.policy, loaded.config, loaded.generator)
+    loaded.curvature = make_curvature(loaded.config, loaded.policy.actor_parameters(), loaded.policy.actor)
     assert not torch.allclose(loaded.natural_step(obs, batch, advantages).full_step, original)
 
 

@@ -51,18 +51,33 @@ def test_every_update_respects_the_trust_region(tmp_path: Path) -> None:
 
 
 def test_failed_line_search_keeps_the_policy() -> None:
-    agent = TRPO("CartPole-v1", n_envs=2, seed=0, n_steps=32, line_search_max_iter=1, target_kl=1e-12)
+    # A step scaled to a radius of 1e-3 is searched within 1e-12: every candidate is rejected.
+    wide = TRPO("CartPole-v1", n_envs=2, seed=0, n_steps=32, target_kl=1e-3)
+    tight = TRPO("CartPole-v1", n_envs=2, seed=0, n_steps=32, line_search_max_iter=1, target_kl=1e-12)
+    wide.collect_rollout()
+    batch = wide.buffer.batch()
+    obs, advantages = wide.policy.preprocess(batch.observations), wide._advantages(batch)
+    tight.policy.load_state_dict(wide.policy.state_dict())
+    step = tight.natural_step(obs, batch, advantages)
+    assert step.full_step.norm() > 0
+    wide_step = wide.natural_step(obs, batch, advantages)
+    step = step._replace(full_step=wide_step.full_step, expected_improvement=wide_step.expected_improvement)
+    before = [p.detach().clone() for p in tight.policy.actor_parameters()]
+    metrics = tight.apply_step(step, obs, batch, advantages)
+    assert metrics["train/linesearch_success"].item() == 0.0
+    for p, q in zip(tight.policy.actor_parameters(), before):
+        assert torch.equal(p, q)
+
+
+def test_update_returns_device_tensors_and_keeps_no_state_between_steps() -> None:
+    agent = TRPO("CartPole-v1", n_envs=2, seed=0, n_steps=32)
     agent.collect_rollout()
     batch = agent.buffer.batch()
-    before = [p.detach().clone() for p in agent.policy.actor_parameters()]
-    # a KL limit this tight rejects any step of a scaled direction that was built for a larger radius
-    agent.config.target_kl = 1e-3
-    step = agent.natural_step(agent.policy.preprocess(batch.observations), batch, agent._advantages(batch))
-    agent.config.target_kl = 1e-12
-    metrics = agent.apply_step(step, agent.policy.preprocess(batch.observations), batch, agent._advantages(batch))
-    assert metrics["train/linesearch_success"].item() == 0.0
-    for p, q in zip(agent.policy.actor_parameters(), before):
-        assert torch.equal(p, q)
+    agent.reducer.share_batch_sizes(batch.size)
+    metrics = agent.update(batch)
+    assert metrics and all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in metrics.values())
+    assert {"train/kl", "train/cg_residual", "train/cg_iterations", "train/surrogate"} <= set(metrics)
+    assert not hasattr(agent, "_old")
 
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])

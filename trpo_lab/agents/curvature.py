@@ -1,17 +1,18 @@
 """Curvature backends for the trust-region step of TRPO and NPG (``curvature = ...``).
 
 A backend turns the surrogate gradient g into a step direction s ≈ (F + γI)⁻¹ g, with F the
-Fisher of the policy at θ_old (the Hessian of the mean KL) and γ = ``cg_damping``. The agent
-then scales s to the KL radius with sᵀFs from a Fisher-vector product and line-searches (TRPO)
-or applies (NPG) it, the same way whichever backend produced s:
+Fisher of the policy at θ_old (the Hessian of the mean KL) and γ = ``cg_damping``. It is the
+``solve`` of :func:`trpo_lab.optim.trust_region.natural_step`, which then scales s to the KL
+radius with sᵀFs and hands it to the line search (TRPO) or applies it (NPG), the same way
+whichever backend produced s:
 
 ==========  =====================================================================================
 ``cg``      conjugate gradient on Fisher-vector products (Schulman et al., 2015): ``cg_max_steps``
             products, converges to F⁻¹g.
 ``kfac``    K-FAC's preconditioned gradient, (A ⊗ G + γI)⁻¹ g per layer (Martens & Grosse, 2015),
             from :class:`trpo_lab.optim.KFAC` (the class ACKTR uses) with its statistics from
-            actions sampled from the current policy; parameters outside Linear layers (a
-            Gaussian's log-std) take the plain gradient, K-FAC's convention.
+            actions sampled from the current policy; parameters outside Linear / Conv2d layers
+            (a Gaussian's log-std) take the plain gradient, K-FAC's convention.
 ``shampoo`` Shampoo's direction L^(-1/4) g R^(-1/4) (Gupta, Koren & Singer, 2018) from
             :meth:`trpo_lab.optim.Shampoo.preconditioned_direction`. Shampoo preconditions with
             the gradients' own second moments, not F, so this is not a natural gradient; the KL
@@ -21,26 +22,28 @@ or applies (NPG) it, the same way whichever backend produced s:
             solve, so only for actors of at most :data:`EXACT_MAX_PARAMETERS` parameters.
 ==========  =====================================================================================
 
-Backends are RL-aware (they know the policy and its distribution); the numerics they call live
-in :mod:`trpo_lab.optim`.
+Backends see parameters, modules and closures only (a :class:`CurvatureProblem` per update),
+not a policy class, so the same backends serve :mod:`trpo_lab.agents.trpo` and the SB3
+adapters of :mod:`trpo_lab.sb3.trpo`; the numerics they call live in :mod:`trpo_lab.optim`.
 """
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from trpo_lab.config import TrustRegionConfig
 from trpo_lab.optim._flat import total_numel, unflatten
-from trpo_lab.optim.cg import solve_cg
 from trpo_lab.optim.exact import natural_gradient_step
-from trpo_lab.optim.kfac import KFAC
+from trpo_lab.optim.kfac import KFAC, StatisticsReducer
 from trpo_lab.optim.shampoo import Shampoo
+from trpo_lab.optim.trust_region import Direction, FisherVectorProduct, Solve, cg_solve
 from trpo_lab.policies import ActorCritic
 
 __all__ = [
@@ -49,8 +52,10 @@ __all__ = [
     "Curvature",
     "CurvatureProblem",
     "ExactCurvature",
+    "LayerTrace",
     "KFACCurvature",
     "ShampooCurvature",
+    "actor_fisher_loss",
     "check_exact_size",
     "exact_natural_gradient",
     "make_curvature",
@@ -66,22 +71,39 @@ EXACT_MAX_PARAMETERS = 2_000
 
 @dataclass(frozen=True)
 class CurvatureProblem:
-    """What a backend may use to turn the gradient into a step direction, at θ_old.
+    """What a backend may use, besides g and the Fisher-vector product, at θ_old.
 
     Attributes:
-        grad: The flat gradient g of the surrogate (to be maximised) w.r.t. the actor parameters.
-        fvp: ``v ↦ (F + γI) v``, the damped Fisher-vector product.
-        kl_of_flat: The mean KL(π_old ‖ π_φ) over ``fisher_obs`` as a function of a flat actor
-            vector φ (for dense references).
         theta: The flat actor parameters θ_old.
-        fisher_obs: The (preprocessed) states F is estimated on, the FVP's (sub)sample.
+        kl_of_flat: The mean KL(π_old ‖ π_φ) over the Fisher states as a function of a flat
+            actor vector φ (dense references: ``exact`` and ``diagnostics.exact_every``).
+        fisher_loss: ``() ↦ −mean log π(ã|s)``, ã ~ π_old(·|s), on the Fisher states with its
+            forward pass inside, through the layers' modules (K-FAC records its statistics
+            with module hooks): the sampled-Fisher loss of any ``nn.Module`` policy.
+        fisher_trace: The same loss from a hook-free forward, with ``(layer, input, output)``
+            of each of the actor's layers (:meth:`ActorCritic.traced_forward`); K-FAC records
+            its statistics from the gradients at those outputs. Used when given.
     """
 
-    grad: Tensor
-    fvp: Callable[[Tensor], Tensor]
-    kl_of_flat: Callable[[Tensor], Tensor]
     theta: Tensor
-    fisher_obs: Tensor
+    kl_of_flat: Callable[[Tensor], Tensor] | None = None
+    fisher_loss: Callable[[], Tensor] | None = None
+    fisher_trace: Callable[[], tuple[Tensor, list[LayerTrace]]] | None = None
+
+
+LayerTrace = tuple[nn.Module, Tensor, Tensor]
+"""``(layer, input, output)`` of one layer in a forward pass."""
+
+
+def actor_fisher_loss(policy: ActorCritic, obs: Tensor, generator: torch.Generator) -> tuple[Tensor, list[LayerTrace]]:
+    """−1/N Σ log π(ã|s) with ã ~ π(·|s) drawn from ``generator`` (the true, sampled Fisher's loss),
+    and the actor's layer trace of that forward (:attr:`CurvatureProblem.fisher_trace`)."""
+    dist = policy.distribution
+    dist_params, _, trace = policy.traced_forward(obs)
+    actor_layers = {id(module) for module in policy.actor.modules()}
+    sampled = dist.sample(dist_params.detach(), generator)
+    loss = -dist.log_prob(dist_params, sampled).mean()
+    return loss, [entry for entry in trace if id(entry[0]) in actor_layers]
 
 
 def check_exact_size(num_parameters: int, what: str) -> None:
@@ -97,66 +119,71 @@ def check_exact_size(num_parameters: int, what: str) -> None:
         )
 
 
-def exact_natural_gradient(problem: CurvatureProblem, damping: float) -> Tensor:
+def exact_natural_gradient(grad: Tensor, problem: CurvatureProblem, damping: float) -> Tensor:
     """(F + damping·I)⁻¹ g with F the explicit Hessian of ``problem.kl_of_flat`` at θ_old."""
-    return natural_gradient_step(problem.kl_of_flat, problem.grad, problem.theta, damping=damping)
+    if problem.kl_of_flat is None:
+        raise ValueError("Invalid problem: the dense natural gradient needs kl_of_flat; the caller gave None")
+    return natural_gradient_step(problem.kl_of_flat, grad, problem.theta, damping=damping)
 
 
 class Curvature(ABC):
     """Where the trust-region step direction comes from; one subclass per ``curvature`` value.
 
     Args:
-        policy: The agent's policy; backends precondition its actor parameters.
+        params: The actor parameters, in the flat layout of the gradient.
         config: The agent's config (``cg_damping``, ``cg_max_steps``, ``cg_tol``).
-        generator: Random generator for the backend's own sampling (K-FAC's sampled Fisher).
+        module: The module holding the actor's layers (K-FAC tracks its Linear / Conv2d layers).
+        statistics_reducer: Combines K-FAC's per-batch factors over data-parallel ranks
+            (:meth:`trpo_lab.distributed.Reducer.weighted_means`); None or the identity in
+            one process.
     """
 
     name: ClassVar[str]
 
-    def __init__(self, policy: ActorCritic, config: TrustRegionConfig, generator: torch.Generator) -> None:
-        self.policy = policy
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        config: TrustRegionConfig,
+        module: nn.Module | None = None,
+        statistics_reducer: StatisticsReducer | None = None,
+    ) -> None:
+        self.params = list(params)
         self.config = config
-        self.generator = generator
 
     @abstractmethod
-    def direction(self, problem: CurvatureProblem) -> tuple[Tensor, dict[str, Tensor]]:
-        """The flat direction s (same layout as ``problem.grad``) and ``train/...`` metrics."""
+    def direction(self, grad: Tensor, fvp: FisherVectorProduct, problem: CurvatureProblem) -> Direction:
+        """s for the flat gradient ``grad`` (its layout), with (F + γI) s when known and metrics."""
 
-    def direction_product(self) -> Tensor | None:
-        """(F + γI) s for the last direction, when the backend has it for free (else None)."""
-        return None
+    def solver(self, problem: CurvatureProblem) -> Solve:
+        """This backend as :func:`~trpo_lab.optim.trust_region.natural_step`'s ``solve`` for one problem."""
+        return functools.partial(self.direction, problem=problem)
 
     def state_dict(self) -> dict[str, Any]:
         """State that must survive a checkpoint (statistics, factors); empty when stateless."""
         return {}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore :meth:`state_dict`; ``strict`` as ``nn.Module``'s (SB3's ``set_parameters`` passes it).
+
+        Raises:
+            ValueError: a stateless backend is given state (``strict``).
+        """
+        if strict and state:
+            raise ValueError(f"Invalid curvature state: keys {sorted(state)} for the stateless backend {self.name!r}")
 
 
 class CGCurvature(Curvature):
-    """s = CG(F + γI, g) with ``cg_max_steps`` Fisher-vector products (Schulman et al., 2015)."""
+    """s = CG(F + γI, g) with ``cg_max_steps`` Fisher-vector products (Schulman et al., 2015).
+
+    On the CPU a converged CG stops early (one scalar read per iteration, no extra products);
+    on a GPU it runs all iterations without host synchronisation. (F + γI) s = g − r comes
+    with the direction, so sᵀFs costs no further product.
+    """
 
     name = "cg"
 
-    _product: Tensor | None = None
-
-    def direction(self, problem: CurvatureProblem) -> tuple[Tensor, dict[str, Tensor]]:
-        # On the CPU a converged CG stops early (one scalar read per iteration, no extra
-        # products); on a GPU it runs all iterations without host synchronisation.
-        cg = solve_cg(
-            problem.fvp,
-            problem.grad,
-            max_iter=self.config.cg_max_steps,
-            tol=self.config.cg_tol,
-            stop_early=problem.grad.device.type == "cpu",
-        )
-        self._product = problem.grad - cg.residual  # (F + γI) s = g − r
-        metrics = {"train/cg_residual": cg.residual_norm, "train/cg_iterations": cg.iterations.to(cg.x.dtype)}
-        return cg.x, metrics
-
-    def direction_product(self) -> Tensor | None:
-        return self._product
+    def direction(self, grad: Tensor, fvp: FisherVectorProduct, problem: CurvatureProblem) -> Direction:
+        return cg_solve(self.config.cg_max_steps, self.config.cg_tol)(grad, fvp)
 
 
 class ExactCurvature(Curvature):
@@ -164,63 +191,92 @@ class ExactCurvature(Curvature):
 
     name = "exact"
 
-    def __init__(self, policy: ActorCritic, config: TrustRegionConfig, generator: torch.Generator) -> None:
-        super().__init__(policy, config, generator)
-        check_exact_size(total_numel(policy.actor_parameters()), "curvature 'exact'")
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        config: TrustRegionConfig,
+        module: nn.Module | None = None,
+        statistics_reducer: StatisticsReducer | None = None,
+    ) -> None:
+        super().__init__(params, config)
+        check_exact_size(total_numel(self.params), "curvature 'exact'")
 
-    def direction(self, problem: CurvatureProblem) -> tuple[Tensor, dict[str, Tensor]]:
-        return exact_natural_gradient(problem, self.config.cg_damping), {}
+    def direction(self, grad: Tensor, fvp: FisherVectorProduct, problem: CurvatureProblem) -> Direction:
+        return Direction(exact_natural_gradient(grad, problem, self.config.cg_damping))
 
 
 class KFACCurvature(Curvature):
-    r"""s = K-FAC's preconditioned gradient, (A ⊗ G + γI)⁻¹ g for each Linear layer of the actor.
+    r"""s = K-FAC's preconditioned gradient, (A ⊗ G + γI)⁻¹ g for each Linear / Conv2d layer of the actor.
 
-    The factors come from a Fisher pass on the problem's states with actions sampled from the
-    current policy, a ~ π_old(·|s), and the loss −1/N Σ log π(a|s) (the true Fisher; the taken
-    actions would give the empirical one). They are refreshed on every update: ``stat_decay``
-    0.95 averages them over the last ~20 policies, each batch's factors weighing 5% (Martens &
-    Grosse, 2015, use 0.95), and ``inverse_every`` 1 recomputes the eigendecompositions every
-    update (a few small symmetric matrices per layer). The damping is ``cg_damping`` in K-FAC's
-    "eigen" mode, so the direction solves the same damped system as CG, with F replaced by its
-    Kronecker factorisation. K-FAC's step rule (learning rate, KL clip, momentum) is not used.
+    The factors come from a Fisher pass (``problem.fisher_trace`` or ``fisher_loss``) on the problem's states with
+    actions sampled from the current policy, a ~ π_old(·|s), and the loss −1/N Σ log π(a|s)
+    (the true Fisher; the taken actions would give the empirical one). They are refreshed on
+    every update: ``stat_decay`` 0.95 averages them over the last ~20 policies, each batch's
+    factors weighing 5% (Martens & Grosse, 2015, use 0.95), and ``inverse_every`` 1 recomputes
+    the eigendecompositions every update (a few small symmetric matrices per layer). The
+    damping is ``cg_damping`` in K-FAC's "eigen" mode, so the direction solves the same damped
+    system as CG, with F replaced by its Kronecker factorisation. K-FAC's step rule (learning
+    rate, KL clip, momentum) is not used.
     """
 
     name = "kfac"
     STAT_DECAY: ClassVar[float] = 0.95
 
-    def __init__(self, policy: ActorCritic, config: TrustRegionConfig, generator: torch.Generator) -> None:
-        super().__init__(policy, config, generator)
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        config: TrustRegionConfig,
+        module: nn.Module | None = None,
+        statistics_reducer: StatisticsReducer | None = None,
+    ) -> None:
+        super().__init__(params, config)
+        if module is None:
+            raise ValueError("Invalid module: None; curvature 'kfac' needs the module that holds the actor's layers")
         self.kfac = KFAC(
-            policy.actor,
+            module,
             lr=1.0,
             momentum=0.0,
             damping=config.cg_damping,
             kl_clip=None,
             stat_decay=self.STAT_DECAY,
             inverse_every=1,
+            statistics_reducer=statistics_reducer,
         )
-        self.layer_params = list(policy.actor.parameters())
+        self.layer_params: list[Tensor] = list(self.kfac.param_groups[0]["params"])
+        position = {id(param): index for index, param in enumerate(self.params)}
+        outside = [tuple(p.shape) for p in self.layer_params if id(p) not in position]
+        if outside:
+            raise ValueError(
+                f"Invalid module: parameters of shapes {outside} are not actor parameters; expected a module "
+                "whose trainable parameters the policy distribution depends on"
+            )
+        self._positions = [position[id(param)] for param in self.layer_params]
 
-    def _track_fisher(self, obs: Tensor) -> None:
-        policy, dist = self.policy, self.policy.distribution
-        with torch.enable_grad(), self.kfac.track_statistics():
-            dist_params = policy.dist_params(obs)
-            sampled = dist.sample(dist_params.detach(), self.generator)
-            fisher_loss = -dist.log_prob(dist_params, sampled).mean()
-            torch.autograd.grad(fisher_loss, self.layer_params)
+    def _record_fisher(self, problem: CurvatureProblem) -> None:
+        if problem.fisher_trace is not None:
+            with torch.enable_grad(), self.kfac.track_statistics(hooks=False):
+                loss, trace = problem.fisher_trace()
+                output_grads = torch.autograd.grad(loss, [output for _, _, output in trace])
+                for (layer, inputs, _), output_grad in zip(trace, output_grads, strict=True):
+                    self.kfac.record_statistics(layer, inputs, output_grad)
+        elif problem.fisher_loss is not None:
+            with torch.enable_grad(), self.kfac.track_statistics():
+                torch.autograd.grad(problem.fisher_loss(), self.layer_params)
+        else:
+            raise ValueError("Invalid problem: curvature 'kfac' needs fisher_trace or fisher_loss; the caller gave neither")
 
-    def direction(self, problem: CurvatureProblem) -> tuple[Tensor, dict[str, Tensor]]:
-        self._track_fisher(problem.fisher_obs)
-        pieces = unflatten(problem.grad, self.policy.actor_parameters())
-        count = len(self.layer_params)
-        preconditioned = self.kfac.precondition(list(pieces[:count]))
-        flat = torch.cat([p.reshape(-1) for p in [*preconditioned, *pieces[count:]]])
-        return flat, {}
+    def direction(self, grad: Tensor, fvp: FisherVectorProduct, problem: CurvatureProblem) -> Direction:
+        self._record_fisher(problem)
+        pieces = list(unflatten(grad, self.params))
+        preconditioned = self.kfac.precondition([pieces[index] for index in self._positions])
+        for index, piece in zip(self._positions, preconditioned):
+            pieces[index] = piece
+        return Direction(torch.cat([piece.reshape(-1) for piece in pieces]))
 
     def state_dict(self) -> dict[str, Any]:
         return {"kfac": self.kfac.state_dict()}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
         self.kfac.load_state_dict(dict(state["kfac"]))
 
 
@@ -240,9 +296,14 @@ class ShampooCurvature(Curvature):
     BETA2: ClassVar[float] = 0.9
     EPSILON: ClassVar[float] = 1e-8
 
-    def __init__(self, policy: ActorCritic, config: TrustRegionConfig, generator: torch.Generator) -> None:
-        super().__init__(policy, config, generator)
-        self.params = policy.actor_parameters()
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        config: TrustRegionConfig,
+        module: nn.Module | None = None,
+        statistics_reducer: StatisticsReducer | None = None,
+    ) -> None:
+        super().__init__(params, config)
         self.shampoo = Shampoo(
             self.params,
             lr=1.0,
@@ -253,21 +314,21 @@ class ShampooCurvature(Curvature):
             grafting="none",
         )
 
-    def direction(self, problem: CurvatureProblem) -> tuple[Tensor, dict[str, Tensor]]:
+    def direction(self, grad: Tensor, fvp: FisherVectorProduct, problem: CurvatureProblem) -> Direction:
         saved = [p.grad for p in self.params]
         try:
-            for param, piece in zip(self.params, unflatten(problem.grad, self.params)):
+            for param, piece in zip(self.params, unflatten(grad, self.params)):
                 param.grad = piece.detach().clone()
             directions = self.shampoo.preconditioned_direction()
         finally:
-            for param, grad in zip(self.params, saved):
-                param.grad = grad
-        return torch.cat([d.reshape(-1) for d in directions]), {}
+            for param, saved_grad in zip(self.params, saved):
+                param.grad = saved_grad
+        return Direction(torch.cat([d.reshape(-1) for d in directions]))
 
     def state_dict(self) -> dict[str, Any]:
         return {"shampoo": self.shampoo.state_dict()}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
         self.shampoo.load_state_dict(dict(state["shampoo"]))
 
 
@@ -276,6 +337,11 @@ CURVATURE_BACKENDS: dict[str, type[Curvature]] = {
 }
 
 
-def make_curvature(policy: ActorCritic, config: TrustRegionConfig, generator: torch.Generator) -> Curvature:
-    """The backend named by ``config.curvature``."""
-    return CURVATURE_BACKENDS[config.curvature](policy, config, generator)
+def make_curvature(
+    config: TrustRegionConfig,
+    params: Sequence[nn.Parameter],
+    module: nn.Module | None = None,
+    statistics_reducer: StatisticsReducer | None = None,
+) -> Curvature:
+    """The backend named by ``config.curvature`` over the actor ``params`` (see :class:`Curvature`)."""
+    return CURVATURE_BACKENDS[config.curvature](params, config, module, statistics_reducer)

@@ -1,13 +1,14 @@
 """Natural policy gradient (Kakade, 2001; Rajeswaran et al., 2017) on the TRPO machinery.
 
-The update is TRPO's without the line search: the natural direction s ≈ F⁻¹ g from conjugate
-gradient is scaled to the KL radius δ = ``target_kl`` and applied in full,
+The update is TRPO's without the line search: the natural direction s ≈ F⁻¹ g from the
+curvature backend is scaled to the KL radius δ = ``target_kl`` and applied in full,
 
     θ_new = θ_old + sqrt(2 δ / sᵀ F s) · s,
 
 which is a natural-gradient step with a step size chosen per update from the quadratic KL
-model.  Everything else (surrogate, Fisher-vector products, CG, critic fit, metrics) is
-:class:`~trpo_lab.agents.trpo.TrustRegionAgent`'s.  Since nothing backtracks, the KL actually
+model (:func:`trpo_lab.optim.trust_region.natural_step`). Everything else (surrogate,
+Fisher-vector products, curvature backends, critic fit, metrics) is
+:class:`~trpo_lab.agents.trpo.TrustRegionAgent`'s. Since nothing backtracks, the KL actually
 reached (logged as ``train/kl``) can differ from δ where the quadratic model is poor.
 """
 
@@ -20,7 +21,7 @@ from torch import Tensor
 from trpo_lab.agents.trpo import NaturalStep, TrustRegionAgent
 from trpo_lab.buffer import RolloutBatch
 from trpo_lab.config import NPGConfig
-from trpo_lab.optim._flat import assign_flat_, flat_params
+from trpo_lab.optim.trust_region import take_full_step
 
 __all__ = ["NPG"]
 
@@ -38,12 +39,9 @@ class NPG(TrustRegionAgent):
     config: NPGConfig
 
     def apply_step(self, step: NaturalStep, obs: Tensor, batch: RolloutBatch, advantages: Tensor) -> dict[str, Tensor]:
-        actor_params = self.policy.actor_parameters()
-        new_params = flat_params(actor_params) + step.full_step.detach()
-        losses, kls = self._evaluate_candidates(obs, batch, advantages)(new_params.unsqueeze(0))
-        assign_flat_(actor_params, new_params)
+        loss, kl = take_full_step(self.policy.actor_parameters(), step)
         return {
-            "train/kl": kls[0],
+            "train/kl": kl,
             "train/expected_improvement": step.expected_improvement.detach(),
-            "train/actual_improvement": step.loss0 - losses[0],
+            "train/actual_improvement": step.loss0 - loss,
         }
