@@ -18,6 +18,7 @@ import trpo_lab.agents.acktr as acktr_module
 from trpo_lab.agents.acktr import ACKTR
 from trpo_lab.agents.metrics import to_host
 from trpo_lab.cli import main as cli_main
+from trpo_lab.optim.kfac import KFAC
 from trpo_lab.presets import load_preset
 
 
@@ -297,3 +298,84 @@ def test_cli_trains_and_resumes_acktr(tmp_path: Path, capsys: pytest.CaptureFixt
     resumed = ACKTR.load(run_dir / "final.pt")
     assert resumed.num_timesteps >= 640
     assert resumed.actor_optimizer.last_stats["kfac/step"] == resumed.num_updates > len(rows)
+
+
+# ---------------------------------------------------------------------- the one sampled-Fisher loss
+
+
+def _kfac_block(layer: nn.Linear, fisher_loss: Any, inputs: Tensor) -> Tensor:
+    """K-FAC's Fisher block G ⊗ A of ``layer`` (row-major [W|b] layout) from one Fisher pass."""
+    optimizer = KFAC(layer, kl_clip=None)
+    with optimizer.track_statistics():
+        loss = fisher_loss(layer(inputs))
+        torch.autograd.grad(loss, list(layer.parameters()))
+    state = optimizer.state[layer.weight]
+    return torch.kron(state["G"], state["A"])
+
+
+def _exact_fisher(log_probs_of_flat: Any, flat: Tensor, support: Tensor, weights: Tensor) -> Tensor:
+    """Σ_a w_a ∇log p_a ∇log p_aᵀ over a finite support, by the exact Jacobian."""
+    jacobian = torch.autograd.functional.jacobian(log_probs_of_flat, flat)  # (|support|, P)
+    return (jacobian.T * weights) @ jacobian
+
+
+def test_sampled_fisher_loss_gives_the_exact_fisher_of_a_categorical_policy() -> None:
+    """One state, logits = [W|b] [s; 1]: the exact Fisher is Σ_a p_a ∇log p_a ∇log p_aᵀ, and
+    K-FAC's G ⊗ A from the sampled loss (ã ~ π) approaches it (exact for one state)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 4)
+    state = torch.tensor([0.5, -1.0, 0.25])
+    inputs = state.repeat(40_000, 1)
+    generator = torch.Generator().manual_seed(1)
+
+    def fisher_loss(logits: Tensor) -> Tensor:
+        dist = torch.distributions.Categorical(logits=logits)
+        sampled = torch.multinomial(dist.probs.detach(), 1, generator=generator).squeeze(-1)
+        return acktr_module.sampled_fisher_loss(dist.log_prob, sampled).policy
+
+    block = _kfac_block(layer, fisher_loss, inputs)
+    rows = torch.cat([state, torch.ones(1)])
+    matrix = torch.cat([layer.weight, layer.bias[:, None]], dim=1).detach()
+    probs = torch.softmax(matrix @ rows, dim=0)
+    exact = _exact_fisher(lambda flat: torch.log_softmax(flat.reshape(4, 4) @ rows, 0), matrix.reshape(-1), torch.arange(4), probs)
+    torch.testing.assert_close(block, exact, atol=5e-3, rtol=0)
+    assert exact.abs().max() > 0.1
+
+
+def test_sampled_fisher_loss_detaches_a_reparameterised_gaussian_sample() -> None:
+    """Mean head of a Gaussian (σ fixed): the exact Fisher of μ is I/σ², so G → I/σ². An
+    ``rsample`` carries ∂ã/∂μ = 1 and, undetached, would make the gradient (and G) zero."""
+    torch.manual_seed(0)
+    layer = nn.Linear(2, 2)
+    sigma = torch.tensor([0.5, 2.0])
+    state = torch.tensor([1.0, -0.5])
+
+    def fisher_loss(mean: Tensor) -> Tensor:
+        dist = torch.distributions.Normal(mean, sigma)
+        return acktr_module.sampled_fisher_loss(lambda a: dist.log_prob(a).sum(-1), dist.rsample()).policy
+
+    block = _kfac_block(layer, fisher_loss, state.repeat(40_000, 1))
+    rows = torch.cat([state, torch.ones(1)])
+    exact = torch.kron(torch.diag(sigma**-2), torch.outer(rows, rows))  # Σ_a: J = I ⊗ [s; 1]ᵀ
+    torch.testing.assert_close(block, exact, atol=0.1, rtol=0.03)
+
+
+def test_sampled_fisher_loss_value_term_gives_four_times_the_gauss_newton_matrix() -> None:
+    """Linear critic V = [w|b] [s; 1]: with target sg(V) + ε the K-FAC block approaches
+    E[(2ε)²] E[[s; 1][s; 1]ᵀ] = 4 JᵀJ / N, the Gauss–Newton matrix of the squared error."""
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 1)
+    states = torch.randn(20_000, 3)
+    generator = torch.Generator().manual_seed(2)
+    fisher = {}
+
+    def fisher_loss(values: Tensor) -> Tensor:
+        no_actions = torch.zeros(values.shape[0])
+        fisher["loss"] = acktr_module.sampled_fisher_loss(torch.zeros_like, no_actions, values, generator)
+        return fisher["loss"].total()
+
+    block = _kfac_block(layer, fisher_loss, states)
+    rows = torch.cat([states, torch.ones(states.shape[0], 1)], dim=1)
+    torch.testing.assert_close(block, 4 * rows.T @ rows / rows.shape[0], atol=0.1, rtol=0.03)
+    # The value term's value is mean(ε²) ≈ 1, its gradient is −2ε ∂V/∂w.
+    assert abs(float(fisher["loss"].value.detach()) - 1.0) < 0.05

@@ -14,7 +14,9 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from trpo_lab.optim import KFAC
+from trpo_lab.agents.acktr import ActorCriticKFAC
 from trpo_lab.sb3 import ACKTR, KFACActorCriticCnnPolicy, KFACActorCriticPolicy
+from trpo_lab.sb3.acktr import ACKTRActorCriticCnnPolicy
 
 
 def _cartpole(n_envs: int = 8) -> DummyVecEnv:
@@ -22,7 +24,10 @@ def _cartpole(n_envs: int = 8) -> DummyVecEnv:
 
 
 def _factors(policy: torch.nn.Module, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return policy.optimizer.state[layer.weight]  # type: ignore[no-any-return, union-attr]
+    optimizer: Any = policy.optimizer
+    if isinstance(optimizer, ActorCriticKFAC):  # ACKTR: the layer is in the actor's or the critic's KFAC
+        optimizer = next(o for o in (optimizer.actor, optimizer.critic) if layer.weight in o.state)
+    return optimizer.state[layer.weight]  # type: ignore[no-any-return]
 
 
 def test_fisher_pass_records_the_sampled_fisher_and_the_gauss_newton_value_factor() -> None:
@@ -61,13 +66,14 @@ def test_no_statistics_outside_training() -> None:
 
 def test_acktr_logs_kfac_and_clips_the_kl() -> None:
     model = ACKTR("MlpPolicy", _cartpole(), seed=0, device="cpu")
-    assert isinstance(model.policy.optimizer, KFAC)
+    assert isinstance(model.policy.optimizer, ActorCriticKFAC)
     model.learn(1_600)
     logged = model.logger.name_to_value
     for key in ("train/policy_loss", "train/value_loss", "train/kl_scale", "train/predicted_kl", "train/effective_lr"):
         assert key in logged, key
     assert logged["train/predicted_kl"] <= model.kl_clip * (1 + 1e-6)
-    assert model.policy.optimizer.last_stats["kfac/step"] == 10
+    assert 0 <= logged["train/critic_predicted_kl"] <= model.vf_kl_clip * (1 + 1e-6)
+    assert model.policy.optimizer.last_stats["kfac/actor/step"] == 10
 
 
 def test_acktr_rejects_a_policy_without_kfac() -> None:
@@ -103,7 +109,7 @@ class _TinyImageEnv(gym.Env[np.ndarray, int]):
 def test_acktr_cnn_policy_preconditions_convolutions(tmp_path: Path) -> None:
     env = DummyVecEnv([_TinyImageEnv, _TinyImageEnv])
     model = ACKTR("CnnPolicy", env, n_steps=5, seed=0, device="cpu", policy_kwargs=dict(features_extractor_kwargs=dict(features_dim=32)))
-    assert isinstance(model.policy, KFACActorCriticCnnPolicy)
+    assert isinstance(model.policy, ACKTRActorCriticCnnPolicy)
     model.learn(20)
     conv = model.policy.features_extractor.cnn[0]
     assert isinstance(conv, torch.nn.Conv2d)

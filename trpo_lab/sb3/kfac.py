@@ -37,6 +37,7 @@ from stable_baselines3.common.policies import (
 )
 from torch import Tensor
 
+from trpo_lab.agents.acktr import sampled_fisher_loss
 from trpo_lab.optim.kfac import KFAC
 
 if TYPE_CHECKING:
@@ -47,31 +48,9 @@ __all__ = [
     "KFACActorCriticPolicy",
     "KFACMultiInputActorCriticPolicy",
     "KFACPolicyMixin",
-    "sampled_fisher_loss",
 ]
 
 _KFAC_ARGUMENTS = ("momentum", "damping", "kl_clip", "stat_decay", "inverse_every", "weight_decay", "damping_mode")
-
-
-def sampled_fisher_loss(distribution: Distribution, values: Tensor, vf_fisher_coef: float = 1.0) -> Tensor:
-    """ACKTR's Fisher loss: sampled-action log-likelihood plus the value head's Gauss-Newton term.
-
-    ``−mean(log π(ã|s)) + vf_fisher_coef · mean((V − (V.detach() + ε))²)`` with ``ã`` drawn
-    from ``distribution`` (detached: a reparameterised Gaussian sample must not carry the
-    mean's gradient) and ``ε ~ N(0, 1)``. Its gradients, backpropagated inside
-    ``KFAC.track_statistics()``, give K-FAC the statistics of the policy's Fisher and of the
-    critic's Gauss-Newton matrix (Wu et al. 2017, section 3.1).
-
-    Args:
-        distribution: The policy's action distribution on the batch (with its graph).
-        values: The critic's values on the batch, any shape with one value per sample.
-        vf_fisher_coef: Weight of the value term (1.0 in ACKTR's reference code).
-    """
-    sampled = distribution.get_actions(deterministic=False).detach()
-    policy_term = -distribution.log_prob(sampled).mean()
-    values = values.flatten()
-    target = values.detach() + torch.randn_like(values)
-    return policy_term + vf_fisher_coef * (values - target).pow(2).mean()
 
 
 class KFACPolicyMixin:
@@ -114,7 +93,13 @@ class KFACPolicyMixin:
 
     def _build(self, lr_schedule: Schedule) -> None:
         super()._build(lr_schedule)  # type: ignore[misc]
-        self.optimizer = KFAC(self, lr=lr_schedule(1), **self.kfac_kwargs)  # type: ignore[arg-type]
+        self.optimizer = self.make_optimizer(lr_schedule(1))
+
+    def make_optimizer(self, lr: float) -> Any:
+        """The policy's optimizer: one :class:`~trpo_lab.optim.KFAC` over the whole policy.
+
+        :class:`trpo_lab.sb3.ACKTR`'s policies override this with ACKTR's two K-FACs."""
+        return KFAC(self, lr=lr, **self.kfac_kwargs)  # type: ignore[arg-type]
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data: dict[str, Any] = super()._get_constructor_parameters()  # type: ignore[misc]
@@ -130,8 +115,9 @@ class KFACPolicyMixin:
         """SB3's ``evaluate_actions``, plus a Fisher pass that updates K-FAC's statistics.
 
         The pass runs only in training mode with gradients enabled (inside an algorithm's
-        ``train()``); it backpropagates :func:`sampled_fisher_loss` through the same forward
-        graph with ``torch.autograd.grad``, so no ``.grad`` is touched.
+        ``train()``); it backpropagates :func:`trpo_lab.agents.acktr.sampled_fisher_loss`
+        (actions drawn by the SB3 distribution, value noise from torch's default generator)
+        through the same forward graph with ``torch.autograd.grad``, so no ``.grad`` is touched.
         """
         if not (self.training and torch.is_grad_enabled()):  # type: ignore[attr-defined]
             return super().evaluate_actions(obs, actions)  # type: ignore[misc,no-any-return]
@@ -141,8 +127,9 @@ class KFACPolicyMixin:
                 values, log_prob, entropy = super().evaluate_actions(obs, actions)  # type: ignore[misc]
                 distribution = self._last_distribution
                 assert distribution is not None  # set by the forward pass just above
-                fisher_loss = sampled_fisher_loss(distribution, values, self.vf_fisher_coef)
-                torch.autograd.grad(fisher_loss, trainable, retain_graph=True, allow_unused=True)
+                sampled = distribution.get_actions(deterministic=False)
+                fisher = sampled_fisher_loss(distribution.log_prob, sampled, values)
+                torch.autograd.grad(fisher.total(self.vf_fisher_coef), trainable, retain_graph=True, allow_unused=True)
         finally:
             self._last_distribution = None
         return values, log_prob, entropy
