@@ -17,13 +17,13 @@ See ``docs/sb3.md`` for runnable examples.
 
 from __future__ import annotations
 
+from trpo_lab.agents.acktr import sampled_fisher_loss
 from trpo_lab.sb3.acktr import ACKTR
 from trpo_lab.sb3.kfac import (
     KFACActorCriticCnnPolicy,
     KFACActorCriticPolicy,
     KFACMultiInputActorCriticPolicy,
     KFACPolicyMixin,
-    sampled_fisher_loss,
 )
 from trpo_lab.sb3.trpo import NPG, TRPO, NaturalGradientAlgorithm, NaturalGradientStep
 from trpo_lab.sb3.vec_env import GymnasiumToSB3VecEnv, SB3ToGymnasiumVectorEnv, make_sb3_vec_env
