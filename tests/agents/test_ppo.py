@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from trpo_lab.agents.ppo import PPO, optimizer_class, ppo_loss
+from trpo_lab.nn.acting import NumpyActor
 from trpo_lab.presets import load_preset
 
 # A batch of four samples that hits every branch of the clipped surrogate with clip_range 0.2:
@@ -143,6 +144,21 @@ def test_update_logs_metrics_and_early_stop_limits_the_epochs() -> None:
     assert metrics["train/n_updates"] < 50 * 4
 
 
+def test_update_returns_device_tensors_read_once_by_the_loop() -> None:
+    from trpo_lab.agents.metrics import to_host
+
+    agent = PPO("CartPole-v1", n_envs=2, seed=0, n_steps=32, batch_size=32, n_epochs=2)
+    agent.collect_rollout()
+    batch = agent.buffer.batch()
+    agent._share_batch_sizes(batch.size)
+    metrics = agent.update(batch)
+    for key in ("train/kl", "train/loss", "train/explained_variance", "train/grad_norm"):
+        assert isinstance(metrics[key], torch.Tensor) and metrics[key].device == agent.device, key
+    host = to_host(metrics)
+    assert list(host) == list(metrics) and all(isinstance(v, float) for v in host.values())
+    assert host["train/n_updates"] == 2 * math.ceil(batch.size / 32)
+
+
 def test_shampoo_can_be_dropped_in() -> None:
     pytest.importorskip("trpo_lab.optim.shampoo")
     agent = PPO("CartPole-v1", n_envs=2, seed=0, n_steps=32, batch_size=32, n_epochs=2, optimizer="shampoo")
@@ -193,7 +209,7 @@ def test_rollout_stores_what_the_policy_computes(env_id: str, activation: str) -
     current policy, so PPO's ratio starts at 1: through the numpy policy (tanh) and through
     the torch path it falls back to (ELU has no numpy version)."""
     agent = PPO(env_id, n_envs=3, seed=0, n_steps=64, normalize_obs=True, policy_kwargs={"activation_fn": activation})
-    uses_numpy = agent.policy.numpy_policy(torch.Generator(), 3, 64) is not None
+    uses_numpy = isinstance(agent.collector.actor(), NumpyActor)
     assert uses_numpy == (activation == "tanh")
     agent.learn(192)  # one update, so the policy is no longer the initial one
     agent.collect_rollout()
