@@ -349,7 +349,7 @@ def load_local_state(agent: OnPolicyAgent, data: Mapping[str, Any], rank: int, w
         _load_env_state(agent, {**own, "n_envs": data["n_envs"], "counters": {"reset_seed": own["reset_seed"]}})
     elif rank != 0:  # a checkpoint of fewer ranks: this rank starts new environments and samplers
         agent.generator.manual_seed(agent.local_seed + agent.num_updates)
-        agent.shuffle_generator.manual_seed(agent.seed + 1 + agent.num_updates)
+        # The shuffle stream is shared by all ranks: keep rank 0's (restored from data["rng"]).
         agent.episode_returns.clear()
         agent.episode_lengths.clear()
         agent._last_obs, agent._reset_seed = None, agent.local_seed + agent.num_updates
