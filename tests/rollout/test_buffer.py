@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
-from trpo_lab.buffer import RolloutBuffer, compute_gae, minibatches
+from trpo_lab.rollout.buffer import RolloutBuffer, compute_gae, minibatches
 
 
 def _column(values: list[float]) -> torch.Tensor:
@@ -135,47 +134,53 @@ def test_minibatches_partition_the_batch() -> None:
     assert len(list(minibatches(batch, 6))) == 4
 
 
-class _Counter(gym.Env):
-    """obs = step index within the episode; reward 1; truncated by TimeLimit after 3 steps."""
-
-    observation_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float32)
-    action_space = gym.spaces.Discrete(2)
-
-    def reset(self, *, seed=None, options=None):  # type: ignore[no-untyped-def]
-        super().reset(seed=seed)
-        self.t = 0
-        return np.array([0.0], np.float32), {}
-
-    def step(self, action):  # type: ignore[no-untyped-def]
-        self.t += 1
-        return np.array([float(self.t)], np.float32), 1.0, False, False, {}
-
-
-def test_rollout_bootstraps_truncation_with_final_observation() -> None:
-    from trpo_lab.agents.trpo import TRPO
-
-    agent = TRPO(lambda: gym.wrappers.TimeLimit(_Counter(), 3), n_envs=2, seed=0, n_steps=8, gamma=0.9, gae_lambda=1.0)
-    agent.collect_rollout()
-    buf = agent.buffer
-    # slots 0,1,2 are the first episode, slot 3 is the autoreset slot holding the final obs (3.0)
-    assert buf.valid[:, 0].tolist() == [True, True, True, False, True, True, True, False]
-    assert buf.truncated[2, 0] and not buf.terminated[2, 0]
-    assert buf.observations[3, 0, 0] == 3.0
-    with torch.no_grad():
-        v = agent.policy.value(torch.tensor([[2.0], [3.0]]))
-    expected = 1.0 + 0.9 * v[1] - v[0]
-    torch.testing.assert_close(buf.advantages[2, 0], expected)
-    assert agent.buffer.batch().size == 12
-
-
-def test_gae_numpy_path_equals_the_torch_path_bit_for_bit() -> None:
-    """CPU tensors run the recursion in numpy; tensors that need grad (like CUDA ones) stay in
-    torch. Both give the same bits, for bool and for 0/1 float done flags."""
+def test_gae_takes_bool_or_float_flags_and_tensors_that_need_grad() -> None:
+    """One implementation: the same bits for bool and 0/1 float done flags, and for inputs
+    that require grad (the result is not differentiable)."""
     g = torch.Generator().manual_seed(0)
     rewards, values, next_values = (torch.randn(64, 5, generator=g) for _ in range(3))
     terminated, truncated = torch.rand(64, 5, generator=g) < 0.1, torch.rand(64, 5, generator=g) < 0.1
+    reference = compute_gae(rewards, values, next_values, terminated, truncated, 0.99, 0.95)
     for flags in ((terminated, truncated), (terminated.float(), truncated.float())):
-        fast = compute_gae(rewards, values, next_values, *flags, 0.99, 0.95)
-        slow = compute_gae(rewards, values, next_values.clone().requires_grad_(), *flags, 0.99, 0.95)
-        for a, b in zip(fast, slow):
-            assert torch.equal(a, b.detach())
+        result = compute_gae(rewards, values.clone().requires_grad_(), next_values.clone().requires_grad_(), *flags, 0.99, 0.95)
+        for a, b in zip(result, reference):
+            assert not a.requires_grad and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_gae_keeps_the_dtype_of_the_rewards(dtype: torch.dtype) -> None:
+    rewards, values, next_values = (torch.ones(4, 2, dtype=dtype) for _ in range(3))
+    flags = torch.zeros(4, 2, dtype=torch.bool)
+    adv, ret = compute_gae(rewards, values, next_values, flags, flags, 0.5, 1.0)
+    assert adv.dtype == ret.dtype == dtype
+    torch.testing.assert_close(adv[-1], torch.full((2,), 0.5, dtype=dtype))  # 1 + 0.5 * 1 - 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gae_on_the_device_equals_the_cpu_one() -> None:
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(32, 3, generator=g) for _ in range(3)] + [torch.rand(32, 3, generator=g) < 0.1 for _ in range(2)]
+    cpu = compute_gae(*inputs, 0.99, 0.95)
+    cuda = compute_gae(*(x.cuda() for x in inputs), 0.99, 0.95)
+    for a, b in zip(cpu, cuda):
+        assert b.device.type == "cuda"
+        torch.testing.assert_close(a, b.cpu())
+
+
+def test_put_observation_returns_the_stored_slot() -> None:
+    buffer = RolloutBuffer(2, 3, (2,), (), torch.long)
+    slot = buffer.put_observation(np.ones((3, 2), np.float32))
+    assert isinstance(slot, np.ndarray) and np.shares_memory(slot, buffer.observations.numpy())
+    args = [torch.zeros(3, dtype=torch.long)] + [torch.zeros(3)] * 3 + [torch.zeros(3, dtype=torch.bool)] * 3
+    buffer.add(None, *args)
+    torch.testing.assert_close(buffer.observations[0], torch.ones(3, 2))
+    buffer.mark_truncated(0, np.array([False, True, False]))
+    assert buffer.truncated[0].tolist() == [False, True, False]
+
+
+def test_invalid_sizes_are_refused() -> None:
+    with pytest.raises(ValueError, match="Invalid n_steps: 0"):
+        RolloutBuffer(0, 1, (1,), (), torch.long)
+    batch = RolloutBuffer(1, 1, (1,), (), torch.long).batch()
+    with pytest.raises(ValueError, match="Invalid batch_size: 0; expected >= 1"):
+        next(minibatches(batch, 0))

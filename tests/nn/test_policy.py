@@ -1,0 +1,124 @@
+"""ActorCritic: the one definition of the networks, and every forward derived from it."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from trpo_lab.nn.policy import ActorCritic, mlp_forward, validate_policy_kwargs
+
+BOX_OBS = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+ACTION_SPACES = [gym.spaces.Discrete(3), gym.spaces.Box(-1, 1, (2,), np.float32), gym.spaces.MultiDiscrete([2, 4])]
+
+
+def _perturbed(policy: ActorCritic) -> ActorCritic:
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.3 * torch.randn_like(p, generator=None))  # away from the init's zero biases and 0.01 head
+    return policy
+
+
+def test_unsupported_observation_space_raises() -> None:
+    with pytest.raises(ValueError, match="Unsupported observation space"):
+        ActorCritic(gym.spaces.Dict({"a": BOX_OBS}), gym.spaces.Discrete(2))
+
+
+@pytest.mark.parametrize("action_space", ACTION_SPACES)
+def test_actor_critic_parameter_groups_and_shapes(action_space: gym.Space) -> None:
+    policy = ActorCritic(BOX_OBS, action_space, net_arch=dict(pi=[8], vf=[16, 16]))
+    actor, critic = policy.actor_parameters(), policy.critic_parameters()
+    ids = {id(p) for p in actor} | {id(p) for p in critic}
+    assert len(ids) == len(actor) + len(critic) == len(list(policy.parameters()))
+    obs = torch.randn(5, 3)
+    actions, log_probs, values = policy.act(obs, torch.Generator().manual_seed(0))
+    assert actions.shape[0] == log_probs.shape[0] == values.shape[0] == 5
+    assert policy.actor_shapes() == [p.shape for p in actor]
+
+
+def test_state_dict_names_are_the_checkpoint_format() -> None:
+    """Checkpoints of earlier versions load: the parameters keep their names."""
+    policy = ActorCritic(BOX_OBS, gym.spaces.Box(-1, 1, (2,), np.float32), net_arch=[8])
+    assert list(policy.state_dict()) == ["log_std", "actor.0.weight", "actor.0.bias", "actor.2.weight", "actor.2.bias",
+                                         "critic.0.weight", "critic.0.bias", "critic.2.weight", "critic.2.bias"]
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "elu"])
+@pytest.mark.parametrize("action_space", ACTION_SPACES)
+def test_reference_forward_is_the_modules_forward(action_space: gym.Space, activation: str) -> None:
+    """mlp_forward over the layers computes exactly what the nn.Sequential modules compute."""
+    torch.manual_seed(0)
+    policy = _perturbed(ActorCritic(BOX_OBS, action_space, net_arch={"pi": [8, 8], "vf": [5]}, activation_fn=activation))
+    obs = torch.randn(6, 3)
+    out = policy.actor(obs)
+    expected = out if policy.log_std is None else torch.cat([out, policy.log_std.expand_as(out)], -1)
+    assert torch.equal(policy.dist_params(obs), expected)
+    assert torch.equal(policy.value(obs), policy.critic(obs).squeeze(-1))
+    params, values = policy(obs)
+    assert torch.equal(params, expected) and torch.equal(values, policy.value(obs))
+
+
+@pytest.mark.parametrize("action_space", ACTION_SPACES)
+def test_dist_params_from_flat_is_dist_params_and_vmaps(action_space: gym.Space) -> None:
+    torch.manual_seed(0)
+    policy = _perturbed(ActorCritic(BOX_OBS, action_space, net_arch=[8, 8]))
+    obs = torch.randn(5, 3)
+    flat = torch.nn.utils.parameters_to_vector(policy.actor_parameters())
+    torch.testing.assert_close(policy.dist_params_from_flat(flat, obs), policy.dist_params(obs), rtol=0, atol=0)
+    candidates = torch.stack([flat, 0.5 * flat, torch.zeros_like(flat)])
+    batched = torch.func.vmap(policy.dist_params_from_flat, in_dims=(0, None))(candidates, obs)
+    for k in range(3):
+        torch.testing.assert_close(batched[k], policy.dist_params_from_flat(candidates[k], obs))
+
+
+@pytest.mark.parametrize("action_space", [gym.spaces.Discrete(3), gym.spaces.Box(-1, 1, (2,), np.float32)])
+def test_traced_forward_is_dist_params_and_value_with_each_linear_layer(action_space: gym.Space) -> None:
+    policy = ActorCritic(BOX_OBS, action_space, net_arch={"pi": [8, 8], "vf": [5]})
+    obs = torch.randn(6, 3)
+    params, values, trace = policy.traced_forward(obs)
+    assert torch.equal(params, policy.dist_params(obs))
+    assert torch.equal(values, policy.value(obs))
+    linears = [m for net in (policy.actor, policy.critic) for m in net if isinstance(m, torch.nn.Linear)]
+    assert [layer for layer, _, _ in trace] == linears
+    for layer, inputs, outputs in trace:
+        assert torch.equal(layer(inputs), outputs)
+    assert trace[0][1] is obs and trace[3][1] is obs  # both networks start from the observations
+
+
+def test_mlp_forward_without_hidden_layers_is_one_affine_map() -> None:
+    weight, bias = torch.randn(2, 3), torch.randn(2)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(mlp_forward([(weight, bias)], [], x), x @ weight.T + bias)
+
+
+def test_orthogonal_init_and_activation_options() -> None:
+    policy = ActorCritic(BOX_OBS, gym.spaces.Discrete(2), activation_fn="relu")
+    assert all(isinstance(m, torch.nn.ReLU) for m in policy.actor if not isinstance(m, torch.nn.Linear))
+    w = policy.actor_linears[0].weight.detach()
+    torch.testing.assert_close(w.T @ w, 2.0 * torch.eye(3), atol=1e-5, rtol=0)  # gain sqrt(2): orthogonal columns
+    with pytest.raises(ValueError, match="activation_fn"):
+        ActorCritic(BOX_OBS, gym.spaces.Discrete(2), activation_fn="swish2")
+    with pytest.raises(ValueError, match="net_arch"):
+        ActorCritic(BOX_OBS, gym.spaces.Discrete(2), net_arch=[0])
+
+
+def test_discrete_observations_are_one_hot() -> None:
+    policy = ActorCritic(gym.spaces.Discrete(5), gym.spaces.Discrete(2))
+    torch.testing.assert_close(policy.preprocess(torch.tensor([0, 4])), torch.eye(5)[[0, 4]])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"colour": 1}, "policy_kwargs key"),
+        ({"log_std_init": float("nan")}, "log_std_init"),
+        ({"log_std_init": True}, "log_std_init"),
+        ({"ortho_init": 1}, "ortho_init"),
+        ({"net_arch": {"pi": [4], "qf": [4]}}, "net_arch key"),
+        ({"activation_fn": 3}, "activation_fn"),
+    ],
+)
+def test_validate_policy_kwargs_names_the_bad_key(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        validate_policy_kwargs(kwargs)

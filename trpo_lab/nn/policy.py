@@ -1,0 +1,305 @@
+"""The actor-critic policy: ONE definition of its networks, and its policy_kwargs.
+
+The networks are two MLPs (actor and critic) over the features of
+:mod:`trpo_lab.nn.extractors`, held as ``nn.Sequential`` modules so that their parameters
+have stable names (the checkpoint format) and K-FAC finds their ``nn.Linear`` layers.
+Every forward pass is the one function :func:`mlp_forward` over ``(weight, bias)`` pairs:
+
+* :meth:`ActorCritic.dist_params` and :meth:`ActorCritic.value` call it on the modules'
+  parameters (the reference definition);
+* :meth:`ActorCritic.dist_params_from_flat` on views of a flat vector, a pure function that
+  ``torch.func.vmap`` maps over the candidates of the batched line search;
+* :meth:`ActorCritic.traced_forward` with a trace of every layer's input and output, for
+  K-FAC's hook-free Fisher pass;
+* the rollout's acting paths (:mod:`trpo_lab.nn.acting`) on block-diagonal stacks of the
+  same parameters (one pass for actor and critic), in torch or in numpy, tested equal to it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import gymnasium as gym
+import torch
+from torch import Tensor, nn
+
+from trpo_lab.nn.distributions import ActionDistribution, DiagGaussian, make_distribution
+from trpo_lab.nn.extractors import make_extractor
+from trpo_lab.validation import is_number
+
+if TYPE_CHECKING:
+    from trpo_lab.nn.acting import NoiseStream, RolloutActor
+
+__all__ = [
+    "ACTIVATIONS",
+    "POLICY_KWARGS",
+    "ActorCritic",
+    "Layer",
+    "mlp_forward",
+    "resolve_activation",
+    "validate_policy_kwargs",
+]
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "leaky_relu": nn.LeakyReLU,
+}
+
+POLICY_KWARGS = ("net_arch", "activation_fn", "log_std_init", "ortho_init")
+
+Layer = tuple[Tensor, Tensor]
+"""``(weight, bias)`` of one linear layer, ``weight`` of shape ``(out, in)`` as in ``nn.Linear``."""
+
+Activation = Callable[[Tensor], Tensor]
+
+# The functions the built-in modules compute (the same bits, without a module call).
+_FUNCTIONAL: dict[type[nn.Module], Activation] = {nn.Tanh: torch.tanh, nn.ReLU: torch.relu}
+
+
+def mlp_forward(
+    layers: Sequence[Layer],
+    activations: Sequence[Activation],
+    x: Tensor,
+    trace: list[tuple[Tensor, Tensor]] | None = None,
+) -> Tensor:
+    """The MLP of every policy network: ``x_{k+1} = σ_k(W_k x_k + b_k)``, no σ after the last layer.
+
+    Args:
+        layers: ``(weight, bias)`` per linear layer.
+        activations: One callable per hidden layer (``len(layers) - 1``).
+        x: Inputs ``(batch, in)``.
+        trace: If given, ``(input, output)`` of every linear layer is appended to it.
+    """
+    last = len(layers) - 1
+    for i, (weight, bias) in enumerate(layers):
+        y = nn.functional.linear(x, weight, bias)
+        if trace is not None:
+            trace.append((x, y))
+        x = activations[i](y) if i < last else y
+    return x
+
+
+def _mlp(sizes: Sequence[int], activation: type[nn.Module], out_gain: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        linear = nn.Linear(sizes[i], sizes[i + 1])
+        last = i == len(sizes) - 2
+        nn.init.orthogonal_(linear.weight, gain=out_gain if last else math.sqrt(2.0))
+        nn.init.zeros_(linear.bias)
+        layers.append(linear)
+        if not last:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+def validate_policy_kwargs(policy_kwargs: Mapping[str, Any]) -> None:
+    """Check ``policy_kwargs`` without building a network (configs call this).
+
+    Raises:
+        ValueError: an unknown key, or a value :class:`ActorCritic` would reject, naming both.
+    """
+    unknown = sorted(set(policy_kwargs) - set(POLICY_KWARGS))
+    if unknown:
+        raise ValueError(f"Invalid policy_kwargs key(s) {unknown}; expected some of {list(POLICY_KWARGS)}")
+    if "net_arch" in policy_kwargs:
+        _parse_net_arch(policy_kwargs["net_arch"])
+    if "activation_fn" in policy_kwargs:
+        resolve_activation(policy_kwargs["activation_fn"])
+    if "log_std_init" in policy_kwargs and not is_number(policy_kwargs["log_std_init"]):
+        raise ValueError(f"Invalid policy_kwargs.log_std_init: {policy_kwargs['log_std_init']!r}; expected a finite number")
+    if "ortho_init" in policy_kwargs and not isinstance(policy_kwargs["ortho_init"], bool):
+        raise ValueError(f"Invalid policy_kwargs.ortho_init: {policy_kwargs['ortho_init']!r}; expected true or false")
+
+
+def _parse_net_arch(net_arch: Any) -> tuple[list[int], list[int]]:
+    if isinstance(net_arch, dict):
+        unknown = sorted(set(net_arch) - {"pi", "vf"})
+        if unknown:
+            raise ValueError(f"Invalid policy_kwargs.net_arch key(s) {unknown}; expected 'pi' and/or 'vf'")
+        pi, vf = net_arch.get("pi", [64, 64]), net_arch.get("vf", [64, 64])
+    elif isinstance(net_arch, (list, tuple)):
+        pi = vf = list(net_arch)
+    else:
+        raise ValueError(f"Invalid policy_kwargs.net_arch: {net_arch!r}; expected a list of sizes or dict(pi=[...], vf=[...])")
+    for name, sizes in (("pi", pi), ("vf", vf)):
+        positive = isinstance(sizes, (list, tuple)) and all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes
+        )
+        if not positive:
+            raise ValueError(f"Invalid policy_kwargs.net_arch {name}: {sizes!r}; expected positive integers")
+    return list(pi), list(vf)
+
+
+def resolve_activation(activation_fn: str | type[nn.Module]) -> type[nn.Module]:
+    """Accept an activation by name (as in TOML presets) or as an ``nn.Module`` class."""
+    if isinstance(activation_fn, str):
+        key = activation_fn.lower().removeprefix("nn.")
+        if key not in ACTIVATIONS:
+            raise ValueError(
+                f"Invalid policy_kwargs.activation_fn: {activation_fn!r}; expected one of {sorted(ACTIVATIONS)}"
+            )
+        return ACTIVATIONS[key]
+    if isinstance(activation_fn, type) and issubclass(activation_fn, nn.Module):
+        return activation_fn
+    raise ValueError(f"Invalid policy_kwargs.activation_fn: {activation_fn!r}; expected a name or nn.Module class")
+
+
+class ActorCritic(nn.Module):
+    """Separate MLP actor and critic with orthogonal initialisation.
+
+    Args:
+        observation_space: ``Box`` (flattened) or ``Discrete`` (one-hot).
+        action_space: ``Discrete``, 1-D ``Box`` or ``MultiDiscrete``.
+        net_arch: Hidden sizes, shared by both networks, or ``dict(pi=[...], vf=[...])``.
+            Default ``dict(pi=[64, 64], vf=[64, 64])``.
+        activation_fn: ``"tanh"`` (default), ``"relu"``, ... or an ``nn.Module`` class.
+        log_std_init: Initial state-independent log standard deviation (Box actions).
+        ortho_init: Orthogonal init (gain sqrt(2) hidden, 0.01 policy head, 1 value head).
+
+    The actor's and critic's parameters are the explicit groups :meth:`actor_parameters`
+    and :meth:`critic_parameters`. Every method that takes ``obs`` except :meth:`act` and
+    :meth:`forward` takes *features* (:meth:`preprocess` of raw observations).
+    """
+
+    def __init__(
+        self,
+        observation_space: gym.Space,  # type: ignore[type-arg]
+        action_space: gym.Space,  # type: ignore[type-arg]
+        net_arch: Any = None,
+        activation_fn: str | type[nn.Module] = "tanh",
+        log_std_init: float = 0.0,
+        ortho_init: bool = True,
+    ) -> None:
+        super().__init__()
+        self.distribution: ActionDistribution = make_distribution(action_space)
+        self.features_extractor = make_extractor(observation_space)
+        self.obs_dim = self.features_extractor.features_dim
+        pi_arch, vf_arch = _parse_net_arch(net_arch if net_arch is not None else {"pi": [64, 64], "vf": [64, 64]})
+        activation = resolve_activation(activation_fn)
+        self.is_gaussian = isinstance(self.distribution, DiagGaussian)
+        n_outputs = self.distribution.param_dim // 2 if self.is_gaussian else self.distribution.param_dim
+        self.actor = _mlp([self.obs_dim, *pi_arch, n_outputs], activation, out_gain=0.01)
+        self.critic = _mlp([self.obs_dim, *vf_arch, 1], activation, out_gain=1.0)
+        if not ortho_init:
+            for module in (*self.actor, *self.critic):
+                if isinstance(module, nn.Linear):
+                    module.reset_parameters()
+        self.log_std = nn.Parameter(torch.full((n_outputs,), float(log_std_init))) if self.is_gaussian else None
+        self.actor_linears: list[nn.Linear] = [m for m in self.actor if isinstance(m, nn.Linear)]
+        self.critic_linears: list[nn.Linear] = [m for m in self.critic if isinstance(m, nn.Linear)]
+        self.actor_activations = [_functional(m) for m in self.actor if not isinstance(m, nn.Linear)]
+        self.critic_activations = [_functional(m) for m in self.critic if not isinstance(m, nn.Linear)]
+
+    # ------------------------------------------------------------------ parameters
+    def actor_parameters(self) -> list[nn.Parameter]:
+        """Every parameter of the action distribution: the actor's layers, then ``log_std``."""
+        params = list(self.actor.parameters())
+        if self.log_std is not None:
+            params.append(self.log_std)
+        return params
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        """The critic's parameters."""
+        return list(self.critic.parameters())
+
+    def actor_shapes(self) -> list[torch.Size]:
+        """Shapes of :meth:`actor_parameters`, the layout of a flat actor vector."""
+        return [p.shape for p in self.actor_parameters()]
+
+    def actor_layers(self) -> list[Layer]:
+        """``(weight, bias)`` of the actor's linear layers."""
+        return [(m.weight, m.bias) for m in self.actor_linears]
+
+    def critic_layers(self) -> list[Layer]:
+        """``(weight, bias)`` of the critic's linear layers."""
+        return [(m.weight, m.bias) for m in self.critic_linears]
+
+    # ------------------------------------------------------------------ the reference forward
+    def preprocess(self, obs: Tensor) -> Tensor:
+        """Features of raw observations (see :mod:`trpo_lab.nn.extractors`)."""
+        features: Tensor = self.features_extractor(obs)
+        return features
+
+    def head(self, actor_out: Tensor, log_std: Tensor | None) -> Tensor:
+        """Distribution parameters from the actor's output: ``[mean, log_std]`` for Gaussians."""
+        if log_std is None:
+            return actor_out
+        return torch.cat([actor_out, log_std.expand_as(actor_out)], dim=-1)
+
+    def dist_params(self, obs: Tensor) -> Tensor:
+        """Distribution parameters ``(batch, param_dim)`` for features ``obs``."""
+        return self.head(mlp_forward(self.actor_layers(), self.actor_activations, obs), self.log_std)
+
+    def value(self, obs: Tensor) -> Tensor:
+        """State values ``(batch,)`` for features ``obs``."""
+        return mlp_forward(self.critic_layers(), self.critic_activations, obs).squeeze(-1)
+
+    def dist_params_from_flat(self, flat_actor: Tensor, obs: Tensor) -> Tensor:
+        """:meth:`dist_params` with the actor's parameters replaced by a flat vector.
+
+        ``flat_actor`` is laid out like ``parameters_to_vector(actor_parameters())``. This is
+        a pure function of its inputs, so it can be vmapped over many candidate vectors, as
+        the batched line search does.
+        """
+        tensors: list[Tensor] = []
+        offset = 0
+        for shape in self.actor_shapes():
+            numel = math.prod(shape)
+            tensors.append(flat_actor[offset : offset + numel].view(shape))
+            offset += numel
+        n_layer_tensors = 2 * len(self.actor_linears)
+        layers = [(tensors[i], tensors[i + 1]) for i in range(0, n_layer_tensors, 2)]
+        log_std = tensors[-1] if self.log_std is not None else None
+        return self.head(mlp_forward(layers, self.actor_activations, obs), log_std)
+
+    def traced_forward(self, obs: Tensor) -> tuple[Tensor, Tensor, list[tuple[nn.Linear, Tensor, Tensor]]]:
+        """:meth:`dist_params` and :meth:`value` of features ``obs``, the same computation, plus
+        ``(layer, input, output)`` of every ``nn.Linear`` (actor's, then critic's): what K-FAC
+        needs to record its statistics without module hooks."""
+        actor_trace: list[tuple[Tensor, Tensor]] = []
+        critic_trace: list[tuple[Tensor, Tensor]] = []
+        params = self.head(mlp_forward(self.actor_layers(), self.actor_activations, obs, actor_trace), self.log_std)
+        values = mlp_forward(self.critic_layers(), self.critic_activations, obs, critic_trace).squeeze(-1)
+        linears = [*self.actor_linears, *self.critic_linears]
+        trace = [(layer, x, y) for layer, (x, y) in zip(linears, [*actor_trace, *critic_trace], strict=True)]
+        return params, values, trace
+
+    def act(
+        self, obs: Tensor, generator: torch.Generator | None = None, deterministic: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Actions for raw observations, with noise from ``generator``; ``(actions, log_probs, values)``.
+
+        The rollout acts through :meth:`rollout_actor` instead, the same computation.
+        """
+        x = self.preprocess(obs)
+        params = self.dist_params(x)
+        dist = self.distribution
+        if deterministic:
+            actions = dist.mode(params)
+            return actions, dist.log_prob(params, actions), self.value(x)
+        actions, log_probs = dist.sample_with_log_prob(params, generator)
+        return actions, log_probs, self.value(x)
+
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """``(dist_params, values)`` of raw observations."""
+        x = self.preprocess(obs)
+        return self.dist_params(x), self.value(x)
+
+    # ------------------------------------------------------------------ acting
+    def rollout_actor(self, noise: NoiseStream, backend: str = "auto") -> RolloutActor:
+        """The rollout's acting path, built from the current weights: build another after an
+        update (see :func:`trpo_lab.nn.acting.make_actor`)."""
+        from trpo_lab.nn.acting import make_actor
+
+        return make_actor(self, noise, backend)
+
+
+def _functional(module: nn.Module) -> Activation:
+    """The function an activation module computes (the module itself unless it is a built-in)."""
+    return _FUNCTIONAL.get(type(module), module)

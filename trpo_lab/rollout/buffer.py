@@ -1,0 +1,267 @@
+"""The one rollout buffer that TRPO, NPG, ACKTR and PPO share, and the one GAE.
+
+Storage is preallocated as ``(n_steps, n_envs, ...)`` tensors on the agent's device and
+never reshaped in place; batches are new tensors. Slot ``(t, i)`` is *invalid* when
+sub-environment ``i`` was auto-resetting at step ``t`` (Gymnasium's ``NEXT_STEP`` autoreset:
+see :mod:`trpo_lab.envs`); invalid slots carry the value of the final observation of the
+episode that just ended, which is what GAE needs to bootstrap a truncated episode, and are
+dropped from every batch.
+
+GAE is a backward scan of ``n_steps`` tiny steps, each depending on the last, so its cost
+is per-step overhead, not arithmetic: :func:`compute_gae` runs the scan in numpy on the host
+for every device. On a GPU that is one device-to-host copy of the rollout's rewards, values
+and flags and one copy of the advantages back, once per rollout, at its end, where the
+rollout has synchronised at every step already; a torch scan would launch two kernels per
+step instead. One implementation, so every device computes the same advantages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import Tensor
+
+from trpo_lab.validation import check_int
+
+__all__ = ["RolloutBatch", "RolloutBuffer", "compute_gae", "minibatches"]
+
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+def compute_gae(
+    rewards: Tensor,
+    values: Tensor,
+    next_values: Tensor,
+    terminated: Tensor,
+    truncated: Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al., 2016) over ``(T, N)`` tensors.
+
+    For each step ``t``, ``next_values[t]`` is the value of the observation that follows it:
+    for a step that ends an episode by truncation that is the value of the final observation
+    (bootstrapped), for a step that ends it by termination it is ignored.
+
+        delta_t = r_t + gamma * V(s_{t+1}) * (1 - terminated_t) - V(s_t)
+        A_t     = delta_t + gamma * lambda * (1 - done_t) * A_{t+1},   done = terminated | truncated
+
+    Args:
+        rewards: Float tensor ``(T, N)``.
+        values: ``V(s_t)``, float ``(T, N)``.
+        next_values: ``V(s_{t+1})``, float ``(T, N)``.
+        terminated: Bool or 0/1 tensor ``(T, N)``.
+        truncated: Bool or 0/1 tensor ``(T, N)``.
+        gamma: Discount in (0, 1].
+        gae_lambda: Bias/variance trade-off in [0, 1].
+
+    Returns:
+        ``(advantages, returns)`` on the device and in the dtype of ``rewards``, with
+        ``returns = advantages + values`` (the critic's target). Not differentiable.
+    """
+    dtype = rewards.dtype if rewards.dtype in _NUMPY_FLOATS else torch.float32
+    r, v, nv, term, trunc = _to_host([rewards, values, next_values, terminated, truncated], dtype)
+    term, done = term.astype(bool, copy=False), term.astype(bool, copy=False) | trunc.astype(bool, copy=False)
+    deltas = r + gamma * nv * ~term - v
+    decay = (gamma * gae_lambda) * ~done
+    deltas, decay = deltas.astype(r.dtype, copy=False), decay.astype(r.dtype, copy=False)
+    advantages = np.empty_like(deltas)
+    running = np.zeros_like(deltas[0])
+    for t in range(deltas.shape[0] - 1, -1, -1):
+        np.multiply(decay[t], running, out=running)
+        running += deltas[t]
+        advantages[t] = running
+    adv = torch.from_numpy(advantages).to(device=rewards.device, dtype=rewards.dtype)
+    return adv, adv + values.detach()
+
+
+def _to_host(tensors: list[Tensor], dtype: torch.dtype) -> list[NDArray[Any]]:
+    """Numpy arrays of ``tensors`` (views for CPU tensors, else one device-to-host copy of them all)."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return [t.detach().to(dtype if t.is_floating_point() else t.dtype).numpy() for t in tensors]
+    stacked = torch.stack([t.detach().to(dtype) for t in tensors]).cpu().numpy()
+    return list(stacked)
+
+
+class RolloutBatch(NamedTuple):
+    """A flat batch of valid transitions (leading dimension = number of samples)."""
+
+    observations: Tensor
+    actions: Tensor
+    log_probs: Tensor
+    values: Tensor
+    advantages: Tensor
+    returns: Tensor
+
+    @property
+    def size(self) -> int:
+        """Number of samples."""
+        return int(self.observations.shape[0])
+
+    def index(self, idx: Tensor) -> RolloutBatch:  # type: ignore[override]  # shadows tuple.index; callers rely on it
+        """The samples at ``idx`` (a gather of every field)."""
+        return RolloutBatch(*(field[idx] for field in self))
+
+
+class RolloutBuffer:
+    """Preallocated on-policy storage with GAE.
+
+    Args:
+        n_steps: Steps per environment per rollout.
+        n_envs: Number of parallel environments.
+        obs_shape: Shape of one observation.
+        action_shape: Shape of one action (``()`` for ``Discrete``).
+        action_dtype: ``torch.long`` for discrete actions, ``torch.float32`` for Box.
+        device: Where every tensor lives.
+        obs_dtype: Storage dtype of observations.
+    """
+
+    def __init__(
+        self,
+        n_steps: int,
+        n_envs: int,
+        obs_shape: tuple[int, ...],
+        action_shape: tuple[int, ...],
+        action_dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        obs_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.n_steps = check_int("n_steps", n_steps, minimum=1)
+        self.n_envs = check_int("n_envs", n_envs, minimum=1)
+        self.device = torch.device(device)
+        shape = (n_steps, n_envs)
+
+        def alloc(*extra: int, dtype: torch.dtype = torch.float32) -> Tensor:
+            return torch.zeros(*shape, *extra, dtype=dtype, device=self.device)
+
+        self.observations = alloc(*obs_shape, dtype=obs_dtype)
+        self.actions = alloc(*action_shape, dtype=action_dtype)
+        self.log_probs = alloc()
+        self.values = alloc()
+        self.rewards = alloc()
+        self.terminated = alloc(dtype=torch.bool)
+        self.truncated = alloc(dtype=torch.bool)
+        self.valid = alloc(dtype=torch.bool)
+        self.advantages = alloc()
+        self.returns = alloc()
+        self.pos = 0
+        self._numpy: dict[str, NDArray[Any]] | None = None
+        if self.device.type == "cpu":
+            names = ("observations", "actions", "log_probs", "values", "rewards", "terminated", "truncated", "valid")
+            self._numpy = {name: getattr(self, name).numpy() for name in names}
+
+    @property
+    def full(self) -> bool:
+        """Whether all ``n_steps`` steps are stored."""
+        return self.pos == self.n_steps
+
+    def reset(self) -> None:
+        """Start a new rollout (the storage is reused)."""
+        self.pos = 0
+
+    def add(
+        self,
+        obs: Tensor | NDArray[Any] | None,
+        actions: Tensor | NDArray[Any],
+        log_probs: Tensor | NDArray[Any],
+        values: Tensor | NDArray[Any],
+        rewards: Tensor | NDArray[Any],
+        terminated: Tensor | NDArray[Any],
+        truncated: Tensor | NDArray[Any],
+        valid: Tensor | NDArray[Any],
+    ) -> None:
+        """Store one vectorized step (each argument has leading dimension ``n_envs``).
+
+        Numpy arrays (straight from the environment, or from the numpy acting path) are
+        accepted; on the CPU they are written through numpy views of the storage (no tensor
+        conversion per step). ``obs=None`` means it was stored by :meth:`put_observation`.
+        """
+        if self.pos >= self.n_steps:
+            raise RuntimeError("RolloutBuffer is full; call finish() and reset() before adding more steps")
+        t = self.pos
+        for name, value in (
+            ("observations", obs),
+            ("actions", actions),
+            ("log_probs", log_probs),
+            ("values", values),
+            ("rewards", rewards),
+            ("terminated", terminated),
+            ("truncated", truncated),
+            ("valid", valid),
+        ):
+            if value is None:
+                continue
+            if isinstance(value, np.ndarray):
+                if self._numpy is not None:
+                    self._numpy[name][t] = value
+                else:
+                    getattr(self, name)[t] = torch.as_tensor(value, device=self.device)
+            else:
+                getattr(self, name)[t] = value
+        self.pos += 1
+
+    def put_observation(self, obs: NDArray[Any]) -> Tensor | NDArray[Any]:
+        """Store the observation of the current step and return the stored slot, without a copy:
+        a numpy view on the CPU, a tensor on the device elsewhere (then pass ``obs=None`` to
+        :meth:`add`)."""
+        t = self.pos
+        if self._numpy is not None:
+            slot: NDArray[Any] = self._numpy["observations"][t]
+            slot[...] = obs
+            return slot
+        self.observations[t] = torch.as_tensor(obs, device=self.device)
+        stored: Tensor = self.observations[t]
+        return stored
+
+    def mark_truncated(self, step: int, envs: NDArray[np.bool_]) -> None:
+        """Mark step ``step`` of the environments in the mask ``envs`` as truncated (its
+        advantage then bootstraps from the next slot's value instead of running through it)."""
+        self.truncated[step, torch.as_tensor(envs, device=self.device)] = True
+
+    def finish(self, last_values: Tensor, gamma: float, gae_lambda: float) -> None:
+        """Compute advantages and returns; ``last_values`` is V of the observation after the last step."""
+        if not self.full:
+            raise RuntimeError(f"RolloutBuffer.finish() called after {self.pos} of {self.n_steps} steps")
+        next_values = torch.cat([self.values[1:], last_values.reshape(1, self.n_envs)], dim=0)
+        self.advantages, self.returns = compute_gae(
+            self.rewards, self.values, next_values, self.terminated, self.truncated, gamma, gae_lambda
+        )
+
+    @property
+    def n_valid(self) -> int:
+        """Number of valid slots (one host sync)."""
+        return int(self.valid.sum())
+
+    def batch(self) -> RolloutBatch:
+        """All valid transitions, flattened in (step, env) order."""
+        mask = self.valid.reshape(-1)
+        idx = torch.nonzero(mask).squeeze(-1)
+
+        def flat(x: Tensor) -> Tensor:
+            return x.reshape(self.n_steps * self.n_envs, *x.shape[2:])[idx]
+
+        return RolloutBatch(
+            observations=flat(self.observations),
+            actions=flat(self.actions),
+            log_probs=flat(self.log_probs),
+            values=flat(self.values),
+            advantages=flat(self.advantages),
+            returns=flat(self.returns),
+        )
+
+
+def minibatches(
+    batch: RolloutBatch, batch_size: int, generator: torch.Generator | None = None
+) -> Iterator[RolloutBatch]:
+    """Shuffled minibatches of ``batch_size`` samples (the last one may be smaller)."""
+    n = batch.size
+    check_int("batch_size", batch_size, minimum=1, expected=">= 1")
+    device = batch.observations.device
+    perm = torch.randperm(n, generator=generator, device="cpu").to(device)
+    shuffled = batch.index(perm)  # one gather per field; the minibatches are views of it
+    for start in range(0, n, batch_size):
+        yield RolloutBatch(*(field[start : start + batch_size] for field in shuffled))
