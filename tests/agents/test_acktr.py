@@ -337,7 +337,9 @@ def test_sampled_fisher_loss_gives_the_exact_fisher_of_a_categorical_policy() ->
     rows = torch.cat([state, torch.ones(1)])
     matrix = torch.cat([layer.weight, layer.bias[:, None]], dim=1).detach()
     probs = torch.softmax(matrix @ rows, dim=0)
-    exact = _exact_fisher(lambda flat: torch.log_softmax(flat.reshape(4, 4) @ rows, 0), matrix.reshape(-1), torch.arange(4), probs)
+    exact = _exact_fisher(
+        lambda flat: torch.log_softmax(flat.reshape(4, 4) @ rows, 0), matrix.reshape(-1), torch.arange(4), probs
+    )
     torch.testing.assert_close(block, exact, atol=5e-3, rtol=0)
     assert exact.abs().max() > 0.1
 

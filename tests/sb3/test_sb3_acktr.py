@@ -13,9 +13,8 @@ from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from trpo_lab.optim import KFAC
 from trpo_lab.agents.acktr import ActorCriticKFAC
-from trpo_lab.sb3 import ACKTR, KFACActorCriticCnnPolicy, KFACActorCriticPolicy
+from trpo_lab.sb3 import ACKTR, KFACActorCriticPolicy
 from trpo_lab.sb3.acktr import ACKTRActorCriticCnnPolicy
 
 
@@ -108,7 +107,9 @@ class _TinyImageEnv(gym.Env[np.ndarray, int]):
 
 def test_acktr_cnn_policy_preconditions_convolutions(tmp_path: Path) -> None:
     env = DummyVecEnv([_TinyImageEnv, _TinyImageEnv])
-    model = ACKTR("CnnPolicy", env, n_steps=5, seed=0, device="cpu", policy_kwargs=dict(features_extractor_kwargs=dict(features_dim=32)))
+    model = ACKTR(
+        "CnnPolicy", env, n_steps=5, seed=0, device="cpu", policy_kwargs=dict(features_extractor_kwargs=dict(features_dim=32))
+    )
     assert isinstance(model.policy, ACKTRActorCriticCnnPolicy)
     model.learn(20)
     conv = model.policy.features_extractor.cnn[0]
@@ -116,11 +117,14 @@ def test_acktr_cnn_policy_preconditions_convolutions(tmp_path: Path) -> None:
     assert _factors(model.policy, conv)["A"].shape == (8 * 8 + 1, 8 * 8 + 1)  # 1 channel, 8x8 kernel, bias
     model.save(tmp_path / "acktr_cnn.zip")
     loaded = ACKTR.load(tmp_path / "acktr_cnn.zip", device="cpu")
-    torch.testing.assert_close(_factors(loaded.policy, loaded.policy.features_extractor.cnn[0])["A"], _factors(model.policy, conv)["A"])
+    loaded_conv = loaded.policy.features_extractor.cnn[0]
+    torch.testing.assert_close(_factors(loaded.policy, loaded_conv)["A"], _factors(model.policy, conv)["A"])
 
 
 def test_kfac_policy_in_ppo_takes_kfac_steps() -> None:
-    model = PPO(KFACActorCriticPolicy, _cartpole(2), n_steps=64, batch_size=64, n_epochs=2, learning_rate=0.1, seed=0, device="cpu")
+    model = PPO(
+        KFACActorCriticPolicy, _cartpole(2), n_steps=64, batch_size=64, n_epochs=2, learning_rate=0.1, seed=0, device="cpu"
+    )
     model.learn(128)
     assert model.policy.optimizer.last_stats["kfac/step"] == 2 * 2  # one rollout of 128: 2 epochs x 2 minibatches
 
@@ -140,3 +144,46 @@ def test_a2c_with_kfac_policy_learns_cartpole(tmp_path: Path, learn_to_bar: Any)
     """SB3's own A2C, unchanged, with the K-FAC policy (ACKTR's learning rate, A2C's other defaults): reaches 475 within 200k."""
     model = A2C(KFACActorCriticPolicy, _cartpole(), learning_rate=0.25, seed=0, device="cpu")
     learn_to_bar(model, 200_000, tmp_path)
+
+
+def test_acktr_defaults_and_validation_are_acktr_configs() -> None:
+    """sb3.ACKTR takes agents.ACKTR's defaults and validates through ACKTRConfig."""
+    import inspect
+
+    from trpo_lab.config import ACKTRConfig
+
+    defaults = ACKTRConfig()
+    signature = inspect.signature(ACKTR.__init__).parameters
+    shared = [name for name in signature if name in ACKTRConfig.field_names() and name != "policy_kwargs"]
+    assert {"ent_coef", "max_grad_norm", "kl_clip", "vf_kl_clip", "learning_rate", "n_steps"} <= set(shared)
+    for name in shared:
+        assert signature[name].default == getattr(defaults, name), name
+    model = ACKTR("MlpPolicy", _cartpole(2), device="cpu")
+    assert model.config == ACKTRConfig()
+    kfac = model.policy.optimizer
+    assert kfac.actor.param_groups[0]["kl_clip"] == defaults.kl_clip
+    assert kfac.critic.param_groups[0]["kl_clip"] == defaults.vf_kl_clip
+    assert kfac.max_grad_norm == defaults.max_grad_norm
+    with pytest.raises(ValueError, match=r"Invalid vf_kl_clip: 0.0; expected > 0 or none"):
+        ACKTR("MlpPolicy", _cartpole(2), vf_kl_clip=0, device="cpu")
+    with pytest.raises(ValueError, match=r"Invalid max_grad_norm: -1.0; expected > 0"):
+        ACKTR("MlpPolicy", _cartpole(2), max_grad_norm=-1, device="cpu")
+
+
+@pytest.mark.parametrize(("env_id", "share"), [("CartPole-v1", True), ("Pendulum-v1", False)])
+def test_acktr_splits_the_sb3_policy_into_actor_and_critic(env_id: str, share: bool) -> None:
+    model = ACKTR(
+        "MlpPolicy", make_vec_env(env_id, n_envs=2, seed=0), device="cpu", policy_kwargs=dict(share_features_extractor=share)
+    )
+    policy, kfac = model.policy, model.policy.optimizer
+    actor = {id(p) for p in kfac.actor.param_groups[0]["params"]}
+    critic = {id(p) for p in kfac.critic.param_groups[0]["params"]}
+    assert not actor & critic and actor | critic == {id(p) for p in policy.parameters()}
+    for module in (policy.action_net, *policy.mlp_extractor.policy_net.parameters()):
+        assert all(id(p) in actor for p in (module.parameters() if isinstance(module, torch.nn.Module) else [module]))
+    assert all(id(p) in critic for p in [*policy.value_net.parameters(), *policy.mlp_extractor.value_net.parameters()])
+    if env_id == "Pendulum-v1":
+        assert id(policy.log_std) in actor
+    model.learn(80)
+    assert kfac.actor.last_stats["kfac/step"] == kfac.critic.last_stats["kfac/step"] == 80 // (2 * 20)
+    assert kfac.actor.last_stats["kfac/predicted_kl"] <= model.kl_clip * (1 + 1e-6)
