@@ -1,38 +1,47 @@
-"""TRPO and NPG as Stable-Baselines3 algorithms, on trpo_lab's curvature toolkit.
+"""TRPO and NPG as Stable-Baselines3 algorithms, on trpo_lab's one natural step.
 
 SB3 collects the rollout (``OnPolicyAlgorithm.collect_rollouts``, GAE in its
-``RolloutBuffer``); :meth:`NaturalGradientAlgorithm.train` does one update with the same
-numerics as :mod:`trpo_lab.agents.trpo`, on SB3's policy and buffer:
+``RolloutBuffer``); :meth:`NaturalGradientAlgorithm.train` does one update on SB3's policy and
+buffer with :func:`trpo_lab.optim.trust_region.natural_step`, the function trpo_lab's own
+TRPO and NPG call, and the curvature backends of :mod:`trpo_lab.agents.curvature`:
 
     L(θ)  = mean(exp(log π_θ(a|s) − log π_old(a|s)) Â)                surrogate
     g     = ∇_θ L(θ_old)
-    s     = CG(F, g)        solve_cg on fisher_vector_product(mean KL(π_old ‖ π_θ), damping)
+    s     ≈ F⁻¹ g       ``curvature``: CG on fisher_vector_product(mean KL(π_old ‖ π_θ), damping)
+                        (default), K-FAC, Shampoo or the dense solve
     β     = sqrt(2 δ / sᵀ F s)                                        δ = target_kl
-    TRPO: θ_new = θ_old + αᵏ β s, the first k with L improved and KL ≤ δ   (kl_line_search)
-    NPG:  θ_new = θ_old + β s
+    TRPO: θ_new = θ_old + αᵏ β s, the first k with L improved and KL ≤ δ   (trust_region_line_search)
+    NPG:  θ_new = θ_old + β s                                          (take_full_step)
 
 then ``n_critic_updates`` epochs of minibatch regression of V on the GAE returns with the
 policy's optimizer (SB3's Adam unless ``policy_kwargs`` says otherwise), with the actor's
-gradients removed, as sb3-contrib's TRPO does.
+gradients removed, as sb3-contrib's TRPO does. Line-search candidates are evaluated at flat
+parameter vectors with ``torch.func.functional_call`` (the policy is never written to), one at
+a time or all at once under ``torch.func.vmap`` (``line_search_batched``).
 
-Hyperparameter names and defaults are sb3-contrib's TRPO's, so a configuration (rl-zoo
-hyperparameters included) carries over unchanged; ``cg_tol`` is new (sb3-contrib fixes it
-at 1e-10).
+Hyperparameters are validated by trpo_lab's own :class:`~trpo_lab.config.TRPOConfig` /
+:class:`~trpo_lab.config.NPGConfig` and take their defaults from it; those defaults equal
+sb3-contrib's TRPO's, so a configuration (rl-zoo hyperparameters included) carries over
+unchanged. New: ``cg_tol`` (sb3-contrib fixes it at 1e-10), ``curvature``,
+``line_search_batched`` and ``line_search_accept_ratio``. The config's other fields do not
+apply here: SB3 owns the policy (``policy_kwargs`` are SB3's), the critic's optimizer
+(``critic_optimizer`` is always the policy's, ``learning_rate`` may be an SB3 schedule),
+observation normalization (``VecNormalize``), and, as in sb3-contrib, the critic's gradients
+are not clipped (``max_grad_norm``) and the surrogate has no entropy bonus.
 """
 
 from __future__ import annotations
 
-from abc import abstractmethod
-
 import copy
 import warnings
+from abc import abstractmethod
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import numpy as np
 import torch
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.distributions import Distribution, kl_divergence
+from stable_baselines3.common.distributions import Distribution, MultiCategoricalDistribution
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import (
     ActorCriticCnnPolicy,
@@ -45,100 +54,144 @@ from stable_baselines3.common.utils import explained_variance
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from trpo_lab.optim._flat import assign_flat_, flat_params
-from trpo_lab.optim.cg import solve_cg
-from trpo_lab.optim.trust_region import scale_to_kl_radius
+from trpo_lab.agents.curvature import Curvature, CurvatureProblem, make_curvature
+from trpo_lab.agents.metrics import to_host
+from trpo_lab.config import NPGConfig, TRPOConfig, TrustRegionConfig
+from trpo_lab.optim._flat import flat_params, unflatten
 from trpo_lab.optim.fisher import fisher_vector_product
-from trpo_lab.optim.line_search import kl_line_search
+from trpo_lab.optim.trust_region import (
+    Evaluate,
+    NaturalStep,
+    natural_step,
+    take_full_step,
+    trust_region_line_search,
+)
 
 __all__ = ["NPG", "NaturalGradientAlgorithm", "NaturalGradientStep", "TRPO"]
 
 SelfNaturalGradient = TypeVar("SelfNaturalGradient", bound="NaturalGradientAlgorithm")
 
+NaturalGradientStep = NaturalStep
+"""The step of one update before it is applied (:class:`trpo_lab.optim.trust_region.NaturalStep`)."""
 
-class NaturalGradientStep(NamedTuple):
-    """The natural-gradient step of one update, before it is applied.
-
-    Attributes:
-        actor_params: The parameters the policy distribution depends on, in flat-vector order.
-        direction: ``s ≈ F⁻¹ g`` from conjugate gradient.
-        full_step: ``β s``, scaled so that the quadratic model of the KL equals ``target_kl``.
-        surrogate: ``L(θ_old)``, the surrogate objective at the current parameters.
-        expected_improvement: ``g · β s``, the first-order predicted gain of the full step.
-        cg_residual: ``‖g − F s‖`` from the CG recurrence.
-        cg_iterations: The CG iterations that changed ``s``.
-    """
-
-    actor_params: list[nn.Parameter]
-    direction: Tensor
-    full_step: Tensor
-    surrogate: Tensor
-    expected_improvement: Tensor
-    cg_residual: Tensor
-    cg_iterations: Tensor
+_TRPO = TRPOConfig()
+_NPG = NPGConfig()
 
 
 class _Batch(NamedTuple):
-    observations: Tensor
+    observations: Any
     actions: Tensor
     old_log_prob: Tensor
     advantages: Tensor
     old_distribution: Distribution
 
 
-class NaturalGradientAlgorithm(OnPolicyAlgorithm):
-    """Shared machinery of :class:`TRPO` and :class:`NPG`: surrogate, CG step, critic fit, logging.
+def _categorical_kl(p: torch.distributions.Categorical, q: torch.distributions.Categorical) -> Tensor:
+    # torch's KL(p ‖ q) for categoricals with its masked assignments as torch.where, which
+    # vmap can batch (same values).
+    t = p.probs * (p.logits - q.logits)
+    t = torch.where(q.probs == 0, torch.inf, t)
+    return torch.where(p.probs == 0, 0.0, t).sum(-1)
 
-    Subclasses implement :meth:`apply_step` (the line search, or the full step).
+
+def _kl(p: torch.distributions.Distribution, q: torch.distributions.Distribution) -> Tensor:
+    if isinstance(p, torch.distributions.Categorical) and isinstance(q, torch.distributions.Categorical):
+        return _categorical_kl(p, q)
+    return torch.distributions.kl_divergence(p, q)
+
+
+def mean_kl(old: Distribution, new: Distribution) -> Tensor:
+    """mean KL(π_old ‖ π_new) of two SB3 distributions, as sb3-contrib's TRPO computes it
+    (``kl_divergence(...).mean()``), in a form ``torch.func.vmap`` can batch."""
+    if isinstance(old, MultiCategoricalDistribution) and isinstance(new, MultiCategoricalDistribution):
+        return torch.stack([_kl(p, q) for p, q in zip(old.distribution, new.distribution)], dim=1).sum(dim=1).mean()
+    return _kl(old.distribution, new.distribution).mean()  # type: ignore[arg-type]
+
+
+def _surrogate(distribution: Distribution, batch: _Batch) -> Tensor:
+    log_prob = distribution.log_prob(batch.actions)
+    return (batch.advantages * torch.exp(log_prob - batch.old_log_prob)).mean()
+
+
+class _Objective(nn.Module):
+    """The negative surrogate and mean KL of an SB3 policy on one batch, as a module forward:
+    ``torch.func.functional_call`` evaluates it at candidate actor parameters."""
+
+    def __init__(self, policy: ActorCriticPolicy, batch: _Batch) -> None:
+        super().__init__()
+        self.policy = policy
+        self.batch = batch
+
+    def forward(self) -> tuple[Tensor, Tensor]:
+        distribution = self.policy.get_distribution(self.batch.observations)
+        return -_surrogate(distribution, self.batch), mean_kl(self.batch.old_distribution, distribution)
+
+
+class _ConfigValue:
+    """A read-only attribute that reads the algorithm's validated config (``model.target_kl``)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        return self if instance is None else getattr(instance.config, self.name)
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        raise AttributeError(
+            f"{self.name} is read-only: it comes from the validated config; pass {self.name}={value!r} to the constructor"
+        )
+
+
+class NaturalGradientAlgorithm(OnPolicyAlgorithm):
+    """Shared machinery of :class:`TRPO` and :class:`NPG`: surrogate, natural step, critic fit, logging.
+
+    Subclasses set :attr:`config_class` and implement :meth:`apply_step` (the line search, or
+    the full step).
 
     Args:
         policy: ``"MlpPolicy"``, ``"CnnPolicy"``, ``"MultiInputPolicy"`` or an
             ``ActorCriticPolicy`` subclass.
         env: A Gymnasium id, a ``gymnasium.Env`` or any SB3 ``VecEnv``.
-        learning_rate: Learning rate of the critic's optimizer, or a schedule. Default 1e-3.
-        n_steps: Steps per environment per update. Default 2048.
-        batch_size: Critic minibatch size. Default 128.
-        gamma: Discount factor. Default 0.99.
-        cg_max_steps: Conjugate-gradient iterations (Fisher-vector products). Default 15.
-        cg_damping: Multiple of the identity added to the Fisher. Default 0.1.
-        cg_tol: CG stops changing the solution once ``‖g − F s‖² < cg_tol``. Default 1e-10.
-        n_critic_updates: Critic epochs per update. Default 10.
-        gae_lambda: GAE λ. Default 0.95.
+        learning_rate: Learning rate of the critic's optimizer, or a schedule.
         use_sde, sde_sample_freq: SB3's generalized state-dependent exploration.
         rollout_buffer_class, rollout_buffer_kwargs: SB3's rollout buffer choice.
-        normalize_advantage: Standardise advantages per batch. Default True.
-        target_kl: The KL radius δ of the step. Default 0.01.
-        sub_sampling_factor: Use every k-th sample for the actor step. Default 1.
         stats_window_size, tensorboard_log, policy_kwargs, verbose, seed, device,
         _init_setup_model: As every SB3 algorithm.
+        **hyperparameters: Fields of :attr:`config_class` (``n_steps``, ``batch_size``,
+            ``gamma``, ``gae_lambda``, ``target_kl``, ``curvature``, ``cg_*``, ...), validated
+            by it: a bad value raises ``ValueError`` naming the field, the value and what is
+            allowed; an unknown name is refused with close suggestions.
     """
 
+    config_class: ClassVar[type[TrustRegionConfig]] = TrustRegionConfig
+    config: TrustRegionConfig
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
         "MlpPolicy": ActorCriticPolicy,
         "CnnPolicy": ActorCriticCnnPolicy,
         "MultiInputPolicy": MultiInputActorCriticPolicy,
     }
+    CURVATURES: ClassVar[tuple[str, ...]] = ("cg", "kfac", "shampoo", "exact")
+
+    batch_size = _ConfigValue()
+    cg_max_steps = _ConfigValue()
+    cg_damping = _ConfigValue()
+    cg_tol = _ConfigValue()
+    n_critic_updates = _ConfigValue()
+    normalize_advantage = _ConfigValue()
+    target_kl = _ConfigValue()
+    sub_sampling_factor = _ConfigValue()
+    curvature = _ConfigValue()
 
     def __init__(
         self,
         policy: str | type[ActorCriticPolicy],
         env: GymEnv | str,
-        learning_rate: float | Schedule = 1e-3,
-        n_steps: int = 2048,
-        batch_size: int = 128,
-        gamma: float = 0.99,
-        cg_max_steps: int = 15,
-        cg_damping: float = 0.1,
-        cg_tol: float = 1e-10,
-        n_critic_updates: int = 10,
-        gae_lambda: float = 0.95,
+        learning_rate: float | Schedule = _TRPO.learning_rate,
+        *,
         use_sde: bool = False,
         sde_sample_freq: int = -1,
         rollout_buffer_class: type[RolloutBuffer] | None = None,
         rollout_buffer_kwargs: dict[str, Any] | None = None,
-        normalize_advantage: bool = True,
-        target_kl: float = 0.01,
-        sub_sampling_factor: int = 1,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
@@ -146,25 +199,20 @@ class NaturalGradientAlgorithm(OnPolicyAlgorithm):
         seed: int | None = None,
         device: torch.device | str = "auto",
         _init_setup_model: bool = True,
+        **hyperparameters: Any,
     ) -> None:
-        _check_positive_int("n_steps", n_steps)
-        _check_positive_int("batch_size", batch_size)
-        _check_positive_int("cg_max_steps", cg_max_steps)
-        _check_positive_int("n_critic_updates", n_critic_updates)
-        _check_positive_int("sub_sampling_factor", sub_sampling_factor)
-        if not cg_damping >= 0:
-            raise ValueError(f"Invalid cg_damping: {cg_damping!r}; expected a number >= 0")
-        if not cg_tol >= 0:
-            raise ValueError(f"Invalid cg_tol: {cg_tol!r}; expected a number >= 0")
-        if not target_kl > 0:
-            raise ValueError(f"Invalid target_kl: {target_kl!r}; expected a number > 0")
+        values = {name: int(v) if isinstance(v, np.integer) else v for name, v in hyperparameters.items()}
+        if not callable(learning_rate):
+            values["learning_rate"] = learning_rate
+        self.config = self.config_class.from_dict(values)
+        cfg = self.config
         super().__init__(
             policy,
             env,
             learning_rate=learning_rate,
-            n_steps=n_steps,
-            gamma=gamma,
-            gae_lambda=gae_lambda,
+            n_steps=cfg.n_steps,
+            gamma=cfg.gamma,
+            gae_lambda=cfg.gae_lambda,
             ent_coef=0.0,  # the surrogate has no entropy bonus
             vf_coef=0.0,  # the critic is fitted separately
             max_grad_norm=0.0,
@@ -181,33 +229,67 @@ class NaturalGradientAlgorithm(OnPolicyAlgorithm):
             _init_setup_model=False,
             supported_action_spaces=(spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary),
         )
-        self.normalize_advantage = normalize_advantage
         if self.env is not None:
             buffer_size = self.env.num_envs * self.n_steps
-            if normalize_advantage and buffer_size < 2:
+            if cfg.normalize_advantage and buffer_size < 2:
                 raise ValueError(
                     f"Invalid n_steps: n_steps * n_envs = {buffer_size}; advantage normalization needs >= 2 samples"
                 )
-            if buffer_size % batch_size:
+            if buffer_size % cfg.batch_size:
                 warnings.warn(
-                    f"batch_size {batch_size} does not divide the rollout size n_steps * n_envs = {buffer_size}; "
+                    f"batch_size {cfg.batch_size} does not divide the rollout size n_steps * n_envs = {buffer_size}; "
                     "every critic epoch ends with a smaller minibatch",
                     stacklevel=2,
                 )
-        self.batch_size = batch_size
-        self.cg_max_steps = cg_max_steps
-        self.cg_damping = cg_damping
-        self.cg_tol = cg_tol
-        self.target_kl = target_kl
-        self.n_critic_updates = n_critic_updates
-        self.sub_sampling_factor = sub_sampling_factor
         if _init_setup_model:
             self._setup_model()
 
+    def _setup_model(self) -> None:
+        # A zip saved before the config existed holds the hyperparameters as attributes.
+        legacy = {
+            name: self.__dict__.pop(name)
+            for name in list(self.__dict__)
+            if isinstance(getattr(type(self), name, None), _ConfigValue)
+        }
+        if legacy:
+            self.config = self.config.replace(**legacy)
+        super()._setup_model()
+        self.actor_params = self._find_actor_parameters()
+        actor_ids = {id(p) for p in self.actor_params}
+        layers = [
+            module
+            for module in self.policy.modules()
+            if isinstance(module, nn.Linear | nn.Conv2d) and id(module.weight) in actor_ids
+        ]
+        self._curvature: Curvature = make_curvature(self.config, self.actor_params, nn.ModuleList(layers))
+        names = {id(param): name for name, param in self.policy.named_parameters()}
+        self._actor_names = [f"policy.{names[id(param)]}" for param in self.actor_params]
+
+    def _find_actor_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters the action distribution depends on (autograd decides, so
+        custom policies need no naming convention); the rest of the policy is the critic."""
+        obs, _ = self.policy.obs_to_tensor(self.observation_space.sample())
+        trainable = [param for param in self.policy.parameters() if param.requires_grad]
+        distribution = self.policy.get_distribution(obs)
+        log_prob = distribution.log_prob(distribution.mode().detach()).sum()
+        grads = torch.autograd.grad(log_prob, trainable, allow_unused=True)
+        actor_params = [param for param, grad in zip(trainable, grads) if grad is not None]
+        if not actor_params:
+            raise RuntimeError("The policy's action distribution depends on no trainable parameter")
+        return actor_params
+
+    def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
+        state_dicts, tensors = super()._get_torch_save_params()
+        # K-FAC's factors and Shampoo's statistics travel in the zip (CG has none).
+        return ([*state_dicts, "_curvature"] if self._curvature.state_dict() else state_dicts), tensors
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "_curvature", "actor_params", "_actor_names"]
+
     # ------------------------------------------------------------------ pieces of the update
     def _actor_batch(self, rollout_data: RolloutBufferSamples) -> _Batch:
-        k = self.sub_sampling_factor
-        observations = rollout_data.observations
+        k = self.config.sub_sampling_factor
+        observations: Any = rollout_data.observations
         actions = rollout_data.actions
         old_log_prob = rollout_data.old_log_prob
         advantages = rollout_data.advantages
@@ -216,7 +298,7 @@ class NaturalGradientAlgorithm(OnPolicyAlgorithm):
             actions, old_log_prob, advantages = actions[::k], old_log_prob[::k], advantages[::k]
         if isinstance(self.action_space, spaces.Discrete):
             actions = actions.long().flatten()
-        if self.normalize_advantage:
+        if self.config.normalize_advantage:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         with torch.no_grad():
             # get_distribution returns the policy's one Distribution object, rebuilt on each call:
@@ -224,65 +306,60 @@ class NaturalGradientAlgorithm(OnPolicyAlgorithm):
             old_distribution = copy.copy(self.policy.get_distribution(observations))
         return _Batch(observations, actions, old_log_prob, advantages, old_distribution)
 
-    def _surrogate(self, batch: _Batch) -> Tensor:
-        log_prob = self.policy.get_distribution(batch.observations).log_prob(batch.actions)
-        return (batch.advantages * torch.exp(log_prob - batch.old_log_prob)).mean()
-
-    def _mean_kl(self, batch: _Batch) -> Tensor:
-        return kl_divergence(batch.old_distribution, self.policy.get_distribution(batch.observations)).mean()
-
-    def natural_step(self, batch: _Batch) -> NaturalGradientStep:
-        """``s = CG(F, g)`` on the batch, scaled to the KL radius: ``β s``, ``β = sqrt(2δ / sᵀFs)``.
-
-        The actor parameters are those the surrogate depends on (autograd decides, so custom
-        policies need no naming convention); the rest of the policy is the critic.
-        """
-        trainable = [param for param in self.policy.parameters() if param.requires_grad]
-        surrogate = self._surrogate(batch)
-        grads = torch.autograd.grad(surrogate, trainable, allow_unused=True)
-        actor_params = [param for param, grad in zip(trainable, grads) if grad is not None]
-        if not actor_params:
-            raise RuntimeError("The policy's action distribution depends on no trainable parameter")
-        grad = torch.cat([grad.reshape(-1) for grad in grads if grad is not None])
-        fvp = fisher_vector_product(lambda: self._mean_kl(batch), actor_params, damping=self.cg_damping)
-        cg = solve_cg(fvp, grad, max_iter=self.cg_max_steps, tol=self.cg_tol, stop_early=grad.device.type == "cpu")
-        # (F + damping·I) s = g − r: sᵀFs without another Fisher-vector product.
-        full_step = scale_to_kl_radius(cg.x, torch.dot(cg.x, grad - cg.residual), self.target_kl)
-        return NaturalGradientStep(
-            actor_params=actor_params,
-            direction=cg.x,
-            full_step=full_step,
-            surrogate=surrogate.detach(),
-            expected_improvement=torch.dot(grad, full_step),
-            cg_residual=cg.residual_norm,
-            cg_iterations=cg.iterations,
-        )
-
-    def _candidate_evaluator(self, batch: _Batch, actor_params: list[nn.Parameter]) -> Any:
+    def _candidate_evaluator(self, batch: _Batch) -> Evaluate:
         """``(K, P)`` flat actor vectors -> (negative surrogates (K,), mean KLs (K,)).
 
-        SB3 policies are evaluated through their methods, so each candidate is written into
-        the parameters and the original values are restored afterwards (like
-        ``torch.optim.LBFGS``'s try-a-step-and-restore).
+        Each candidate is one ``functional_call`` of the policy (its parameters are never
+        written); several are the same function under ``torch.func.vmap``.
         """
+        objective, names, params = _Objective(self.policy, batch), self._actor_names, self.actor_params
+
+        def one(flat: Tensor) -> tuple[Tensor, Tensor]:
+            result: tuple[Tensor, Tensor] = torch.func.functional_call(objective, dict(zip(names, unflatten(flat, params))), ())
+            return result
+
+        batched = torch.func.vmap(one)
 
         def evaluate(candidates: Tensor) -> tuple[Tensor, Tensor]:
-            original = flat_params(actor_params)
-            losses, kls = [], []
-            try:
-                for candidate in candidates:
-                    assign_flat_(actor_params, candidate)
-                    losses.append(-self._surrogate(batch))
-                    kls.append(self._mean_kl(batch))
-            finally:
-                assign_flat_(actor_params, original)
-            return torch.stack(losses), torch.stack(kls)
+            with torch.no_grad():
+                if candidates.shape[0] == 1:
+                    loss, kl = one(candidates[0])
+                    return loss.unsqueeze(0), kl.unsqueeze(0)
+                losses, kls = batched(candidates)
+                return losses, kls
 
         return evaluate
 
+    def _curvature_problem(self, batch: _Batch) -> CurvatureProblem:
+        policy = self.policy
+        objective, names, params = _Objective(policy, batch), self._actor_names, self.actor_params
+
+        def kl_of_flat(flat: Tensor) -> Tensor:
+            result: tuple[Tensor, Tensor] = torch.func.functional_call(objective, dict(zip(names, unflatten(flat, params))), ())
+            return result[1]
+
+        def fisher_loss() -> Tensor:  # sampled actions, with SB3's own sampler and random stream
+            distribution = policy.get_distribution(batch.observations)
+            return -distribution.log_prob(distribution.get_actions().detach()).mean()
+
+        return CurvatureProblem(theta=flat_params(params), kl_of_flat=kl_of_flat, fisher_loss=fisher_loss)
+
+    def natural_step(self, batch: _Batch) -> NaturalStep:
+        """The natural step on the batch: s from ``curvature``, scaled to the KL radius (β s, β = sqrt(2δ / sᵀFs))."""
+        cfg, actor_params = self.config, self.actor_params
+        # One forward serves the surrogate and the KL whose Hessian is the Fisher.
+        distribution = self.policy.get_distribution(batch.observations)
+        surrogate = _surrogate(distribution, batch)
+        grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(surrogate, actor_params, retain_graph=True)])
+        fvp = fisher_vector_product(lambda: mean_kl(batch.old_distribution, distribution), actor_params, damping=cfg.cg_damping)
+        step = natural_step(grad, fvp, cfg.target_kl, solve=self._curvature.solver(self._curvature_problem(batch)))
+        metrics = {**step.metrics, "step_norm": step.full_step.norm()}
+        evaluate = self._candidate_evaluator(batch)
+        return NaturalStep(step.full_step, step.expected_improvement, -surrogate.detach(), evaluate, metrics)
+
     @abstractmethod
-    def apply_step(self, step: NaturalGradientStep, batch: _Batch) -> dict[str, float]:
-        """Apply the scaled step to the actor; returns ``train/...`` metrics (at least ``kl_divergence_loss``)."""
+    def apply_step(self, step: NaturalStep, batch: _Batch) -> dict[str, Tensor]:
+        """Apply the scaled step to the actor; returns metrics (at least ``kl_divergence_loss``)."""
 
     def fit_critic(self, actor_params: list[nn.Parameter]) -> float:
         """``n_critic_updates`` epochs of minibatch MSE regression of V on the returns.
@@ -291,18 +368,18 @@ class NaturalGradientAlgorithm(OnPolicyAlgorithm):
             The mean value loss.
         """
         value_losses = []
-        for _ in range(self.n_critic_updates):
-            for rollout_data in self.rollout_buffer.get(self.batch_size):
+        for _ in range(self.config.n_critic_updates):
+            for rollout_data in self.rollout_buffer.get(self.config.batch_size):
                 values_pred = self.policy.predict_values(rollout_data.observations)
                 value_loss = F.mse_loss(rollout_data.returns, values_pred.flatten())
                 self.policy.optimizer.zero_grad()
-                value_loss.backward()
+                torch.autograd.backward(value_loss)
                 # Parameters shared with the actor move only with the trust-region step.
                 for param in actor_params:
                     param.grad = None
                 self.policy.optimizer.step()
-                value_losses.append(value_loss.item())
-        return float(np.mean(value_losses))
+                value_losses.append(value_loss.detach())
+        return float(np.mean(torch.stack(value_losses).tolist()))  # one host read
 
     def train(self) -> None:
         """One update from the rollout buffer: natural-gradient actor step, then the critic fit."""
@@ -311,24 +388,16 @@ class NaturalGradientAlgorithm(OnPolicyAlgorithm):
         rollout_data = next(iter(self.rollout_buffer.get(batch_size=None)))
         batch = self._actor_batch(rollout_data)
         step = self.natural_step(batch)
-        actor_metrics = self.apply_step(step, batch)
-        value_loss = self.fit_critic(step.actor_params)
+        metrics = {**step.metrics, **self.apply_step(step, batch)}
+        value_loss = self.fit_critic(self.actor_params)
         self._n_updates += 1
-        explained_var = explained_variance(
-            self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()
-        )
-        host = torch.stack(
-            [step.cg_residual, step.cg_iterations.to(step.cg_residual.dtype), step.full_step.norm()]
-        ).tolist()
+        explained_var = explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten())
+        if hasattr(self.policy, "log_std"):
+            metrics["std"] = torch.exp(self.policy.log_std).mean()
         self.logger.record("train/value_loss", value_loss)
         self.logger.record("train/explained_variance", explained_var)
-        for key, value in actor_metrics.items():
+        for key, value in to_host(metrics).items():
             self.logger.record(f"train/{key}", value)
-        self.logger.record("train/cg_residual", host[0])
-        self.logger.record("train/cg_iterations", host[1])
-        self.logger.record("train/step_norm", host[2])
-        if hasattr(self.policy, "log_std"):
-            self.logger.record("train/std", torch.exp(self.policy.log_std).mean().item())
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
 
     def learn(
@@ -353,16 +422,25 @@ class NaturalGradientAlgorithm(OnPolicyAlgorithm):
 class TRPO(NaturalGradientAlgorithm):
     """Trust Region Policy Optimization (Schulman et al., 2015) for Stable-Baselines3.
 
-    A drop-in for ``sb3_contrib.TRPO`` (same arguments and defaults, plus ``cg_tol``), computed
-    with trpo_lab's :func:`~trpo_lab.optim.solve_cg`, :func:`~trpo_lab.optim.fisher_vector_product`
-    and :func:`~trpo_lab.optim.kl_line_search`. Logged: ``train/policy_objective``,
-    ``train/kl_divergence_loss``, ``train/is_line_search_success``, ``train/value_loss``,
-    ``train/explained_variance`` (sb3-contrib's keys) and ``train/linesearch_backtracks``,
-    ``train/cg_residual``, ``train/cg_iterations``, ``train/step_norm``.
+    A drop-in for ``sb3_contrib.TRPO`` (same arguments and defaults), computed with trpo_lab's
+    :func:`~trpo_lab.optim.trust_region.natural_step` and
+    :func:`~trpo_lab.optim.trust_region.trust_region_line_search`. Logged:
+    ``train/policy_objective``, ``train/kl_divergence_loss``, ``train/is_line_search_success``,
+    ``train/value_loss``, ``train/explained_variance`` (sb3-contrib's keys) and
+    ``train/linesearch_backtracks``, ``train/step_norm`` and, with CG, ``train/cg_residual``,
+    ``train/cg_iterations``.
 
     Args:
-        line_search_shrinking_factor: Ratio between consecutive step sizes. Default 0.8.
-        line_search_max_iter: Step sizes tried. Default 10.
+        learning_rate, n_steps, batch_size, gamma, cg_max_steps, cg_damping,
+        line_search_shrinking_factor, line_search_max_iter, n_critic_updates, gae_lambda,
+        normalize_advantage, target_kl, sub_sampling_factor: sb3-contrib's, with its defaults
+            (those of :class:`~trpo_lab.config.TRPOConfig`).
+        cg_tol: CG stops changing the solution once ``‖g − F s‖² < cg_tol``. Default 1e-10.
+        curvature: Where s ≈ F⁻¹g comes from: ``"cg"`` (default), ``"kfac"`` (K-FAC over the
+            actor's Linear / Conv2d layers, from a sampled Fisher pass), ``"shampoo"`` or
+            ``"exact"`` (dense solve; actors of at most 2,000 parameters).
+        line_search_batched: Evaluate all step sizes in one vmapped pass. Default False.
+        line_search_accept_ratio: Required fraction of the predicted improvement. Default 0.
         **kwargs: See :class:`NaturalGradientAlgorithm`.
 
     Example:
@@ -370,37 +448,121 @@ class TRPO(NaturalGradientAlgorithm):
         >>> model.learn(100_000)                                # doctest: +SKIP
     """
 
+    config_class: ClassVar[type[TRPOConfig]] = TRPOConfig
+    config: TRPOConfig
+    line_search_shrinking_factor = _ConfigValue()
+    line_search_max_iter = _ConfigValue()
+    line_search_accept_ratio = _ConfigValue()
+    line_search_batched = _ConfigValue()
+
     def __init__(
         self,
         policy: str | type[ActorCriticPolicy],
         env: GymEnv | str,
-        learning_rate: float | Schedule = 1e-3,
-        n_steps: int = 2048,
-        batch_size: int = 128,
-        gamma: float = 0.99,
-        cg_max_steps: int = 15,
-        cg_damping: float = 0.1,
-        line_search_shrinking_factor: float = 0.8,
-        line_search_max_iter: int = 10,
-        n_critic_updates: int = 10,
-        gae_lambda: float = 0.95,
-        normalize_advantage: bool = True,
-        target_kl: float = 0.01,
-        sub_sampling_factor: int = 1,
+        learning_rate: float | Schedule = _TRPO.learning_rate,
+        n_steps: int = _TRPO.n_steps,
+        batch_size: int = _TRPO.batch_size,
+        gamma: float = _TRPO.gamma,
+        cg_max_steps: int = _TRPO.cg_max_steps,
+        cg_damping: float = _TRPO.cg_damping,
+        line_search_shrinking_factor: float = _TRPO.line_search_shrinking_factor,
+        line_search_max_iter: int = _TRPO.line_search_max_iter,
+        n_critic_updates: int = _TRPO.n_critic_updates,
+        gae_lambda: float = _TRPO.gae_lambda,
+        normalize_advantage: bool = _TRPO.normalize_advantage,
+        target_kl: float = _TRPO.target_kl,
+        sub_sampling_factor: int = _TRPO.sub_sampling_factor,
+        cg_tol: float = _TRPO.cg_tol,
+        curvature: str = _TRPO.curvature,
+        line_search_batched: bool = _TRPO.line_search_batched,
+        line_search_accept_ratio: float = _TRPO.line_search_accept_ratio,
         _init_setup_model: bool = True,
         **kwargs: Any,
     ) -> None:
-        if not 0 < line_search_shrinking_factor < 1:
-            raise ValueError(
-                f"Invalid line_search_shrinking_factor: {line_search_shrinking_factor!r}; expected a number in (0, 1)"
-            )
-        _check_positive_int("line_search_max_iter", line_search_max_iter)
-        self.line_search_shrinking_factor = line_search_shrinking_factor
-        self.line_search_max_iter = line_search_max_iter
         super().__init__(
             policy,
             env,
-            learning_rate=learning_rate,
+            learning_rate,
+            n_steps=n_steps,
+            batch_size=batch_size,
+            gamma=gamma,
+            cg_max_steps=cg_max_steps,
+            cg_damping=cg_damping,
+            line_search_shrinking_factor=line_search_shrinking_factor,
+            line_search_max_iter=line_search_max_iter,
+            n_critic_updates=n_critic_updates,
+            gae_lambda=gae_lambda,
+            normalize_advantage=normalize_advantage,
+            target_kl=target_kl,
+            sub_sampling_factor=sub_sampling_factor,
+            cg_tol=cg_tol,
+            curvature=curvature,
+            line_search_batched=line_search_batched,
+            line_search_accept_ratio=line_search_accept_ratio,
+            _init_setup_model=_init_setup_model,
+            **kwargs,
+        )
+
+    def apply_step(self, step: NaturalStep, batch: _Batch) -> dict[str, Tensor]:
+        cfg = self.config
+        result = trust_region_line_search(
+            self.actor_params,
+            step,
+            kl_limit=cfg.target_kl,
+            shrinking_factor=cfg.line_search_shrinking_factor,
+            max_iter=cfg.line_search_max_iter,
+            accept_ratio=cfg.line_search_accept_ratio,
+            batched=cfg.line_search_batched,
+        )
+        return {
+            "policy_objective": -result.loss,
+            "kl_divergence_loss": result.kl,
+            "is_line_search_success": result.success.float(),
+            "linesearch_backtracks": result.backtracks.float(),
+        }
+
+
+class NPG(NaturalGradientAlgorithm):
+    """Natural policy gradient (Kakade, 2001) for Stable-Baselines3: TRPO without the line search.
+
+    The natural direction is scaled to the KL radius ``target_kl`` and applied in full,
+    ``θ_new = θ_old + sqrt(2δ / sᵀFs) s``; the KL actually reached is logged as
+    ``train/kl_divergence_loss`` (it is only approximately δ: nothing backtracks).
+    Same arguments as :class:`TRPO` without the line-search ones (defaults of
+    :class:`~trpo_lab.config.NPGConfig`).
+
+    Example:
+        >>> model = NPG("MlpPolicy", "CartPole-v1", seed=0)    # doctest: +SKIP
+        >>> model.learn(100_000)                                # doctest: +SKIP
+    """
+
+    config_class: ClassVar[type[NPGConfig]] = NPGConfig
+    config: NPGConfig
+
+    def __init__(
+        self,
+        policy: str | type[ActorCriticPolicy],
+        env: GymEnv | str,
+        learning_rate: float | Schedule = _NPG.learning_rate,
+        n_steps: int = _NPG.n_steps,
+        batch_size: int = _NPG.batch_size,
+        gamma: float = _NPG.gamma,
+        cg_max_steps: int = _NPG.cg_max_steps,
+        cg_damping: float = _NPG.cg_damping,
+        n_critic_updates: int = _NPG.n_critic_updates,
+        gae_lambda: float = _NPG.gae_lambda,
+        normalize_advantage: bool = _NPG.normalize_advantage,
+        target_kl: float = _NPG.target_kl,
+        sub_sampling_factor: int = _NPG.sub_sampling_factor,
+        cg_tol: float = _NPG.cg_tol,
+        curvature: str = _NPG.curvature,
+        _init_setup_model: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            policy,
+            env,
+            learning_rate,
             n_steps=n_steps,
             batch_size=batch_size,
             gamma=gamma,
@@ -411,58 +573,15 @@ class TRPO(NaturalGradientAlgorithm):
             normalize_advantage=normalize_advantage,
             target_kl=target_kl,
             sub_sampling_factor=sub_sampling_factor,
+            cg_tol=cg_tol,
+            curvature=curvature,
             _init_setup_model=_init_setup_model,
             **kwargs,
         )
 
-    def apply_step(self, step: NaturalGradientStep, batch: _Batch) -> dict[str, float]:
-        result = kl_line_search(
-            step.actor_params,
-            step.full_step.detach(),
-            self._candidate_evaluator(batch, step.actor_params),
-            loss0=-step.surrogate,
-            expected_improvement=step.expected_improvement.detach(),
-            kl_limit=self.target_kl,
-            shrinking_factor=self.line_search_shrinking_factor,
-            max_iter=self.line_search_max_iter,
-        )
-        success, objective, kl, backtracks = torch.stack(
-            [result.success.float(), -result.loss, result.kl, result.backtracks.float()]
-        ).tolist()
-        return {
-            "policy_objective": objective,
-            "kl_divergence_loss": kl,
-            "is_line_search_success": success,
-            "linesearch_backtracks": backtracks,
-        }
-
-
-class NPG(NaturalGradientAlgorithm):
-    """Natural policy gradient (Kakade, 2001) for Stable-Baselines3: TRPO without the line search.
-
-    The CG direction is scaled to the KL radius ``target_kl`` and applied in full,
-    ``θ_new = θ_old + sqrt(2δ / sᵀFs) s``; the KL actually reached is logged as
-    ``train/kl_divergence_loss`` (it is only approximately δ: nothing backtracks).
-    Same arguments as :class:`TRPO` without the line-search ones.
-
-    Example:
-        >>> model = NPG("MlpPolicy", "CartPole-v1", seed=0)    # doctest: +SKIP
-        >>> model.learn(100_000)                                # doctest: +SKIP
-    """
-
-    def apply_step(self, step: NaturalGradientStep, batch: _Batch) -> dict[str, float]:
-        new_params = flat_params(step.actor_params) + step.full_step.detach()
-        assign_flat_(step.actor_params, new_params)
-        with torch.no_grad():
-            objective = self._surrogate(batch)
-            kl = self._mean_kl(batch)
-        policy_objective, kl_value = torch.stack([objective, kl]).tolist()
-        return {"policy_objective": policy_objective, "kl_divergence_loss": kl_value}
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"Invalid {name}: {value!r}; expected an integer >= 1")
+    def apply_step(self, step: NaturalStep, batch: _Batch) -> dict[str, Tensor]:
+        loss, kl = take_full_step(self.actor_params, step)
+        return {"policy_objective": -loss, "kl_divergence_loss": kl}
 
 
 def _every(observations: Any, k: int) -> Any:
