@@ -33,3 +33,17 @@ def test_quick_start_commands_match_ci() -> None:
     assert commands[0] == "pip install . && trpo-lab compare"
     ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
     assert commands[1] in ci, "the README's test command is the one .ci/run runs"
+
+
+def test_ci_installs_what_a_newcomer_gets_and_runs_the_checks() -> None:
+    """No pin of our own in CI (it would test another torch than a user gets); lint and types run."""
+    lines = [
+        line.strip()
+        for line in (README.parent / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    installs = [line for line in lines if "pip install" in line]
+    assert installs == ['pip install -e ".[dev,mujoco]" && python -m pytest'], installs
+    assert not [line for line in lines if re.search(r"==\d", line)], "a version pin in .ci/run"
+    assert any(line.startswith("python -m ruff check trpo_lab tests benchmarks") for line in lines)
+    assert any(line.startswith("python -m mypy") for line in lines)

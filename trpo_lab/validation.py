@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NoReturn
+from typing import NoReturn, cast
 
 __all__ = ["is_int", "is_number", "invalid", "require", "check_int", "check_number"]
 
@@ -54,7 +54,7 @@ def check_int(name: str, value: object, *, minimum: int | None = None, expected:
         expected = "an integer" if minimum is None else f"an integer >= {minimum}"
     if not is_int(value):
         _fail(name, value, expected)
-    number = int(value)  # type: ignore[call-overload]
+    number = int(cast(numbers.Integral, value))
     if minimum is not None and number < minimum:
         _fail(name, value, expected)
     return number
@@ -88,7 +88,7 @@ def check_number(
         expected = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
     if not is_number(value):
         _fail(name, value, expected)
-    number = float(value)  # type: ignore[arg-type]
+    number = float(cast(numbers.Real, value))
     if minimum is not None and (number <= minimum if strict else number < minimum):
         _fail(name, value, expected)
     if maximum is not None and (number >= maximum if strict else number > maximum):

@@ -421,9 +421,9 @@ def test_shampoo_beats_tuned_adam_on_ill_conditioned_matrix_least_squares() -> N
         return float(loss_fn(weight.detach()))
 
     learning_rates = [0.01, 0.03, 0.1, 0.3, 1.0]
-    adam_best = min(final_loss(lambda p: torch.optim.Adam(p, lr=lr)) for lr in learning_rates)
+    adam_best = min(final_loss(lambda p, lr=lr: torch.optim.Adam(p, lr=lr)) for lr in learning_rates)
     shampoo_best = min(
-        final_loss(lambda p: Shampoo(p, lr=lr, start_preconditioning_step=1, precondition_every=1))
+        final_loss(lambda p, lr=lr: Shampoo(p, lr=lr, start_preconditioning_step=1, precondition_every=1))
         for lr in [0.1, 0.3, 1.0]
     )
     assert shampoo_best < 0.1 * adam_best, (shampoo_best, adam_best)

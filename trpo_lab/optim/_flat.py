@@ -173,7 +173,7 @@ def clip_grad_norm_(params: Sequence[Tensor], max_norm: float) -> Tensor:
     first = grads[0]
     if any(g.dtype != first.dtype or g.device != first.device or g.is_sparse for g in grads):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    total: Tensor = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for grad in grads:
         grad.mul_(scale)

@@ -54,7 +54,7 @@ def explicit_hessian(loss_fn_of_flat: Callable[[Tensor], Tensor], theta: Tensor)
         ValueError: If ``theta`` is not a 1-D floating-point tensor.
     """
     _validate_theta(theta)
-    matrix = hessian(loss_fn_of_flat, theta.detach())
+    matrix: Tensor = hessian(loss_fn_of_flat, theta.detach())  # type: ignore[no-untyped-call]  # unannotated in torch
     return matrix.reshape(theta.numel(), theta.numel())
 
 
@@ -110,9 +110,12 @@ def solve_damped(matrix: Tensor, vector: Tensor, damping: float = 0.0) -> Tensor
             "expected (P, P) and (P,)"
         )
     damped = matrix + damping * torch.eye(size, dtype=matrix.dtype, device=matrix.device)
+    solution: Tensor
     if int(torch.linalg.matrix_rank(damped, hermitian=True)) == size:
-        return torch.linalg.solve(damped, vector)
-    return torch.linalg.pinv(damped, hermitian=True) @ vector
+        solution = torch.linalg.solve(damped, vector)
+    else:
+        solution = torch.linalg.pinv(damped, hermitian=True) @ vector
+    return solution
 
 
 def natural_gradient_step(

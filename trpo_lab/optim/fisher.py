@@ -193,7 +193,7 @@ def fisher_vector_product_func(
         _validate_vector(vector, size)
         vector = vector.detach()
         tangents = tuple(piece.to(primal.dtype) for piece, primal in zip(unflatten(vector, primals), primals))
-        _, hessian_vector = torch.func.jvp(kl_grad_fn, (primals,), (tangents,))
+        hessian_vector = torch.func.jvp(kl_grad_fn, (primals,), (tangents,))[1]  # (grad, H v) without has_aux
         return torch.cat([piece.detach().reshape(-1) for piece in hessian_vector]) + damping * vector
 
     return fvp

@@ -444,7 +444,7 @@ class KFAC(torch.optim.Optimizer):
             if self._pending is None or not isinstance(output, Tensor) or not output.requires_grad:
                 return
             self._record_inputs(index, args[0] if args else kwargs["input"])
-            output.register_hook(record_output_grad)
+            output.register_hook(record_output_grad)  # type: ignore[no-untyped-call]  # unannotated in torch
 
         return record_inputs
 

@@ -322,12 +322,13 @@ class Shampoo(Optimizer):
             state["skipped_nonfinite_steps"] += 1
             return None
 
-        step = state["step"] + 1
+        step: int = state["step"] + 1
         state["step"] = step
         state["statistics"] = statistics
-        exp_avg = state["exp_avg"]
+        exp_avg: Tensor = state["exp_avg"]
         exp_avg.lerp_(grad, 1.0 - beta1)
-        filtered = exp_avg / (1.0 - beta1**step)
+        filtered: Tensor = exp_avg / (1.0 - beta1**step)
+        grafted: Tensor
         if exp_avg_sq is not None:
             state["grafting_exp_avg_sq"] = exp_avg_sq
             bias_correction2_sqrt = math.sqrt(1.0 - group["grafting_beta2"] ** step)
