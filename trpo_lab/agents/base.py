@@ -31,7 +31,7 @@ import signal
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from gymnasium.vector import VectorEnv
 from gymnasium.wrappers.vector import NormalizeObservation, NormalizeReward
-from torch import Tensor, nn
+from torch import Tensor
 
 from trpo_lab.agents import checkpoint
 from trpo_lab.agents.checkpoint import CHECKPOINT_FORMAT, read_checkpoint, space_signature
@@ -116,7 +116,6 @@ class OnPolicyAgent(ABC):
             raise ValueError(f"Invalid seed: {seed!r}; expected an integer")
         if dist is not None and not isinstance(dist, DistributedContext):
             raise ValueError(f"Invalid dist: {dist!r}; expected a DistributedContext (trpo_lab.distributed.init_distributed)")
-        self.dist = dist  # read by the algorithms until they only call self.reducer (issue 13)
         self.reducer = Reducer(dist)
         """Every cross-process reduction of an update (the identity in one process)."""
         self.data_parallel = DataParallel(dist, self.reducer)
@@ -212,11 +211,6 @@ class OnPolicyAgent(ABC):
         """Updates rejected by the guard over the agent's lifetime."""
         return self.guard.num_rejected
 
-    @property
-    def _rank_sizes(self) -> list[int]:
-        """Valid transitions of the current batch on every rank (the reducer's)."""
-        return self.reducer.rank_sizes
-
     # ------------------------------------------------------------------ algorithm hooks
     @abstractmethod
     def _setup(self) -> None:
@@ -246,23 +240,6 @@ class OnPolicyAgent(ABC):
             ValueError: a rank has no valid transition (``n_steps * n_envs`` too small).
         """
         self.data_parallel.share_batch_sizes(local_size, self.config.n_steps, self.num_updates + 1)
-
-    # Thin delegations to self.reducer, kept until every algorithm calls the reducer itself.
-    def _global_mean(self, local_mean: Tensor, local_count: float | None = None, total_count: float | None = None) -> Tensor:
-        return self.reducer.mean(local_mean, local_count, total_count)
-
-    def _all_reduce_grads(self, params: list[nn.Parameter], local_count: float | None = None,
-                          total_count: float | None = None, with_means: Tensor | None = None) -> Tensor | None:
-        return self.reducer.grads(params, local_count, total_count, with_means)
-
-    def _normalize_advantages(self, advantages: Tensor) -> Tensor:
-        return self.reducer.normalize_advantages(advantages)
-
-    def _minibatch_plan(self, local_size: int, batch_size: int) -> list[tuple[int, int, int]]:
-        return self.reducer.minibatch_plan(local_size, batch_size)
-
-    def _shuffled_minibatches(self, batch: RolloutBatch, batch_size: int) -> Iterator[tuple[RolloutBatch, int]]:
-        return self.reducer.shuffled_minibatches(batch, batch_size, self.shuffle_generator)
 
     def _running_statistics(self) -> dict[str, Any]:
         """The normalization wrappers' ``RunningMeanStd`` objects, by checkpoint name."""
