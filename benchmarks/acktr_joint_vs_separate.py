@@ -28,13 +28,14 @@ read while it goes), then summarised there and on stdout::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from scipy import stats
 from torch import Tensor, nn
 
 from trpo_lab.agents.acktr import ACKTR
+from trpo_lab.optim._flat import clip_grad_norm_
 from trpo_lab.optim.kfac import KFAC
 from trpo_lab.presets import load_preset
 
@@ -60,66 +62,59 @@ class _JointModule(nn.Module):
         self.critic = agent.policy.critic
 
 
-class JointACKTR(ACKTR):
-    """ACKTR with one KFAC over actor and critic (kl_clip on the sum), one gradient clip."""
+class JointKFAC:
+    """The joint form behind :class:`~trpo_lab.agents.acktr.ActorCriticKFAC`'s interface:
+    one KFAC over actor and critic (``kl_clip`` on the sum), one gradient-norm clip over both."""
 
-    def _setup(self) -> None:
-        super()._setup()
-        cfg = self.config
-        joint = KFAC(
-            _JointModule(self),
+    def __init__(self, agent: ACKTR) -> None:
+        cfg = agent.config
+        self.kfac = KFAC(
+            _JointModule(agent),
             lr=cfg.learning_rate,
             momentum=cfg.momentum,
             damping=cfg.damping,
             kl_clip=cfg.kl_clip,
             stat_decay=cfg.stat_decay,
             inverse_every=cfg.inverse_every,
+            statistics_reducer=agent.reducer.weighted_means,
         )
-        # The Fisher pass records every layer into the one optimizer.
-        self.actor_optimizer = self.critic_optimizer = joint
+        self.max_grad_norm = cfg.max_grad_norm
+        self.last_grad_norms: dict[str, Tensor] = {}
 
-    def forward_with_fisher_pass(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        """The same Fisher pass as ACKTR's, every layer's statistics into the one KFAC."""
-        from trpo_lab.agents.acktr import fisher_losses
+    def set_lr(self, lr: float) -> None:
+        self.kfac.param_groups[0]["lr"] = lr
 
-        optimizer = self.actor_optimizer
-        with optimizer.track_statistics(hooks=False):
-            dist_params, values, trace = self.policy.traced_forward(obs)
-            actor_loss, critic_loss, _ = fisher_losses(self.policy, dist_params, values, self.fisher_generator)
-            output_grads = torch.autograd.grad(actor_loss + critic_loss, [out for _, _, out in trace], retain_graph=True)
-            for (layer, inputs, _), grad in zip(trace, output_grads, strict=True):
-                optimizer.record_statistics(layer, inputs, grad)
-        return dist_params, values
+    def track_statistics(self, hooks: bool = True) -> contextlib.AbstractContextManager[None]:
+        return self.kfac.track_statistics(hooks=hooks)
 
-    def update(self, batch: Any) -> dict[str, float]:
-        from trpo_lab.agents.metrics import explained_variance
-        from trpo_lab.optim._flat import clip_grad_norm_
+    def record_statistics(self, module: nn.Module, inputs: Tensor, output_grads: Tensor) -> None:
+        self.kfac.record_statistics(module, inputs, output_grads)
 
-        policy, cfg, dist = self.policy, self.config, self.policy.distribution
-        optimizer = self.actor_optimizer
-        obs = policy.preprocess(batch.observations)
-        advantages = batch.advantages
-        if cfg.normalize_advantage:
-            advantages = self.reducer.normalize_advantages(advantages)
-        optimizer.param_groups[0]["lr"] = self.current_learning_rate()
-        dist_params, values = self.forward_with_fisher_pass(obs)
-        optimizer.zero_grad(set_to_none=True)
-        log_probs = dist.log_prob(dist_params, batch.actions)
-        entropy = dist.entropy(dist_params).mean()
-        policy_loss = -(log_probs * advantages).mean()
-        value_loss = nn.functional.mse_loss(values, batch.returns)
-        (policy_loss - cfg.ent_coef * entropy + cfg.vf_coef * value_loss).backward()
-        clip_grad_norm_([*policy.actor_parameters(), *policy.critic_parameters()], cfg.max_grad_norm)
-        optimizer.step()
-        with torch.no_grad():
-            kl = dist.kl(dist_params.detach(), policy.dist_params(obs)).mean()
-        metrics: dict[str, Tensor] = {
-            "train/policy_loss": policy_loss.detach(),
-            "train/value_loss": value_loss.detach(),
-            "train/explained_variance": explained_variance(batch.values, batch.returns),
-            "train/kl": kl,
-        }
-        return {key: float(value) for key, value in metrics.items()}
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.kfac.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        norm = clip_grad_norm_(self.kfac.param_groups[0]["params"], self.max_grad_norm)
+        self.kfac.step()
+        self.last_grad_norms = {"actor": norm, "critic": norm}
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        return {f"kfac/joint/{key.removeprefix('kfac/')}": value for key, value in self.kfac.last_stats.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"joint": self.kfac.state_dict()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.kfac.load_state_dict(dict(state_dict["joint"]))
+
+
+class JointACKTR(ACKTR):
+    """ACKTR with the joint K-FAC; everything else (Fisher pass, loss, loop) is ACKTR's."""
+
+    def _setup(self) -> None:
+        super()._setup()
+        self.optimizer = JointKFAC(self)  # type: ignore[assignment]
 
 
 CLASSES: dict[str, type[ACKTR]] = {"separate": ACKTR, "joint": JointACKTR}

@@ -95,7 +95,8 @@ def main() -> None:
         f"net_arch {agents['kfac'].config.policy_kwargs.get('net_arch', [64, 64])}"
     )
     for name, times in per_update.items():
-        print(f"  {name:12s} median {1e3 * median[name]:7.3f} ms/update   (min {1e3 * min(times):.3f}, max {1e3 * max(times):.3f})")
+        spread = f"(min {1e3 * min(times):.3f}, max {1e3 * max(times):.3f})"
+        print(f"  {name:12s} median {1e3 * median[name]:7.3f} ms/update   {spread}")
     print(f"  ratio kfac / first_order = {median['kfac'] / median['first_order']:.2f}x")
     for agent in agents.values():
         agent.close()

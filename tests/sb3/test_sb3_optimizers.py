@@ -20,7 +20,9 @@ def test_a2c_and_ppo_build_and_step_shampoo() -> None:
             learning_rate=1e-3,
             seed=0,
             device="cpu",
-            policy_kwargs=dict(optimizer_class=Shampoo, optimizer_kwargs=dict(precondition_every=2, start_preconditioning_step=1)),
+            policy_kwargs=dict(
+                optimizer_class=Shampoo, optimizer_kwargs=dict(precondition_every=2, start_preconditioning_step=1)
+            ),
             **settings,
         )
         assert isinstance(model.policy.optimizer, Shampoo)

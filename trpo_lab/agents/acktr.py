@@ -372,7 +372,7 @@ class ACKTR(OnPolicyAgent):
         policy_loss = -(log_probs * advantages).mean()
         value_loss = nn.functional.mse_loss(values, batch.returns)
         loss = policy_loss - cfg.ent_coef * entropy + cfg.vf_coef * value_loss
-        loss.backward()
+        torch.autograd.backward(loss)
         self.reducer.grads([*policy.actor_parameters(), *policy.critic_parameters()])  # one bucket
         self.optimizer.step()
 

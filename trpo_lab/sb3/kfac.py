@@ -65,7 +65,7 @@ class KFACPolicyMixin:
             optimizer is K-FAC (A2C passes RMSprop unless ``use_rms_prop=False``).
     """
 
-    optimizer: KFAC
+    optimizer: Any  # a KFAC (ACKTR's policies: an ActorCriticKFAC); SB3 declares a torch Optimizer
 
     def __init__(
         self,
