@@ -17,7 +17,7 @@ from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
 from trpo_lab.config import TRPOConfig
 from trpo_lab.sb3 import NPG, TRPO
-from trpo_lab.sb3.trpo import mean_kl
+from trpo_lab.sb3.functional import mean_kl
 
 # The trpo_lab preset for CartPole-v1 (agents/trpo.toml), in sb3-contrib's names.
 CARTPOLE = dict(n_steps=256, batch_size=256, cg_max_steps=10, n_critic_updates=5)

@@ -35,13 +35,12 @@ from __future__ import annotations
 import copy
 import warnings
 from abc import abstractmethod
-from typing import Any, ClassVar, NamedTuple, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.distributions import Distribution, MultiCategoricalDistribution
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import (
     ActorCriticCnnPolicy,
@@ -57,7 +56,7 @@ from torch.nn import functional as F
 from trpo_lab.agents.curvature import Curvature, CurvatureProblem, make_curvature
 from trpo_lab.agents.metrics import to_host
 from trpo_lab.config import NPGConfig, TRPOConfig, TrustRegionConfig
-from trpo_lab.optim._flat import flat_params, unflatten
+from trpo_lab.optim._flat import flat_params
 from trpo_lab.optim.fisher import fisher_vector_product
 from trpo_lab.optim.trust_region import (
     Evaluate,
@@ -66,6 +65,7 @@ from trpo_lab.optim.trust_region import (
     take_full_step,
     trust_region_line_search,
 )
+from trpo_lab.sb3.functional import ActorBatch, actor_objective, candidate_evaluator, mean_kl, surrogate
 
 __all__ = ["NPG", "NaturalGradientAlgorithm", "NaturalGradientStep", "TRPO"]
 
@@ -76,55 +76,6 @@ NaturalGradientStep = NaturalStep
 
 _TRPO = TRPOConfig()
 _NPG = NPGConfig()
-
-
-class _Batch(NamedTuple):
-    observations: Any
-    actions: Tensor
-    old_log_prob: Tensor
-    advantages: Tensor
-    old_distribution: Distribution
-
-
-def _categorical_kl(p: torch.distributions.Categorical, q: torch.distributions.Categorical) -> Tensor:
-    # torch's KL(p ‖ q) for categoricals with its masked assignments as torch.where, which
-    # vmap can batch (same values).
-    t = p.probs * (p.logits - q.logits)
-    t = torch.where(q.probs == 0, torch.inf, t)
-    return torch.where(p.probs == 0, 0.0, t).sum(-1)
-
-
-def _kl(p: torch.distributions.Distribution, q: torch.distributions.Distribution) -> Tensor:
-    if isinstance(p, torch.distributions.Categorical) and isinstance(q, torch.distributions.Categorical):
-        return _categorical_kl(p, q)
-    return torch.distributions.kl_divergence(p, q)
-
-
-def mean_kl(old: Distribution, new: Distribution) -> Tensor:
-    """mean KL(π_old ‖ π_new) of two SB3 distributions, as sb3-contrib's TRPO computes it
-    (``kl_divergence(...).mean()``), in a form ``torch.func.vmap`` can batch."""
-    if isinstance(old, MultiCategoricalDistribution) and isinstance(new, MultiCategoricalDistribution):
-        return torch.stack([_kl(p, q) for p, q in zip(old.distribution, new.distribution)], dim=1).sum(dim=1).mean()
-    return _kl(old.distribution, new.distribution).mean()  # type: ignore[arg-type]
-
-
-def _surrogate(distribution: Distribution, batch: _Batch) -> Tensor:
-    log_prob = distribution.log_prob(batch.actions)
-    return (batch.advantages * torch.exp(log_prob - batch.old_log_prob)).mean()
-
-
-class _Objective(nn.Module):
-    """The negative surrogate and mean KL of an SB3 policy on one batch, as a module forward:
-    ``torch.func.functional_call`` evaluates it at candidate actor parameters."""
-
-    def __init__(self, policy: ActorCriticPolicy, batch: _Batch) -> None:
-        super().__init__()
-        self.policy = policy
-        self.batch = batch
-
-    def forward(self) -> tuple[Tensor, Tensor]:
-        distribution = self.policy.get_distribution(self.batch.observations)
-        return -_surrogate(distribution, self.batch), mean_kl(self.batch.old_distribution, distribution)
 
 
 class _ConfigValue:
@@ -262,8 +213,6 @@ class NaturalGradientAlgorithm(OnPolicyAlgorithm):
             if isinstance(module, nn.Linear | nn.Conv2d) and id(module.weight) in actor_ids
         ]
         self._curvature: Curvature = make_curvature(self.config, self.actor_params, nn.ModuleList(layers))
-        names = {id(param): name for name, param in self.policy.named_parameters()}
-        self._actor_names = [f"policy.{names[id(param)]}" for param in self.actor_params]
 
     def _find_actor_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters the action distribution depends on (autograd decides, so
@@ -284,10 +233,10 @@ class NaturalGradientAlgorithm(OnPolicyAlgorithm):
         return ([*state_dicts, "_curvature"] if self._curvature.state_dict() else state_dicts), tensors
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_curvature", "actor_params", "_actor_names"]
+        return [*super()._excluded_save_params(), "_curvature", "actor_params"]
 
     # ------------------------------------------------------------------ pieces of the update
-    def _actor_batch(self, rollout_data: RolloutBufferSamples) -> _Batch:
+    def _actor_batch(self, rollout_data: RolloutBufferSamples) -> ActorBatch:
         k = self.config.sub_sampling_factor
         observations: Any = rollout_data.observations
         actions = rollout_data.actions
@@ -304,39 +253,17 @@ class NaturalGradientAlgorithm(OnPolicyAlgorithm):
             # get_distribution returns the policy's one Distribution object, rebuilt on each call:
             # keep a shallow copy that holds this call's (detached) torch distribution.
             old_distribution = copy.copy(self.policy.get_distribution(observations))
-        return _Batch(observations, actions, old_log_prob, advantages, old_distribution)
+        return ActorBatch(observations, actions, old_log_prob, advantages, old_distribution)
 
-    def _candidate_evaluator(self, batch: _Batch) -> Evaluate:
-        """``(K, P)`` flat actor vectors -> (negative surrogates (K,), mean KLs (K,)).
+    def _candidate_evaluator(self, batch: ActorBatch) -> Evaluate:
+        return candidate_evaluator(self.policy, batch, self.actor_params)
 
-        Each candidate is one ``functional_call`` of the policy (its parameters are never
-        written); several are the same function under ``torch.func.vmap``.
-        """
-        objective, names, params = _Objective(self.policy, batch), self._actor_names, self.actor_params
-
-        def one(flat: Tensor) -> tuple[Tensor, Tensor]:
-            result: tuple[Tensor, Tensor] = torch.func.functional_call(objective, dict(zip(names, unflatten(flat, params))), ())
-            return result
-
-        batched = torch.func.vmap(one)
-
-        def evaluate(candidates: Tensor) -> tuple[Tensor, Tensor]:
-            with torch.no_grad():
-                if candidates.shape[0] == 1:
-                    loss, kl = one(candidates[0])
-                    return loss.unsqueeze(0), kl.unsqueeze(0)
-                losses, kls = batched(candidates)
-                return losses, kls
-
-        return evaluate
-
-    def _curvature_problem(self, batch: _Batch) -> CurvatureProblem:
-        policy = self.policy
-        objective, names, params = _Objective(policy, batch), self._actor_names, self.actor_params
+    def _curvature_problem(self, batch: ActorBatch) -> CurvatureProblem:
+        policy, params = self.policy, self.actor_params
+        objective = actor_objective(policy, batch, params)
 
         def kl_of_flat(flat: Tensor) -> Tensor:
-            result: tuple[Tensor, Tensor] = torch.func.functional_call(objective, dict(zip(names, unflatten(flat, params))), ())
-            return result[1]
+            return objective(flat)[1]
 
         def fisher_loss() -> Tensor:  # sampled actions, with SB3's own sampler and random stream
             distribution = policy.get_distribution(batch.observations)
@@ -344,21 +271,21 @@ class NaturalGradientAlgorithm(OnPolicyAlgorithm):
 
         return CurvatureProblem(theta=flat_params(params), kl_of_flat=kl_of_flat, fisher_loss=fisher_loss)
 
-    def natural_step(self, batch: _Batch) -> NaturalStep:
+    def natural_step(self, batch: ActorBatch) -> NaturalStep:
         """The natural step on the batch: s from ``curvature``, scaled to the KL radius (β s, β = sqrt(2δ / sᵀFs))."""
         cfg, actor_params = self.config, self.actor_params
         # One forward serves the surrogate and the KL whose Hessian is the Fisher.
         distribution = self.policy.get_distribution(batch.observations)
-        surrogate = _surrogate(distribution, batch)
-        grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(surrogate, actor_params, retain_graph=True)])
+        objective = surrogate(distribution, batch)
+        grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(objective, actor_params, retain_graph=True)])
         fvp = fisher_vector_product(lambda: mean_kl(batch.old_distribution, distribution), actor_params, damping=cfg.cg_damping)
         step = natural_step(grad, fvp, cfg.target_kl, solve=self._curvature.solver(self._curvature_problem(batch)))
         metrics = {**step.metrics, "step_norm": step.full_step.norm()}
         evaluate = self._candidate_evaluator(batch)
-        return NaturalStep(step.full_step, step.expected_improvement, -surrogate.detach(), evaluate, metrics)
+        return NaturalStep(step.full_step, step.expected_improvement, -objective.detach(), evaluate, metrics)
 
     @abstractmethod
-    def apply_step(self, step: NaturalStep, batch: _Batch) -> dict[str, Tensor]:
+    def apply_step(self, step: NaturalStep, batch: ActorBatch) -> dict[str, Tensor]:
         """Apply the scaled step to the actor; returns metrics (at least ``kl_divergence_loss``)."""
 
     def fit_critic(self, actor_params: list[nn.Parameter]) -> float:
@@ -503,7 +430,7 @@ class TRPO(NaturalGradientAlgorithm):
             **kwargs,
         )
 
-    def apply_step(self, step: NaturalStep, batch: _Batch) -> dict[str, Tensor]:
+    def apply_step(self, step: NaturalStep, batch: ActorBatch) -> dict[str, Tensor]:
         cfg = self.config
         result = trust_region_line_search(
             self.actor_params,
@@ -579,7 +506,7 @@ class NPG(NaturalGradientAlgorithm):
             **kwargs,
         )
 
-    def apply_step(self, step: NaturalStep, batch: _Batch) -> dict[str, Tensor]:
+    def apply_step(self, step: NaturalStep, batch: ActorBatch) -> dict[str, Tensor]:
         loss, kl = take_full_step(self.actor_params, step)
         return {"policy_objective": -loss, "kl_divergence_loss": kl}
 
