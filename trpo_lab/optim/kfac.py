@@ -236,9 +236,10 @@ class KFAC(torch.optim.Optimizer):
     clip bounds it; the buffer starts at the first ``ν V`` (torch.optim.SGD's convention).
 
     Robustness on long runs: a statistics batch with non-finite values is rejected
-    (``kfac/stats_rejected``); an eigendecomposition that raises or returns non-finite values
-    is retried in float64 (``kfac/eigh_retries``) and, failing that, the previous one is kept,
-    or the identity if there is none (``kfac/eigh_fallbacks``); eigenvalues are clamped at 0;
+    (``kfac/stats_rejected``); an eigendecomposition (:func:`trpo_lab.optim.linalg.symmetric_eigh`)
+    that raises or returns non-finite values is retried in float64 (``kfac/eigh_retries``) and,
+    failing that, the previous one is kept, or the identity if there is none
+    (``kfac/eigh_fallbacks``); eigenvalues are clamped at 0;
     a parameter whose direction is not finite is left untouched, momentum buffer included
     (``kfac/nonfinite_directions``). NaN never reaches the parameters.
 

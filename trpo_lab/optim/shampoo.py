@@ -107,7 +107,8 @@ class Shampoo(Optimizer):
     (``t₀ = start_preconditioning_step``) and reused in between; diagonal roots cost
     nothing and are recomputed every step. Step counts are per parameter.
 
-    Robustness. A matrix root is computed with ``torch.linalg.eigh``; on an exception or a
+    Robustness. A matrix root is computed with ``torch.linalg.eigh``
+    (:func:`trpo_lab.optim.linalg.matrix_inverse_root`); on an exception or a
     non-finite result it is retried in float64 (counted in ``root_float64_retries``); if that
     fails too, the previous root is kept (the identity before the first success) and
     ``root_fallbacks`` is incremented. If a parameter's gradient, its updated statistics or
