@@ -1,9 +1,10 @@
 """Stable-Baselines3 integration: trpo_lab's algorithms and optimizers inside SB3 projects.
 
 - :class:`TRPO`, :class:`NPG`, :class:`ACKTR`: SB3 ``OnPolicyAlgorithm`` s whose update runs
-  on :mod:`trpo_lab.optim` (conjugate gradient, Fisher-vector products, the KL line search,
-  K-FAC). They take SB3 policies, VecEnvs, callbacks, loggers and zip files like any SB3
-  algorithm.
+  on :mod:`trpo_lab.optim` (TRPO / NPG: the same natural step as trpo_lab's own agents,
+  :func:`trpo_lab.optim.trust_region.natural_step`, with ``curvature="cg"|"kfac"|"shampoo"|"exact"``
+  and a sequential or batched line search; hyperparameters validated by trpo_lab's configs).
+  They take SB3 policies, VecEnvs, callbacks, loggers and zip files like any SB3 algorithm.
 - :class:`KFACActorCriticPolicy` (and the Cnn / MultiInput versions): K-FAC for SB3's own
   A2C and PPO, ``A2C(KFACActorCriticPolicy, env, learning_rate=0.25)``.
 - Any trpo_lab torch optimizer (e.g. :class:`trpo_lab.optim.Shampoo`) works in SB3 through
