@@ -23,6 +23,7 @@ read while it goes), then summarised there and on stdout::
         --envs CartPole-v1:100000 Pendulum-v1:200000 HalfCheetah-v5:200000 --seeds 0 1 2 \\
         --out benchmarks/results/acktr_joint_vs_separate.jsonl
     python benchmarks/acktr_joint_vs_separate.py --summarize benchmarks/results/acktr_joint_vs_separate.jsonl
+    nice python benchmarks/acktr_joint_vs_separate.py --update-cost   # ms per update of each form
 """
 
 from __future__ import annotations
@@ -139,6 +140,33 @@ def run_one(form: str, env_id: str, steps: int, seed: int, eval_episodes: int) -
     }
 
 
+def update_cost(env_id: str, blocks: int) -> str:
+    """Median ms per update of both forms on one rollout batch, interleaved blocks of
+    ``inverse_every`` updates (so each block holds one eigendecomposition), one thread."""
+    hyperparameters, run = load_preset("acktr", env_id)
+    kwargs: dict[str, Any] = {"n_envs": int(run.get("n_envs", 8)), "seed": 0, "device": "cpu", **hyperparameters}
+    agents = {form: CLASSES[form](env_id, **kwargs) for form in FORMS}
+    agents["separate"].collect_rollout()
+    batch = agents["separate"].buffer.batch()
+    block = agents["separate"].config.inverse_every
+    times: dict[str, list[float]] = {form: [] for form in FORMS}
+    for repeat in range(blocks + 1):
+        for form, agent in agents.items():
+            start = time.perf_counter()
+            for _ in range(block):
+                agent.update(batch)
+            if repeat:  # the first block warms up (factors, eigendecompositions, allocator)
+                times[form].append((time.perf_counter() - start) / block)
+    for agent in agents.values():
+        agent.close()
+    median = {form: statistics.median(t) for form, t in times.items()}
+    return (
+        f"update cost on {env_id} (batch {batch.size}, {blocks} blocks of {block}): "
+        + ", ".join(f"{form} {1e3 * median[form]:.2f} ms" for form in FORMS)
+        + f"; joint / separate = {median['joint'] / median['separate']:.2f}x"
+    )
+
+
 def _ci95(values: Sequence[float]) -> float:
     if len(values) < 2:
         return math.nan
@@ -199,11 +227,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/acktr_joint_vs_separate.jsonl"))
     parser.add_argument("--summarize", type=Path, default=None, help="only print the summary of a results file")
+    parser.add_argument("--update-cost", action="store_true", help="only time one update of each form per env")
+    parser.add_argument("--blocks", type=int, default=10, help="timed blocks per form for --update-cost")
     args = parser.parse_args()
     if args.summarize is not None:
         print(summarize(_read(args.summarize)))
         return
     torch.set_num_threads(args.threads)
+    if args.update_cost:
+        for entry in args.envs:
+            print(update_cost(entry.rpartition(":")[0], args.blocks), flush=True)
+        return
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
