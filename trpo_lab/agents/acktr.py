@@ -54,6 +54,7 @@ Design:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
@@ -214,14 +215,13 @@ class ActorCriticKFAC:
 
     def step(self, closure: None = None) -> None:
         """Clip each network's gradient to ``max_grad_norm``, then step both KFACs."""
-        norms: dict[str, Tensor] = {}
-        for name, optimizer in self.optimizers.items():
-            params: list[Tensor] = optimizer.param_groups[0]["params"]
-            if self.max_grad_norm is not None:
-                norms[name] = clip_grad_norm_(params, self.max_grad_norm)
+        max_norm = math.inf if self.max_grad_norm is None else self.max_grad_norm  # inf: norms only
+        self.last_grad_norms = {
+            name: clip_grad_norm_(optimizer.param_groups[0]["params"], max_norm)
+            for name, optimizer in self.optimizers.items()
+        }
         for optimizer in self.optimizers.values():
             optimizer.step()
-        self.last_grad_norms = norms
 
     @property
     def last_stats(self) -> dict[str, float]:
