@@ -173,7 +173,8 @@ def test_kfac_backend_is_built_with_the_agents_reducer_and_only_the_actors_layer
 # ---------------------------------------------------------------------------------- diagnostics
 def test_exact_cosine_is_logged_every_n_updates() -> None:
     rows: list[dict[str, float]] = []
-    agent = _tiny_agent("CartPole-v1", cg_max_steps=100, cg_tol=0.0, diagnostics={"exact_every": 2})
+    # cg_tol stops CG once converged: run on past convergence with tol 0, float32 CG loses conjugacy
+    agent = _tiny_agent("CartPole-v1", cg_max_steps=100, cg_tol=1e-10, diagnostics={"exact_every": 2})
     agent.learn(5 * 4 * 128, callback=lambda a, m: rows.append(m) or None)
     logged = [i for i, row in enumerate(rows) if "train/exact_cosine" in row]
     assert logged == [0, 2, 4]
