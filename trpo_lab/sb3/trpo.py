@@ -121,7 +121,6 @@ class NaturalGradientAlgorithm(OnPolicyAlgorithm):
         "CnnPolicy": ActorCriticCnnPolicy,
         "MultiInputPolicy": MultiInputActorCriticPolicy,
     }
-    CURVATURES: ClassVar[tuple[str, ...]] = ("cg", "kfac", "shampoo", "exact")
 
     batch_size = _ConfigValue()
     cg_max_steps = _ConfigValue()
