@@ -53,6 +53,7 @@ from stable_baselines3.common.utils import explained_variance
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from trpo_lab.agents.acktr import sampled_fisher_loss
 from trpo_lab.agents.curvature import Curvature, CurvatureProblem, make_curvature
 from trpo_lab.agents.metrics import to_host
 from trpo_lab.config import NPGConfig, TRPOConfig, TrustRegionConfig
@@ -266,7 +267,7 @@ class NaturalGradientAlgorithm(OnPolicyAlgorithm):
 
         def fisher_loss() -> Tensor:  # sampled actions, with SB3's own sampler and random stream
             distribution = policy.get_distribution(batch.observations)
-            return -distribution.log_prob(distribution.get_actions().detach()).mean()
+            return sampled_fisher_loss(distribution.log_prob, distribution.get_actions()).policy
 
         return CurvatureProblem(theta=flat_params(params), kl_of_flat=kl_of_flat, fisher_loss=fisher_loss)
 
