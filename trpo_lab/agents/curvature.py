@@ -101,8 +101,10 @@ def actor_fisher_loss(policy: ActorCritic, obs: Tensor, generator: torch.Generat
     dist = policy.distribution
     dist_params, _, trace = policy.traced_forward(obs)
     actor_layers = {id(module) for module in policy.actor.modules()}
+    from trpo_lab.agents.acktr import sampled_fisher_loss  # the one definition; imported here (no cycle)
+
     sampled = dist.sample(dist_params.detach(), generator)
-    loss = -dist.log_prob(dist_params, sampled).mean()
+    loss = sampled_fisher_loss(lambda a: dist.log_prob(dist_params, a), sampled).policy
     return loss, [entry for entry in trace if id(entry[0]) in actor_layers]
 
 

@@ -242,15 +242,19 @@ class TrustRegionAgent(OnPolicyAgent):
             return self._fit_critic_lbfgs(obs_all, batch)
         critic_params = policy.critic_parameters()
         losses = []
+        # Data-parallel: every rank's rows once, then the same fit on every rank (no collective per step).
+        obs_all, returns_all = self.reducer.gather([obs_all, batch.returns])
+        reducer = self.reducer.replicated()
+        size = returns_all.shape[0]
         for _ in range(cfg.n_critic_updates):
             # One gather per epoch; the minibatches are then contiguous views of it.
-            perm = torch.randperm(batch.size, generator=self.shuffle_generator).to(obs_all.device)
-            obs_epoch, returns_epoch = obs_all[perm], batch.returns[perm]
-            for start, stop, total_count in self.reducer.minibatch_plan(batch.size, cfg.batch_size):
+            perm = torch.randperm(size, generator=self.shuffle_generator).to(obs_all.device)
+            obs_epoch, returns_epoch = obs_all[perm], returns_all[perm]
+            for start, stop, total_count in reducer.minibatch_plan(size, cfg.batch_size):
                 loss = nn.functional.mse_loss(policy.value(obs_epoch[start:stop]), returns_epoch[start:stop])
                 self.critic_optimizer.zero_grad(set_to_none=True)
                 torch.autograd.backward(loss)
-                self.reducer.grads(critic_params, stop - start, total_count)
+                reducer.grads(critic_params, stop - start, total_count)
                 clip_grad_norm_(critic_params, cfg.max_grad_norm)
                 self.critic_optimizer.step()
                 losses.append(loss.detach())
