@@ -55,8 +55,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, ClassVar, NamedTuple, TypeVar
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -66,68 +66,13 @@ from trpo_lab.agents.metrics import explained_variance
 from trpo_lab.buffer import RolloutBatch
 from trpo_lab.config import ACKTRConfig
 from trpo_lab.optim._flat import clip_grad_norm_
+from trpo_lab.optim.fisher import FisherLoss, sampled_fisher_loss
 from trpo_lab.optim.kfac import KFAC, StatisticsReducer
 from trpo_lab.policies import ActorCritic
 
 __all__ = ["ACKTR", "ActorCriticKFAC", "FisherLoss", "sampled_fisher_loss"]
 
 _A = TypeVar("_A", bound="ACKTR")
-
-
-# ---------------------------------------------------------------------- the Fisher loss
-
-
-class FisherLoss(NamedTuple):
-    """The two terms of ACKTR's Fisher loss (batch means, with their graphs).
-
-    Attributes:
-        policy: ``−mean log π(ã|s)`` for actions ã drawn from the current policy.
-        value: ``mean((V − (sg(V) + ε))²)`` for ε ~ N(0, 1) (a zero tensor without values).
-    """
-
-    policy: Tensor
-    value: Tensor
-
-    def total(self, value_coef: float = 1.0) -> Tensor:
-        """``policy + value_coef · value``: what one backward through both networks takes."""
-        return self.policy + value_coef * self.value
-
-
-def sampled_fisher_loss(
-    log_prob: Callable[[Tensor], Tensor],
-    sampled_actions: Tensor,
-    values: Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> FisherLoss:
-    """ACKTR's *sampled* Fisher loss, the one definition (agents, SB3 adapters, TRPO's K-FAC).
-
-    The gradients of this loss at the layer outputs give K-FAC the statistics of the policy's
-    true Fisher and of the critic's Gauss–Newton matrix (Wu et al., 2017, section 3.1;
-    Martens & Grosse, 2015, section 5):
-
-        policy = −1/N Σ log π(ã|s),                 ã ~ π(·|s)
-        value  = 1/N Σ (V(s) − (sg(V(s)) + ε))²,    ε ~ N(0, 1)
-
-    E_ã[∇log π ∇log πᵀ] is the Fisher of π; with a *sampled* target the value term's
-    gradient −2ε ∂V/∂w has E[4ε² J Jᵀ] = 4 J Jᵀ, the Fisher of a unit-variance Gaussian on
-    V (Gauss–Newton), up to the factor 4 of the squared error (as in the reference code).
-
-    Args:
-        log_prob: ``a ↦ log π(a|s)`` per sample, through the policy's graph (e.g.
-            ``lambda a: dist.log_prob(dist_params, a)``, or an SB3 distribution's ``log_prob``).
-        sampled_actions: ã drawn from π(·|s) by the caller, with the policy's own sampler and
-            random stream. Detached here: a reparameterised sample must not carry ∂ã/∂θ.
-        values: V(s), one per sample (any shape, flattened), with their graph; or None for a
-            policy alone (TRPO's K-FAC curvature).
-        generator: Draws ε (the default generator when None). Drawn after ã, so the order
-            of a run's random stream is: actions, then value noise.
-    """
-    policy_term = -log_prob(sampled_actions.detach()).mean()
-    if values is None:
-        return FisherLoss(policy_term, torch.zeros((), dtype=policy_term.dtype, device=policy_term.device))
-    values = values.reshape(-1)
-    noise = torch.randn(values.shape, generator=generator, device=values.device, dtype=values.dtype)
-    return FisherLoss(policy_term, (values - (values.detach() + noise)).square().mean())
 
 
 # ---------------------------------------------------------------------- the optimizer pair

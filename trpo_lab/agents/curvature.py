@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from trpo_lab.config import TrustRegionConfig
 from trpo_lab.optim._flat import total_numel, unflatten
 from trpo_lab.optim.exact import natural_gradient_step
+from trpo_lab.optim.fisher import sampled_fisher_loss
 from trpo_lab.optim.kfac import KFAC, StatisticsReducer
 from trpo_lab.optim.shampoo import Shampoo
 from trpo_lab.optim.trust_region import Direction, FisherVectorProduct, Solve, cg_solve
@@ -101,8 +102,6 @@ def actor_fisher_loss(policy: ActorCritic, obs: Tensor, generator: torch.Generat
     dist = policy.distribution
     dist_params, _, trace = policy.traced_forward(obs)
     actor_layers = {id(module) for module in policy.actor.modules()}
-    from trpo_lab.agents.acktr import sampled_fisher_loss  # the one definition; imported here (no cycle)
-
     sampled = dist.sample(dist_params.detach(), generator)
     loss = sampled_fisher_loss(lambda a: dist.log_prob(dist_params, a), sampled).policy
     return loss, [entry for entry in trace if id(entry[0]) in actor_layers]

@@ -18,7 +18,7 @@ See ``docs/sb3.md`` for runnable examples.
 
 from __future__ import annotations
 
-from trpo_lab.agents.acktr import sampled_fisher_loss
+from trpo_lab.optim.fisher import sampled_fisher_loss
 from trpo_lab.sb3.acktr import ACKTR
 from trpo_lab.sb3.kfac import (
     KFACActorCriticCnnPolicy,

@@ -12,7 +12,7 @@ the optimizer the native agent uses,
     V = (A ⊗ G + γ I)⁻¹ ∇,   ν = min(1, sqrt(κ / (η² Σ⟨V, ∇⟩))),   θ ← θ − η ν V (+ momentum)
 
 So it *is* SB3's A2C with a K-FAC policy: the policy's ``evaluate_actions`` runs ACKTR's
-sampled Fisher pass (:func:`trpo_lab.agents.acktr.sampled_fisher_loss`) inside
+sampled Fisher pass (:func:`trpo_lab.optim.fisher.sampled_fisher_loss`) inside
 ``track_statistics()``, and the policy's optimizer is ACKTR's pair of K-FACs. Arguments and
 defaults are :class:`trpo_lab.config.ACKTRConfig`'s, validated by it; no A2C code is copied.
 

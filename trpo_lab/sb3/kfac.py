@@ -37,7 +37,7 @@ from stable_baselines3.common.policies import (
 )
 from torch import Tensor
 
-from trpo_lab.agents.acktr import sampled_fisher_loss
+from trpo_lab.optim.fisher import sampled_fisher_loss
 from trpo_lab.optim.kfac import KFAC
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ class KFACPolicyMixin:
         """SB3's ``evaluate_actions``, plus a Fisher pass that updates K-FAC's statistics.
 
         The pass runs only in training mode with gradients enabled (inside an algorithm's
-        ``train()``); it backpropagates :func:`trpo_lab.agents.acktr.sampled_fisher_loss`
+        ``train()``); it backpropagates :func:`trpo_lab.optim.fisher.sampled_fisher_loss`
         (actions drawn by the SB3 distribution, value noise from torch's default generator)
         through the same forward graph with ``torch.autograd.grad``, so no ``.grad`` is touched.
         """

@@ -53,12 +53,11 @@ from stable_baselines3.common.utils import explained_variance
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from trpo_lab.agents.acktr import sampled_fisher_loss
 from trpo_lab.agents.curvature import Curvature, CurvatureProblem, make_curvature
 from trpo_lab.agents.metrics import to_host
 from trpo_lab.config import NPGConfig, TRPOConfig, TrustRegionConfig
 from trpo_lab.optim._flat import flat_params
-from trpo_lab.optim.fisher import fisher_vector_product
+from trpo_lab.optim.fisher import fisher_vector_product, sampled_fisher_loss
 from trpo_lab.optim.trust_region import (
     Evaluate,
     NaturalStep,
