@@ -15,7 +15,7 @@ import math
 import numbers
 from typing import NoReturn, cast
 
-__all__ = ["is_int", "is_number", "invalid", "require", "check_int", "check_number"]
+__all__ = ["is_int", "is_number", "invalid", "require", "check_int", "check_number", "first_line"]
 
 
 def is_int(value: object) -> bool:
@@ -94,3 +94,9 @@ def check_number(
     if maximum is not None and (number >= maximum if strict else number > maximum):
         _fail(name, value, expected)
     return number
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

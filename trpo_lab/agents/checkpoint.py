@@ -27,15 +27,15 @@ import torch
 
 from trpo_lab.envs import (
     EnvStateError,
-    _first_line,
-    _to_numpy,
-    _to_tensors,
     load_normalization_state,
     load_vector_env_state,
     normalization_state,
+    to_numpy,
+    to_tensors,
     vector_env_state,
 )
 from trpo_lab.logging import atomic_write_bytes
+from trpo_lab.validation import first_line
 
 if TYPE_CHECKING:
     from trpo_lab.agents.base import OnPolicyAgent
@@ -116,7 +116,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
     except Exception as exc:  # torch raises many types for truncated or corrupt files
         raise ValueError(
-            f"Cannot load checkpoint {path}: the file is truncated or corrupt ({_first_line(exc).split('. ')[0]})"
+            f"Cannot load checkpoint {path}: the file is truncated or corrupt ({first_line(exc).split('. ')[0]})"
         ) from None
     if not isinstance(data, dict) or not str(data.get("format", "")).startswith("trpo_lab.agent/"):
         raise ValueError(f"Cannot load checkpoint {path}: not a trpo_lab checkpoint (format {CHECKPOINT_FORMAT})")
@@ -173,7 +173,7 @@ def local_state(agent: OnPolicyAgent) -> dict[str, Any]:
         "reset_seed": agent._reset_seed,
         "rng": {"generator": agent.generator.get_state(), "shuffle": agent.shuffle_generator.get_state()},
         "episodes": {"returns": list(agent.episode_returns), "lengths": list(agent.episode_lengths)},
-        "normalization": _to_tensors(normalization_state(agent.env)),
+        "normalization": to_tensors(normalization_state(agent.env)),
     }
 
 
@@ -284,7 +284,7 @@ def load_agent_state(agent: OnPolicyAgent, data: Mapping[str, Any]) -> None:
     try:
         agent.policy.load_state_dict(data["policy"])
         agent._load_optimizer_states(data["optimizers"])
-        load_normalization_state(agent.env, _to_numpy(data["normalization"]))
+        load_normalization_state(agent.env, to_numpy(data["normalization"]))
         counters = data["counters"]
         agent.num_timesteps = int(counters["num_timesteps"])
         agent.num_updates = int(counters["num_updates"])
@@ -295,7 +295,7 @@ def load_agent_state(agent: OnPolicyAgent, data: Mapping[str, Any]) -> None:
         agent.wall_time = float(counters["wall_time"])
         _restore_samplers_and_episodes(agent, data)
     except (KeyError, TypeError, RuntimeError, ValueError) as exc:
-        raise ValueError(f"Checkpoint does not fit this {agent.algo or 'agent'}: {_first_line(exc)}") from None
+        raise ValueError(f"Checkpoint does not fit this {agent.algo or 'agent'}: {first_line(exc)}") from None
     _load_env_state(agent, data)
 
 
@@ -341,10 +341,10 @@ def load_local_state(agent: OnPolicyAgent, data: Mapping[str, Any], rank: int, w
     if own is not None:
         try:
             _restore_samplers_and_episodes(agent, own)
-            load_normalization_state(agent.env, _to_numpy(own["normalization"]))
+            load_normalization_state(agent.env, to_numpy(own["normalization"]))
         except (KeyError, TypeError, RuntimeError, ValueError) as exc:
             raise ValueError(
-                f"Checkpoint rank {rank} state does not fit this {agent.algo or 'agent'}: {_first_line(exc)}"
+                f"Checkpoint rank {rank} state does not fit this {agent.algo or 'agent'}: {first_line(exc)}"
             ) from None
         _load_env_state(agent, {**own, "n_envs": data["n_envs"], "counters": {"reset_seed": own["reset_seed"]}})
     elif rank != 0:  # a checkpoint of fewer ranks: this rank starts new environments and samplers

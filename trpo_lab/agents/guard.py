@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from trpo_lab.envs import NonFiniteError, _first_line
+from trpo_lab.envs import NonFiniteError
 from trpo_lab.optim._flat import all_finite
+from trpo_lab.validation import first_line
 
 __all__ = ["NonFiniteUpdateError", "UpdateGuard", "tensor_leaves", "clone_tree"]
 
@@ -115,7 +116,7 @@ class UpdateGuard:
             rejected = not self.is_finite()
         except torch.linalg.LinAlgError as exc:  # a factorisation of NaN or singular curvature
             metrics, rejected = {"train/linalg_error": 1.0}, True
-            warnings.warn(f"Update {update_number} failed ({_first_line(exc)}); it is undone", stacklevel=3)
+            warnings.warn(f"Update {update_number} failed ({first_line(exc)}); it is undone", stacklevel=3)
         if rejected:
             self.restore(snapshot)
             self.num_rejected += 1

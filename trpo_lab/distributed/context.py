@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from trpo_lab.validation import first_line
+
 __all__ = [
     "DistributedContext",
     "CollectiveTraffic",
@@ -177,7 +179,7 @@ class DistributedContext:
         try:
             yield
         except RuntimeError as exc:  # DistBackendError, DistNetworkError, gloo/nccl timeouts
-            detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            detail = first_line(exc)
             raise _failure(self.rank, self.world_size, what, self.timeout_s, detail) from None
 
     # -------------------------------------------------------------- reductions
@@ -414,7 +416,7 @@ def init_distributed(
             dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
             _mark_joined()
         except RuntimeError as exc:
-            detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            detail = first_line(exc)
             raise RankFailedError(
                 f"data-parallel rank {os.environ.get('RANK', '?')} of {world_size}: joining the process group "
                 f"failed within the {timeout_s:g} s timeout ({detail[:200]})"
