@@ -256,6 +256,17 @@ class TRPOConfig(TrustRegionConfig):
     )
     line_search_batched: bool = _param(False, doc="evaluate all step sizes in one vmapped pass (GPU)")
 
+    @property
+    def line_search_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~trpo_lab.optim.trust_region.trust_region_line_search`."""
+        return {
+            "kl_limit": self.target_kl,
+            "shrinking_factor": self.line_search_shrinking_factor,
+            "max_iter": self.line_search_max_iter,
+            "accept_ratio": self.line_search_accept_ratio,
+            "batched": self.line_search_batched,
+        }
+
 
 @dataclass(kw_only=True, frozen=True)
 class NPGConfig(TrustRegionConfig):

@@ -326,11 +326,7 @@ class TRPO(TrustRegionAgent):
         result = trust_region_line_search(
             self.policy.actor_parameters(),
             step,
-            kl_limit=cfg.target_kl,
-            shrinking_factor=cfg.line_search_shrinking_factor,
-            max_iter=cfg.line_search_max_iter,
-            accept_ratio=cfg.line_search_accept_ratio,
-            batched=cfg.line_search_batched,
+            **cfg.line_search_options,
         )
         return {
             "train/kl": result.kl,

@@ -434,11 +434,7 @@ class TRPO(NaturalGradientAlgorithm):
         result = trust_region_line_search(
             self.actor_params,
             step,
-            kl_limit=cfg.target_kl,
-            shrinking_factor=cfg.line_search_shrinking_factor,
-            max_iter=cfg.line_search_max_iter,
-            accept_ratio=cfg.line_search_accept_ratio,
-            batched=cfg.line_search_batched,
+            **cfg.line_search_options,
         )
         return {
             "policy_objective": -result.loss,
