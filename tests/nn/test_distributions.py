@@ -126,3 +126,14 @@ def test_noise_is_drawn_on_the_generators_device_and_follows_the_parameters() ->
     a32 = dist.sample(params, torch.Generator().manual_seed(0))
     a64 = dist.sample(params.double(), torch.Generator().manual_seed(0))
     torch.testing.assert_close(a64.float(), a32)
+
+
+def test_gaussian_numpy_sampler_with_state_independent_log_std_equals_the_torch_formula() -> None:
+    dist = DiagGaussian(3)
+    means, log_std = torch.randn(6, 3), torch.randn(3)
+    noise = dist.draw_noise((6,), torch.Generator().manual_seed(2))
+    actions, log_probs = dist.sample_from_noise(torch.cat([means, log_std.expand(6, 3)], -1), noise)
+    actions_np, log_probs_np = dist.numpy_sampler(log_std.numpy())(means.numpy(), noise.numpy())
+    np.testing.assert_allclose(actions_np, actions.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(log_probs_np, log_probs.numpy(), rtol=1e-5, atol=1e-5)
+    assert log_probs_np.dtype == np.float32

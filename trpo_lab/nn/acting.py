@@ -137,14 +137,14 @@ def _with_log_std(layers: list[Layer], log_std: Tensor | None, at: int) -> list[
     return [*layers[:-1], (weight, bias)]
 
 
-def stacked_layers(policy: ActorCritic) -> list[list[Layer]]:
+def stacked_layers(policy: ActorCritic, fold_log_std: bool = True) -> list[list[Layer]]:
     """Detached copies of the policy's layers as passes whose outputs, concatenated, are
-    ``[dist_params, value]``: one block-diagonal pass where :func:`_stackable`, else the
-    actor's pass (with ``log_std`` folded in) and the critic's."""
+    ``[dist_params, value]`` (``[actor_out, value]`` without ``fold_log_std``): one
+    block-diagonal pass where :func:`_stackable`, else the actor's pass and the critic's."""
     with torch.no_grad():
         actor = [(w.detach().clone(), b.detach().clone()) for w, b in policy.actor_layers()]
         critic = [(w.detach().clone(), b.detach().clone()) for w, b in policy.critic_layers()]
-        log_std = policy.log_std.detach() if policy.log_std is not None else None
+        log_std = policy.log_std.detach() if policy.log_std is not None and fold_log_std else None
         n_actor_out = actor[-1][0].shape[0]
         if not _stackable(policy):
             return [_with_log_std(actor, log_std, n_actor_out), critic]
@@ -221,7 +221,8 @@ def numpy_support(policy: ActorCritic) -> str | None:
 
 class NumpyActor:
     """The CPU rollout's numpy acting path: :func:`stacked_layers` as numpy matrices, features
-    by :meth:`FlattenExtractor.forward_numpy`, sampling by the distribution's numpy formula."""
+    by :meth:`FlattenExtractor.forward_numpy`, sampling by the distribution's numpy formula
+    (:meth:`~trpo_lab.nn.distributions.ActionDistribution.numpy_sampler`)."""
 
     def __init__(self, policy: ActorCritic, noise: NoiseStream) -> None:
         reason = numpy_support(policy)
@@ -231,8 +232,11 @@ class NumpyActor:
         self.extractor = policy.features_extractor
         self.distribution = policy.distribution
         self.noise = noise
-        self.param_dim = policy.distribution.param_dim
-        self._passes = [[(w.numpy().T.copy(), b.numpy().copy()) for w, b in layers] for layers in stacked_layers(policy)]
+        self.param_dim = policy.actor_linears[-1].out_features
+        stacked = stacked_layers(policy, fold_log_std=False)
+        self._passes = [[(w.numpy().T.copy(), b.numpy().copy()) for w, b in layers] for layers in stacked]
+        log_std = policy.log_std.detach().numpy().copy() if policy.log_std is not None else None
+        self._sample = policy.distribution.numpy_sampler(log_std)
         kind = next((type(m) for m in policy.actor if not isinstance(m, nn.Linear)), nn.Tanh)
         self._activation = _NUMPY_ACTIVATIONS[kind]
 
@@ -256,7 +260,7 @@ class NumpyActor:
 
     def act(self, obs: Array) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
         params, values = self._forward(obs)
-        actions, log_probs = self.distribution.sample_from_noise_numpy(params, self.noise.next_array())
+        actions, log_probs = self._sample(params, self.noise.next_array())
         return actions, log_probs, values
 
     def values(self, obs: Array) -> NDArray[Any]:

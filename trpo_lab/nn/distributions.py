@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 FloatArray = NDArray[np.floating]
+NumpySampler = Callable[[FloatArray, FloatArray], tuple[NDArray[np.generic], FloatArray]]
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -63,6 +64,11 @@ class ActionDistribution(ABC):
     @abstractmethod
     def sample_from_noise_numpy(self, params: FloatArray, noise: FloatArray) -> tuple[NDArray[np.generic], FloatArray]:
         """:meth:`sample_from_noise` on numpy arrays (the CPU rollout); ``params`` may be overwritten."""
+
+    def numpy_sampler(self, log_std: FloatArray | None) -> NumpySampler:
+        """:meth:`sample_from_noise_numpy` for a policy's head output (logits, or Gaussian means
+        whose state-independent ``log_std`` is given here, so that its terms are computed once)."""
+        return self.sample_from_noise_numpy
 
     def sample_with_log_prob(self, params: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """``(actions, log_probs)`` with fresh noise from ``generator``.
@@ -225,6 +231,18 @@ class DiagGaussian(ActionDistribution):
         actions = mean + noise * np.exp(log_std)
         log_probs = -0.5 * np.einsum("ij,ij->i", noise, noise) - (log_std.sum(-1) + self.dim * _LOG_SQRT_2PI)
         return actions, log_probs.astype(params.dtype, copy=False)
+
+    def numpy_sampler(self, log_std: FloatArray | None) -> NumpySampler:
+        if log_std is None:
+            return self.sample_from_noise_numpy
+        std = np.exp(log_std)
+        constant = (-(log_std.sum() + self.dim * _LOG_SQRT_2PI)).astype(log_std.dtype)
+
+        def sample(means: FloatArray, noise: FloatArray) -> tuple[NDArray[np.generic], FloatArray]:
+            log_probs: FloatArray = -0.5 * np.einsum("ij,ij->i", noise, noise) + constant
+            return means + noise * std, log_probs
+
+        return sample
 
     def mode(self, params: Tensor) -> Tensor:
         return self._split(params)[0]
