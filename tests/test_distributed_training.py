@@ -26,6 +26,7 @@ from spawn_ranks import free_port, spawn_two
 
 from trpo_lab.buffer import RolloutBatch
 from trpo_lab.distributed import DistributedContext, RankDriftError, init_distributed
+from trpo_lab.envs import running_statistics
 
 
 def _join(rank: int, port: int, timeout_s: float = 60.0, check_every: int = 10) -> DistributedContext:
@@ -68,7 +69,7 @@ def _lockstep_worker(rank: int, port: int, out_dir: str) -> None:
         agent = agent_class(algo)(env_id, n_envs=2, seed=3, dist=ctx, n_steps=64, **extra)
         sizes: list[int] = []
         agent.learn(1_500, callback=lambda a, m: sizes.append(a.reducer.total_count) or None)  # noqa: B023
-        rms = agent._running_statistics()
+        rms = running_statistics(agent.env)
         results[f"{i}"] = {
             "params": _flat(agent),
             "timesteps": agent.num_timesteps,

@@ -181,8 +181,8 @@ def _launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
     torchrun runs in its own session, so Ctrl-C reaches the ranks once, through torchrun (this
     process forwards SIGINT and SIGTERM): they finish the update, checkpoint and stop.
     """
-    from trpo_lab.agents.base import _resolve_device
     from trpo_lab.config import config_class
+    from trpo_lab.validation import check_device
 
     rest = _without_option(list(argv), "--nproc")
     if args.resume is None:
@@ -194,7 +194,7 @@ def _launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
             rest += ["--run-dir", str(_default_run_dir(args))]
     elif not Path(args.resume).is_dir():
         raise CLIError(f"Run directory not found: {args.resume}")
-    _resolve_device(args.device)
+    check_device(args.device)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                "-m", "trpo_lab", *rest]
     process = subprocess.Popen(command, start_new_session=True)
@@ -229,10 +229,10 @@ def _without_option(argv: list[str], option: str) -> list[str]:
 
 def _train_rank(args: argparse.Namespace) -> int:
     """One rank of a data-parallel run launched by torchrun (``WORLD_SIZE`` > 1)."""
-    from trpo_lab.agents.base import _resolve_device
     from trpo_lab.distributed import init_distributed
+    from trpo_lab.validation import check_device
 
-    device = _resolve_device(args.device)
+    device = check_device(args.device)
     ctx = init_distributed(
         "nccl" if device.type == "cuda" else "gloo", timeout_s=args.dist_timeout, check_every=args.sync_check_every
     )

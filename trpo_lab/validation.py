@@ -15,7 +15,9 @@ import math
 import numbers
 from typing import NoReturn, cast
 
-__all__ = ["is_int", "is_number", "invalid", "require", "check_int", "check_number", "first_line"]
+import torch
+
+__all__ = ["is_int", "is_number", "invalid", "require", "check_int", "check_number", "check_device", "first_line"]
 
 
 def is_int(value: object) -> bool:
@@ -100,3 +102,16 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none), for one-line errors."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device for ``device`` (``"auto"``: CUDA when available), or a clear error."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"Invalid device: {device!r}; expected 'cpu', 'cuda', 'cuda:N' or 'auto'") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Invalid device: {device!r}; CUDA is not available on this machine (use 'cpu')")
+    return resolved

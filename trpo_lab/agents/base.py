@@ -39,7 +39,6 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium.vector import VectorEnv
-from gymnasium.wrappers.vector import NormalizeObservation, NormalizeReward
 from torch import Tensor
 
 from trpo_lab.agents import checkpoint
@@ -53,14 +52,16 @@ from trpo_lab.distributed.data_parallel import DataParallel
 from trpo_lab.envs import (
     NonFiniteEnvError,
     NonFiniteError,
-    NonFiniteGuard,
-    find_wrapper,
     make_vec_env,
+    normalize_observations,
+    running_statistics,
+    with_guard,
 )
 from trpo_lab.logging import RunLogger, atomic_write_text
 from trpo_lab.nn.policy import ActorCritic
 from trpo_lab.rollout.buffer import RolloutBatch, RolloutBuffer
 from trpo_lab.rollout.collector import RolloutCollector
+from trpo_lab.validation import check_device, check_int
 
 A = TypeVar("A", bound="OnPolicyAgent")
 
@@ -112,8 +113,7 @@ class OnPolicyAgent(ABC):
         **hyperparameters: Any,
     ) -> None:
         self.config = self.config_class.from_dict(hyperparameters)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"Invalid seed: {seed!r}; expected an integer")
+        check_int("seed", seed)
         if dist is not None and not isinstance(dist, DistributedContext):
             raise ValueError(f"Invalid dist: {dist!r}; expected a DistributedContext (trpo_lab.distributed.init_distributed)")
         self.reducer = Reducer(dist)
@@ -125,12 +125,12 @@ class OnPolicyAgent(ABC):
         if env_kwargs is not None and not isinstance(env_kwargs, Mapping):
             raise ValueError(f"Invalid env_kwargs: {env_kwargs!r}; expected a dict of keyword arguments for gym.make")
         self.seed = seed
-        self.device = _resolve_device(device)
+        self.device = check_device(device)
         self.vectorization = vectorization
         self.env_kwargs = dict(env_kwargs or {})
         if isinstance(env, VectorEnv):
             self.env_id: str | None = env.spec.id if env.spec is not None else None
-            self.env = _guarded(env, self.config.nan_policy)
+            self.env = with_guard(env, self.config.nan_policy)
             self.env.reset(seed=self.local_seed)
         else:
             self.env_id = env if isinstance(env, str) else None
@@ -204,7 +204,7 @@ class OnPolicyAgent(ABC):
             self.policy, self._optimizer_states, self._load_optimizer_states, self.max_consecutive_rejections
         )
         """Undoes non-finite updates and counts them."""
-        self.data_parallel.join(self.policy, self._running_statistics(), self.device)
+        self.data_parallel.join(self.policy, running_statistics(self.env), self.device)
 
     @property
     def num_rejected_updates(self) -> int:
@@ -240,16 +240,6 @@ class OnPolicyAgent(ABC):
             ValueError: a rank has no valid transition (``n_steps * n_envs`` too small).
         """
         self.data_parallel.share_batch_sizes(local_size, self.config.n_steps, self.num_updates + 1)
-
-    def _running_statistics(self) -> dict[str, Any]:
-        """The normalization wrappers' ``RunningMeanStd`` objects, by checkpoint name."""
-        stats: dict[str, Any] = {}
-        obs_norm, rew_norm = find_wrapper(self.env, NormalizeObservation), find_wrapper(self.env, NormalizeReward)
-        if obs_norm is not None:
-            stats["obs_rms"] = obs_norm.obs_rms
-        if rew_norm is not None:
-            stats["return_rms"] = rew_norm.return_rms
-        return stats
 
     # ------------------------------------------------------------------ rollout
     def collect_rollout(self) -> int:
@@ -293,8 +283,7 @@ class OnPolicyAgent(ABC):
             TrainingInterrupted: SIGINT or SIGTERM; the checkpoint has been written.
             ValueError: invalid ``total_timesteps`` or a ``run_dir`` that cannot be written.
         """
-        if isinstance(total_timesteps, bool) or not isinstance(total_timesteps, int) or total_timesteps < 1:
-            raise ValueError(f"Invalid total_timesteps: {total_timesteps!r}; expected an integer >= 1")
+        check_int("total_timesteps", total_timesteps, minimum=1)
         run_path = Path(run_dir) if run_dir is not None else None
         main = self.data_parallel.is_main  # data-parallel: only rank 0 writes
         log_path = run_path if main else None
@@ -370,7 +359,7 @@ class OnPolicyAgent(ABC):
         episodes_before, skipped_before = self.num_episodes, self.num_nonfinite_skipped
         steps = self.collect_rollout()
         rollout_done = time.perf_counter()
-        self.data_parallel.merge_normalization(self._running_statistics())
+        self.data_parallel.merge_normalization(running_statistics(self.env))
         batch = self.buffer.batch()
         self._share_batch_sizes(batch.size)
         update_metrics, rejected = self.guard.run(lambda: self.update(batch), self.num_updates + 1)
@@ -403,14 +392,6 @@ class OnPolicyAgent(ABC):
         return metrics
 
     # ------------------------------------------------------------------ inference
-    def _normalize_obs(self, obs: np.ndarray) -> np.ndarray:
-        wrapper = find_wrapper(self.env, NormalizeObservation)
-        if wrapper is None:
-            return obs
-        rms = wrapper.obs_rms
-        normalized: np.ndarray = ((obs - rms.mean) / np.sqrt(rms.var + wrapper.epsilon)).astype(np.float32)
-        return normalized
-
     def predict(self, obs: Any, deterministic: bool = True) -> np.ndarray:
         """Actions for raw (unnormalized) observations: numpy in, numpy out.
 
@@ -426,7 +407,7 @@ class OnPolicyAgent(ABC):
                 f"Invalid observation shape {obs_np.shape}; expected {single_shape} or (batch, *{single_shape})"
             )
         if isinstance(self.observation_space, gym.spaces.Box):
-            obs_np = self._normalize_obs(obs_np.astype(np.float32))
+            obs_np = normalize_observations(self.env, obs_np.astype(np.float32))
         with torch.inference_mode():
             actions, _, _ = self.policy.act(
                 torch.as_tensor(obs_np, device=self.device), self.generator, deterministic=deterministic
@@ -440,8 +421,7 @@ class OnPolicyAgent(ABC):
         """Returns of ``n_episodes`` evaluation episodes on fresh, unnormalized copies of the env."""
         if self._env_spec is None:
             raise ValueError("evaluate() needs an agent built from an env id or env factory, not a VectorEnv")
-        if n_episodes < 1:
-            raise ValueError(f"Invalid n_episodes: {n_episodes}; expected >= 1")
+        check_int("n_episodes", n_episodes, minimum=1, expected=">= 1")
         n_eval = min(n_episodes, 4)
         env = make_vec_env(self._env_spec, n_envs=n_eval, seed=None, env_kwargs=self.env_kwargs)
         targets = np.array([(n_episodes + i) // n_eval for i in range(n_eval)])
@@ -463,20 +443,8 @@ class OnPolicyAgent(ABC):
 
     # ------------------------------------------------------------------ persistence
     def config_toml(self, total_timesteps: int | None = None) -> str:
-        import tomli_w
-
-        data: dict[str, Any] = {
-            "algo": self.algo,
-            "env": self.env_id or "",
-            "n_envs": self.n_envs,
-            "seed": self.seed,
-            "device": str(self.device),
-            "vectorization": self.vectorization,
-        }
-        if total_timesteps is not None:
-            data["total_timesteps"] = total_timesteps
-        data["hyperparameters"] = _drop_none(self.config.to_dict())
-        return tomli_w.dumps(data)
+        """The run's resolved configuration as TOML (``config.toml`` of a run directory)."""
+        return checkpoint.config_toml(self, total_timesteps)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: networks, optimizers, counters, RNGs, and the
@@ -506,7 +474,7 @@ class OnPolicyAgent(ABC):
         checkpoint.load_agent_state(self, data)
         if self.data_parallel.world_size > 1:
             checkpoint.load_local_state(self, data, self.data_parallel.rank, self.data_parallel.world_size)
-            self.data_parallel.mark_synced(self._running_statistics())
+            self.data_parallel.mark_synced(running_statistics(self.env))
 
     @classmethod
     def load(
@@ -563,33 +531,3 @@ class OnPolicyAgent(ABC):
 
     def close(self) -> None:
         self.env.close()
-
-
-def _guarded(env: VectorEnv, nan_policy: str) -> VectorEnv:
-    """``env`` with a :class:`NonFiniteGuard` on top unless it already has one (of the same policy)."""
-    guard = find_wrapper(env, NonFiniteGuard)
-    if guard is None:
-        return NonFiniteGuard(env, nan_policy)  # type: ignore[arg-type]
-    if guard.nan_policy != nan_policy:
-        raise ValueError(
-            f"Invalid nan_policy: {nan_policy!r}, but the given VectorEnv has a NonFiniteGuard with "
-            f"nan_policy={guard.nan_policy!r}; build it with make_vec_env(..., nan_policy={nan_policy!r})"
-        )
-    return env
-
-
-def _drop_none(data: dict[str, Any]) -> dict[str, Any]:
-    """TOML has no null: leave out unset optional values."""
-    return {k: (_drop_none(v) if isinstance(v, dict) else v) for k, v in data.items() if v is not None}
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"Invalid device: {device!r}; expected 'cpu', 'cuda', 'cuda:N' or 'auto'") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"Invalid device: {device!r}; CUDA is not available on this machine (use 'cpu')")
-    return resolved

@@ -215,6 +215,29 @@ def agent_state(agent: OnPolicyAgent, local: Mapping[str, Any] | None = None) ->
 
 
 # ---------------------------------------------------------------------------- loading
+def config_toml(agent: OnPolicyAgent, total_timesteps: int | None = None) -> str:
+    """The run's resolved configuration (``config.toml``): the constructor's settings and every hyperparameter."""
+    import tomli_w
+
+    data: dict[str, Any] = {
+        "algo": agent.algo,
+        "env": agent.env_id or "",
+        "n_envs": agent.n_envs,
+        "seed": agent.seed,
+        "device": str(agent.device),
+        "vectorization": agent.vectorization,
+    }
+    if total_timesteps is not None:
+        data["total_timesteps"] = total_timesteps
+    data["hyperparameters"] = _drop_none(agent.config.to_dict())
+    return tomli_w.dumps(data)
+
+
+def _drop_none(data: dict[str, Any]) -> dict[str, Any]:
+    """TOML has no null: leave out unset optional values."""
+    return {k: (_drop_none(v) if isinstance(v, dict) else v) for k, v in data.items() if v is not None}
+
+
 def constructor_arguments(
     data: Mapping[str, Any], path: str | Path, env: Any, device: Any, overrides: Mapping[str, Any]
 ) -> tuple[Any, dict[str, Any]]:

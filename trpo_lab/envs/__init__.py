@@ -22,7 +22,7 @@ Two more things live here because they concern the environment, not the learner:
   ``torch.load(weights_only=True)`` accepts.
 """
 
-from trpo_lab.envs.guard import NanPolicy, NonFiniteEnvError, NonFiniteError, NonFiniteGuard, find_wrapper
+from trpo_lab.envs.guard import NanPolicy, NonFiniteEnvError, NonFiniteError, NonFiniteGuard, find_wrapper, with_guard
 from trpo_lab.envs.make import (
     EnvSpec,
     Vectorization,
@@ -35,6 +35,8 @@ from trpo_lab.envs.state import (
     load_normalization_state,
     load_vector_env_state,
     normalization_state,
+    normalize_observations,
+    running_statistics,
     to_numpy,
     to_tensors,
     vector_env_state,
@@ -46,6 +48,7 @@ __all__ = [
     "NonFiniteError",
     "NonFiniteEnvError",
     "NonFiniteGuard",
+    "with_guard",
     "EnvStateError",
     "vector_env_state",
     "load_vector_env_state",
@@ -53,6 +56,8 @@ __all__ = [
     "normalization_state",
     "load_normalization_state",
     "set_normalization_training",
+    "normalize_observations",
+    "running_statistics",
     "to_numpy",
     "to_tensors",
     "EnvSpec",

@@ -153,3 +153,16 @@ class NonFiniteGuard(VectorWrapper):
                 values[mask] = 0
                 setattr(stats, name, values)
         return np.asarray(obs)
+
+
+def with_guard(env: VectorEnv, nan_policy: str) -> VectorEnv:
+    """``env`` with a :class:`NonFiniteGuard` on top unless it already has one (of the same policy)."""
+    guard = find_wrapper(env, NonFiniteGuard)
+    if guard is None:
+        return NonFiniteGuard(env, nan_policy)  # type: ignore[arg-type]
+    if guard.nan_policy != nan_policy:
+        raise ValueError(
+            f"Invalid nan_policy: {nan_policy!r}, but the given VectorEnv has a NonFiniteGuard with "
+            f"nan_policy={guard.nan_policy!r}; build it with make_vec_env(..., nan_policy={nan_policy!r})"
+        )
+    return env

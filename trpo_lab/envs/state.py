@@ -19,6 +19,27 @@ from trpo_lab.envs.guard import NonFiniteGuard, find_wrapper
 
 
 # ---------------------------------------------------------------------------------- env state
+def running_statistics(env: VectorEnv) -> dict[str, Any]:
+    """The normalization wrappers' ``RunningMeanStd`` objects, by checkpoint name (``obs_rms``, ``return_rms``)."""
+    stats: dict[str, Any] = {}
+    obs_norm, rew_norm = find_wrapper(env, NormalizeObservation), find_wrapper(env, NormalizeReward)
+    if obs_norm is not None:
+        stats["obs_rms"] = obs_norm.obs_rms
+    if rew_norm is not None:
+        stats["return_rms"] = rew_norm.return_rms
+    return stats
+
+
+def normalize_observations(env: VectorEnv, obs: np.ndarray) -> np.ndarray:
+    """Raw observations normalized as ``env``'s ``NormalizeObservation`` would (unchanged without one)."""
+    wrapper = find_wrapper(env, NormalizeObservation)
+    if wrapper is None:
+        return obs
+    rms = wrapper.obs_rms
+    normalized: np.ndarray = ((obs - rms.mean) / np.sqrt(rms.var + wrapper.epsilon)).astype(np.float32)
+    return normalized
+
+
 def normalization_state(env: VectorEnv) -> dict[str, Any]:
     """Running statistics of the normalization wrappers, as plain numpy data (for checkpoints)."""
     state: dict[str, Any] = {}
