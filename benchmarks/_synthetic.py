@@ -6,7 +6,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from trpo_lab.buffer import RolloutBatch
+from trpo_lab.rollout.buffer import RolloutBatch
 
 
 class SyntheticControl(gym.Env):

@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 from trpo_lab.agents.acktr import ACKTR
-from trpo_lab.buffer import RolloutBatch
 from trpo_lab.presets import load_preset
+from trpo_lab.rollout.buffer import RolloutBatch
 
 
 class FirstOrderACKTR(ACKTR):

@@ -24,9 +24,9 @@ import pytest
 import torch
 from spawn_ranks import free_port, spawn_two
 
-from trpo_lab.buffer import RolloutBatch
 from trpo_lab.distributed import DistributedContext, RankDriftError, init_distributed
 from trpo_lab.envs import running_statistics
+from trpo_lab.rollout.buffer import RolloutBatch
 
 
 def _join(rank: int, port: int, timeout_s: float = 60.0, check_every: int = 10) -> DistributedContext:

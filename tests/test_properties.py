@@ -18,9 +18,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trpo_lab.buffer import RolloutBatch, RolloutBuffer, compute_gae, minibatches
 from trpo_lab.config import CONFIGS, AgentConfig
 from trpo_lab.optim.cg import conjugate_gradient, solve_cg
+from trpo_lab.rollout.buffer import RolloutBatch, RolloutBuffer, compute_gae, minibatches
 
 settings.register_profile("trpo_lab", deadline=None, max_examples=60, derandomize=True)
 settings.load_profile("trpo_lab")

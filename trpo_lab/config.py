@@ -143,7 +143,7 @@ class AgentConfig:
             if check is not None and value is not None and not check(value):
                 raise invalid(name, value, f.metadata["allowed"])
             object.__setattr__(self, name, value)  # frozen: the coerced value replaces the given one
-        from trpo_lab.policies import validate_policy_kwargs  # torch only once a config is built
+        from trpo_lab.nn.policy import validate_policy_kwargs  # torch only once a config is built
 
         validate_policy_kwargs(self.policy_kwargs)
 
@@ -167,7 +167,7 @@ class AgentConfig:
         data = asdict(self)
         act = data["policy_kwargs"].get("activation_fn")
         if isinstance(act, type):
-            from trpo_lab.policies import ACTIVATIONS
+            from trpo_lab.nn.policy import ACTIVATIONS
 
             names = [name for name, cls in ACTIVATIONS.items() if cls is act]
             data["policy_kwargs"]["activation_fn"] = names[0] if names else act.__name__

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from trpo_lab.buffer import RolloutBatch, minibatches
 from trpo_lab.distributed import Reducer
+from trpo_lab.rollout.buffer import RolloutBatch, minibatches
 
 
 def _batch(size: int = 11) -> RolloutBatch:

@@ -105,7 +105,8 @@ def test_gymnasium_to_sb3_refuses_next_step_envs() -> None:
 
 
 def test_sb3_ppo_trains_on_a_gymnasium_vector_env() -> None:
-    model = PPO("MlpPolicy", make_sb3_vec_env("CartPole-v1", n_envs=4, seed=0), n_steps=64, batch_size=128, n_epochs=1, seed=0, device="cpu")
+    env = make_sb3_vec_env("CartPole-v1", n_envs=4, seed=0)
+    model = PPO("MlpPolicy", env, n_steps=64, batch_size=128, n_epochs=1, seed=0, device="cpu")
     model.learn(512)
     assert len(model.ep_info_buffer) > 5  # episode statistics reach SB3's rollout/ep_rew_mean
     assert all(info["r"] == info["l"] for info in model.ep_info_buffer)  # CartPole: reward 1 per step

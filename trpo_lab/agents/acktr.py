@@ -63,12 +63,12 @@ from torch import Tensor, nn
 
 from trpo_lab.agents.base import OnPolicyAgent
 from trpo_lab.agents.metrics import explained_variance
-from trpo_lab.buffer import RolloutBatch
 from trpo_lab.config import ACKTRConfig
+from trpo_lab.nn.policy import ActorCritic
 from trpo_lab.optim._flat import clip_grad_norm_
 from trpo_lab.optim.fisher import FisherLoss, sampled_fisher_loss
 from trpo_lab.optim.kfac import KFAC, StatisticsReducer
-from trpo_lab.policies import ActorCritic
+from trpo_lab.rollout.buffer import RolloutBatch
 
 __all__ = ["ACKTR", "ActorCriticKFAC", "FisherLoss", "sampled_fisher_loss"]
 

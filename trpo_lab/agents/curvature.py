@@ -39,13 +39,13 @@ import torch
 from torch import Tensor, nn
 
 from trpo_lab.config import TrustRegionConfig
+from trpo_lab.nn.policy import ActorCritic
 from trpo_lab.optim._flat import total_numel, unflatten
 from trpo_lab.optim.exact import natural_gradient_step
 from trpo_lab.optim.fisher import sampled_fisher_loss
 from trpo_lab.optim.kfac import KFAC, StatisticsReducer
 from trpo_lab.optim.shampoo import Shampoo
 from trpo_lab.optim.trust_region import Direction, FisherVectorProduct, Solve, cg_solve
-from trpo_lab.policies import ActorCritic
 
 __all__ = [
     "EXACT_MAX_PARAMETERS",

@@ -21,6 +21,9 @@ from trpo_lab.envs import NonFiniteError
 from trpo_lab.optim._flat import all_finite
 from trpo_lab.validation import first_line
 
+_LINALG_ERROR: type[Exception] = getattr(torch.linalg, "LinAlgError", RuntimeError)
+"""torch.linalg.LinAlgError (a RuntimeError), which its stubs do not export."""
+
 __all__ = ["NonFiniteUpdateError", "UpdateGuard", "tensor_leaves", "clone_tree"]
 
 Metrics = Mapping[str, Tensor | float]
@@ -114,7 +117,7 @@ class UpdateGuard:
         try:
             metrics = update()
             rejected = not self.is_finite()
-        except torch.linalg.LinAlgError as exc:  # a factorisation of NaN or singular curvature
+        except _LINALG_ERROR as exc:  # a factorisation of NaN or singular curvature
             metrics, rejected = {"train/linalg_error": 1.0}, True
             warnings.warn(f"Update {update_number} failed ({first_line(exc)}); it is undone", stacklevel=3)
         if rejected:

@@ -19,9 +19,9 @@ from typing import ClassVar
 from torch import Tensor
 
 from trpo_lab.agents.trpo import NaturalStep, TrustRegionAgent
-from trpo_lab.buffer import RolloutBatch
 from trpo_lab.config import NPGConfig
 from trpo_lab.optim.trust_region import take_full_step
+from trpo_lab.rollout.buffer import RolloutBatch
 
 __all__ = ["NPG"]
 

@@ -31,9 +31,9 @@ from torch import Tensor
 
 from trpo_lab.agents.base import OnPolicyAgent
 from trpo_lab.agents.metrics import explained_variance
-from trpo_lab.buffer import RolloutBatch
 from trpo_lab.config import PPOConfig
 from trpo_lab.optim._flat import clip_grad_norm_
+from trpo_lab.rollout.buffer import RolloutBatch
 
 __all__ = ["PPO", "PPOLoss", "ppo_loss", "optimizer_class"]
 
@@ -170,7 +170,7 @@ class PPO(OnPolicyAgent):
             # One fused kernel for all parameters: PPO's many small minibatch steps are overhead-bound.
             kwargs["fused"] = True
         try:
-            self.optimizer = cls(self.policy.parameters(), lr=self.config.learning_rate, **kwargs)
+            self.optimizer = cls(self.policy.parameters(), **{"lr": self.config.learning_rate, **kwargs})
         except TypeError as exc:
             raise ValueError(
                 f"Invalid optimizer_kwargs {self.config.optimizer_kwargs} for {cls.__name__}: {exc}"
@@ -222,7 +222,7 @@ class PPO(OnPolicyAgent):
             for minibatch, total_count in reducer.shuffled_minibatches(batch, cfg.batch_size, self.shuffle_generator):
                 loss = self._minibatch_loss(minibatch)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.total.backward()
+                torch.autograd.backward(loss.total)
                 # The KL of all ranks' samples rides in the gradients' bucket (itself in one process).
                 approx_kl = reducer.grads(parameters, minibatch.size, total_count, with_means=loss.approx_kl)
                 if cfg.target_kl is not None and approx_kl is not None and float(approx_kl) > 1.5 * cfg.target_kl:

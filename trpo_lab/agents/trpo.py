@@ -44,12 +44,12 @@ from trpo_lab.agents.curvature import (
     make_curvature,
 )
 from trpo_lab.agents.metrics import explained_variance
-from trpo_lab.buffer import RolloutBatch
 from trpo_lab.config import TRPOConfig, TrustRegionConfig
 from trpo_lab.optim._flat import clip_grad_norm_, flat_params, total_numel
 from trpo_lab.optim.exact import cosine_similarity
 from trpo_lab.optim.fisher import fisher_vector_product, fisher_vector_product_func, flat_grad
 from trpo_lab.optim.trust_region import Evaluate, NaturalStep, natural_step, trust_region_line_search
+from trpo_lab.rollout.buffer import RolloutBatch
 
 __all__ = ["NaturalStep", "TRPO", "TrustRegionAgent"]
 

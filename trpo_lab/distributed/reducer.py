@@ -29,7 +29,7 @@ from torch import Tensor
 from trpo_lab.distributed.context import DistributedContext, minibatch_plan
 
 if TYPE_CHECKING:
-    from trpo_lab.buffer import RolloutBatch
+    from trpo_lab.rollout.buffer import RolloutBatch
 
 __all__ = ["Reducer"]
 

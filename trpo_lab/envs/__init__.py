@@ -7,7 +7,7 @@ an episode *is* the final observation, and the following ``step`` call ignores
 the action of that sub-environment and returns the reset observation with a zero
 reward.  The rollout loop (``agents/base.py``) stores that reset step as an
 *invalid* slot: the value it computes there is exactly ``V(final_obs)``, which
-:func:`trpo_lab.buffer.compute_gae` uses to bootstrap a time-limit truncation,
+:func:`trpo_lab.rollout.buffer.compute_gae` uses to bootstrap a time-limit truncation,
 and the slot itself is masked out of every batch.
 
 Two more things live here because they concern the environment, not the learner:

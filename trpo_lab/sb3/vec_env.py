@@ -68,7 +68,7 @@ def split_vector_infos(infos: dict[str, Any], num_envs: int) -> list[dict[str, A
     return per_env
 
 
-def _as_space_dtype(obs: Any, space: gym.Space) -> Any:
+def _as_space_dtype(obs: Any, space: gym.Space[Any]) -> Any:
     """``obs`` in the dtype of a Box space (VecNormalize may hand back float64), else unchanged."""
     if isinstance(space, gym.spaces.Box) and isinstance(obs, np.ndarray) and obs.dtype != space.dtype:
         return obs.astype(space.dtype)
@@ -292,11 +292,13 @@ class GymnasiumToSB3VecEnv(VecEnv):
                 f"sub-environments; got different ones: {self._options}"
             )
         seed_arg = seeds if any(seed is not None for seed in seeds) else None
-        obs, infos = self.env.reset(seed=seed_arg, options=dict(options) if options else None)
+        # gymnasium's VectorEnv.reset takes a list of per-env seeds too, though its stub says int.
+        obs, infos = self.env.reset(seed=seed_arg, options=dict(options) if options else None)  # type: ignore[arg-type]
         self.reset_infos = split_vector_infos(infos, self.num_envs)
         self._reset_seeds()
         self._reset_options()
-        return obs
+        observations: VecEnvObs = obs
+        return observations
 
     def step_async(self, actions: np.ndarray) -> None:
         self._actions = actions
@@ -321,19 +323,19 @@ class GymnasiumToSB3VecEnv(VecEnv):
                 per_env[index] = dict(finals[index])
                 if episode is not None:
                     per_env[index]["episode"] = episode
-        for index in range(self.num_envs):
-            info = per_env[index]
+        for env_index in range(self.num_envs):
+            info = per_env[env_index]
             if "episode" in info:
                 episode = info["episode"]
                 info["episode"] = {"r": float(episode["r"]), "l": int(episode["l"]), "t": float(episode["t"])}
-            if dones[index]:
+            if dones[env_index]:
                 if final_obs is None:
                     raise ValueError(
-                        f"Sub-environment {index} ended an episode but the env gave no infos['final_obs']; "
+                        f"Sub-environment {env_index} ended an episode but the env gave no infos['final_obs']; "
                         "is it really in AutoresetMode.SAME_STEP?"
                     )
-                info["terminal_observation"] = final_obs[index]
-            info["TimeLimit.truncated"] = bool(truncated[index] and not terminated[index])
+                info["terminal_observation"] = final_obs[env_index]
+            info["TimeLimit.truncated"] = bool(truncated[env_index] and not terminated[env_index])
         return obs, np.asarray(rewards, dtype=np.float32), dones, per_env
 
     def close(self) -> None:
@@ -341,7 +343,7 @@ class GymnasiumToSB3VecEnv(VecEnv):
 
     def get_images(self) -> Sequence[np.ndarray | None]:
         frames = self.env.render()
-        return list(frames) if frames is not None else [None] * self.num_envs
+        return [np.asarray(frame) for frame in frames] if frames is not None else [None] * self.num_envs
 
     def _sub_envs(self, indices: VecEnvIndices) -> list[gym.Env] | None:
         """The sub-environments themselves for an in-process vector env, else None."""
@@ -439,7 +441,7 @@ def make_sb3_vec_env(
     return venv
 
 
-def _single_action_spaces(venv: GymnasiumToSB3VecEnv) -> Iterable[gym.Space]:
+def _single_action_spaces(venv: GymnasiumToSB3VecEnv) -> Iterable[gym.Space[Any]]:
     """The sub-environments' own action spaces where they are reachable (in-process envs)."""
     envs = getattr(venv.env.unwrapped, "envs", None)
     return [env.action_space for env in envs] if envs is not None else []
