@@ -169,23 +169,9 @@ class OnPolicyAgent(ABC):
         # The update's shuffles draw the same stream on every rank (rank 0's, the single-process
         # one), so that work every rank repeats on gathered data stays identical.
         self.shuffle_generator = torch.Generator().manual_seed(seed + 1)
-        action_shape = tuple(self.action_space.shape or ())
-        action_dtype = torch.float32 if isinstance(self.action_space, gym.spaces.Box) else torch.long
-        obs_shape = (
-            tuple(self.observation_space.shape)
-            if isinstance(self.observation_space, gym.spaces.Box)
-            else ()
+        self.buffer = RolloutBuffer.for_spaces(
+            self.observation_space, self.action_space, self.config.n_steps, self.n_envs, self.device
         )
-        try:
-            self.buffer = RolloutBuffer(
-                self.config.n_steps, self.n_envs, obs_shape, action_shape, action_dtype, self.device,
-                obs_dtype=torch.float32 if isinstance(self.observation_space, gym.spaces.Box) else torch.long,
-            )
-        except RuntimeError:  # out of memory
-            raise ValueError(
-                f"Invalid n_steps: {self.config.n_steps}; a rollout buffer of n_steps x n_envs = "
-                f"{self.config.n_steps} x {self.n_envs} does not fit in memory; lower n_steps or n_envs"
-            ) from None
         self.collector = RolloutCollector(self)
         """Steps the environments into the buffer (:mod:`trpo_lab.rollout.collector`)."""
         self._clip_actions = isinstance(self.action_space, gym.spaces.Box)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
+import gymnasium as gym
 import numpy as np
 import torch
 from numpy.typing import NDArray
@@ -153,6 +154,34 @@ class RolloutBuffer:
         if self.device.type == "cpu":
             names = ("observations", "actions", "log_probs", "values", "rewards", "terminated", "truncated", "valid")
             self._numpy = {name: getattr(self, name).numpy() for name in names}
+
+    @classmethod
+    def for_spaces(
+        cls,
+        observation_space: gym.Space[Any],
+        action_space: gym.Space[Any],
+        n_steps: int,
+        n_envs: int,
+        device: torch.device | str = "cpu",
+    ) -> RolloutBuffer:
+        """The buffer for one environment's spaces (``Box`` observations as float32, ``Discrete`` as indices).
+
+        Raises:
+            ValueError: ``n_steps x n_envs`` slots do not fit in memory.
+        """
+        is_box = isinstance(observation_space, gym.spaces.Box)
+        obs_shape = tuple(observation_space.shape or ()) if is_box else ()
+        action_dtype = torch.float32 if isinstance(action_space, gym.spaces.Box) else torch.long
+        try:
+            return cls(
+                n_steps, n_envs, obs_shape, tuple(action_space.shape or ()), action_dtype, device,
+                obs_dtype=torch.float32 if is_box else torch.long,
+            )
+        except RuntimeError:  # out of memory
+            raise ValueError(
+                f"Invalid n_steps: {n_steps}; a rollout buffer of n_steps x n_envs = "
+                f"{n_steps} x {n_envs} does not fit in memory; lower n_steps or n_envs"
+            ) from None
 
     @property
     def full(self) -> bool:
