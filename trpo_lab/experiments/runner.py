@@ -124,7 +124,7 @@ def _init_worker(queue: Any) -> None:
 
 
 def _ignore_signal(signum: int, frame: Any) -> None:
-    pass
+    """SIGTERM outside ``learn``: deliberately nothing (see :func:`_init_worker`'s docstring)."""
 
 
 def _exit_with_parent(parent_pid: int, grace_s: float = 300.0) -> None:
