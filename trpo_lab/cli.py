@@ -1,4 +1,4 @@
-"""Command line: ``trpo-lab train | compare | eval`` (also ``python -m trpo_lab``).
+"""Command line: ``trpo-lab train | compare | eval | tune | export`` (also ``python -m trpo_lab``).
 
 Mistakes of the user (unknown algorithm or env, bad ``--set`` key or value, missing
 run directory, unreadable experiment file) exit with status 2 and one line on stderr,
@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--episodes", type=int, default=10)
     ev.add_argument("--stochastic", action="store_true", help="sample actions instead of the mode")
     ev.add_argument("--seed", type=int, default=None)
+    ev.add_argument("--video", metavar="DIR", default=None,
+                    help="record every evaluation episode as an mp4 in DIR (pip install 'trpo-lab[video]')")
+
+    export = sub.add_parser("export", help="export a run's deterministic policy (ONNX)")
+    export.add_argument("run_dir")
+    export.add_argument("--onnx", metavar="FILE", required=True,
+                        help="the .onnx file to write: raw observations in, predict()'s actions out "
+                             "(pip install 'trpo-lab[export]')")
     return parser
 
 
@@ -329,18 +337,50 @@ def _eval(args: argparse.Namespace) -> int:
         raise CLIError(f"Run directory not found: {run_dir}")
     if args.episodes < 1:
         raise CLIError(f"Invalid --episodes: {args.episodes}; expected >= 1")
-    path = run_dir / "final.pt"
-    if not path.exists():
-        path = run_dir / "checkpoint.pt"
+    if args.video is not None:
+        from trpo_lab.envs.video import check_video_support
+
+        check_video_support()
+    path = _agent_file(run_dir)
     agent = OnPolicyAgent.load(path, n_envs=1)
     try:
-        returns = agent.evaluate(args.episodes, deterministic=not args.stochastic, seed=args.seed)
+        returns = agent.evaluate(args.episodes, deterministic=not args.stochastic, seed=args.seed,
+                                 video_folder=args.video)
     finally:
         agent.close()
     print(
         f"{agent.algo} on {agent.env_id}: return {np.mean(returns):.2f} +- {np.std(returns):.2f} "
         f"over {len(returns)} episodes ({path.name})"
     )
+    if args.video is not None:
+        videos = sorted(Path(args.video).glob(f"{agent.algo}-{agent.env_id}-episode-*.mp4"))
+        print(f"recorded {len(videos)} episode video(s) in {args.video}")
+    return 0
+
+
+def _agent_file(run_dir: Path) -> Path:
+    """``final.pt`` of a run directory, else its latest ``checkpoint.pt``."""
+    for name in ("final.pt", "checkpoint.pt"):
+        if (run_dir / name).exists():
+            return run_dir / name
+    raise CLIError(f"No final.pt or checkpoint.pt in {run_dir}; is it a run directory?")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from trpo_lab.agents.base import OnPolicyAgent
+    from trpo_lab.export import export_onnx
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise CLIError(f"Run directory not found: {run_dir}")
+    path = _agent_file(run_dir)
+    agent = OnPolicyAgent.load(path, n_envs=1)
+    try:
+        written = export_onnx(agent, args.onnx)
+    finally:
+        agent.close()
+    print(f"{agent.algo} on {agent.env_id} ({path.name}, {agent.num_timesteps} steps): deterministic policy "
+          f"written to {written} (input 'obs', output 'action')")
     return 0
 
 
@@ -377,6 +417,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
             return _compare(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "export":
+            return _export(args)
         raise CLIError(f"trpo-lab: unknown command {args.command!r}")
     except (CLIError, ValueError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
