@@ -316,6 +316,19 @@ CLI_CASES: list[tuple[str, Callable[[dict[str, Path]], list[str]], str]] = [
     ("eval checkpoint of another program", lambda f: ["eval", _resume_dir(f, "foreign")], r"not a trpo_lab checkpoint"),
     ("eval 0 episodes", lambda f: ["eval", _resume_dir(f, "good"), "--episodes", "0"], r"Invalid --episodes: 0"),
     ("unknown command", lambda f: ["frobnicate"], r"invalid choice: 'frobnicate'"),
+    ("eval video under a file", lambda f: ["eval", _resume_dir(f, "good"), "--video", str(f["good"] / "videos")],
+     r"Invalid video folder: '.*good.pt/videos'; cannot create it"),
+    ("export missing run dir", lambda f: ["export", str(f["folder"] / "nothing"), "--onnx", "p.onnx"],
+     r"Run directory not found: .*nothing"),
+    ("export folder without checkpoint", lambda f: ["export", str(f["folder"]), "--onnx", "p.onnx"],
+     r"No final.pt or checkpoint.pt in .*; is it a run directory\?"),
+    ("export without --onnx", lambda f: ["export", _resume_dir(f, "good")], r"the following arguments are required: --onnx"),
+    ("export output under a file", lambda f: ["export", _resume_dir(f, "good"), "--onnx", str(f["good"] / "p.onnx")],
+     r"Invalid ONNX output: '.*good.pt/p.onnx'; cannot write there"),
+    ("export output is a folder", lambda f: ["export", _resume_dir(f, "good"), "--onnx", str(f["folder"])],
+     r"Invalid ONNX output: '.*' is a folder; expected a file path such as policy.onnx"),
+    ("export corrupt checkpoint", lambda f: ["export", _resume_dir(f, "truncated"), "--onnx", "p.onnx"],
+     r"truncated or corrupt"),
 ]
 
 
