@@ -129,6 +129,7 @@ def test_builtin_spaces_equal_the_toml_files(algo: str) -> None:
     assert space_to_dict(space) == space_to_dict(parse_space(algo, BUILTIN_SPACES[algo]))
 
 
+@pytest.mark.slow
 def test_cli_two_workers_share_one_rdb_study(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'study.db'}"
     space = tmp_path / "space.toml"
