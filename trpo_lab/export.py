@@ -75,6 +75,11 @@ class DeterministicPolicy(nn.Module):
         agent: A trained agent (any algorithm).
     """
 
+    obs_mean: Tensor
+    obs_scale: Tensor
+    action_low: Tensor
+    action_high: Tensor
+
     def __init__(self, agent: OnPolicyAgent) -> None:
         super().__init__()
         import copy

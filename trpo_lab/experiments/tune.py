@@ -390,11 +390,12 @@ class _Job:
 
     def settings(self) -> dict[str, Any]:
         """What a study remembers and a rerun must match (JSON-comparable)."""
-        return json.loads(json.dumps({
+        settings: dict[str, Any] = json.loads(json.dumps({
             "algo": self.algo, "env_id": self.env_id, "n_envs": self.n_envs, "steps": self.steps,
             "evaluations": self.evaluations, "eval_episodes": self.eval_episodes, "seed": self.seed,
             "fixed": self.fixed, "space": space_to_dict(self.space),
         }))
+        return settings
 
 
 def _objective(job: _Job, trial: optuna.Trial) -> float:
