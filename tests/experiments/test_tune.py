@@ -70,6 +70,11 @@ def test_study_of_3_trials_finishes_and_a_rerun_continues_it(tmp_path: Path) -> 
         tune("ppo", "CartPole-v1", out=tmp_path, space=SPACE, **{**SMALL, "steps": 2048})
 
 
+def test_timeout_stops_starting_trials(tmp_path: Path) -> None:
+    result = tune("ppo", "CartPole-v1", out=tmp_path, space=SPACE, **{**SMALL, "trials": 50}, timeout=1e-3)
+    assert result.new_trials == 1, "Optuna checks the timeout after each trial, so exactly one ran"
+
+
 class _PruneAtOnce(optuna.trial.FixedTrial):
     """A trial with fixed parameters whose pruner says stop at the first report."""
 
