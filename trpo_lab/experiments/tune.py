@@ -52,7 +52,7 @@ import numpy as np
 
 from trpo_lab.config import config_class, load_toml
 from trpo_lab.logging import atomic_write_bytes, atomic_write_text
-from trpo_lab.validation import check_int, check_number
+from trpo_lab.validation import check_int, check_number, first_line
 
 if TYPE_CHECKING:
     import optuna
@@ -356,17 +356,11 @@ def open_storage(url: str) -> Any:
     except ValueError as exc:
         if str(exc).startswith("Invalid --storage"):
             raise
-        raise ValueError(f"Invalid --storage {url!r}: {_first_line(exc)}; expected {STORAGE_HELP}") from None
+        raise ValueError(f"Invalid --storage {url!r}: {first_line(exc)}; expected {STORAGE_HELP}") from None
     except Exception as exc:  # sqlalchemy's errors, a missing driver (ImportError), OSError
         raise ValueError(
-            f"Invalid --storage {url!r}: cannot open it ({type(exc).__name__}: {_first_line(exc)}); expected {STORAGE_HELP}"
+            f"Invalid --storage {url!r}: cannot open it ({type(exc).__name__}: {first_line(exc)}); expected {STORAGE_HELP}"
         ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    from trpo_lab.validation import first_line
-
-    return first_line(exc)
 
 
 # ---------------------------------------------------------------------------- one trial
