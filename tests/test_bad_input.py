@@ -24,6 +24,7 @@ from trpo_lab.agents import agent_class
 from trpo_lab.agents.base import OnPolicyAgent
 from trpo_lab.agents.trpo import TRPO
 from trpo_lab.config import ACKTRConfig, PPOConfig, TRPOConfig, config_class, load_toml, parse_set_option
+from trpo_lab.experiments.tune import load_space, parse_space
 from trpo_lab.presets import load_preset
 
 BOX = gym.spaces.Box(-1, 1, (3,), np.float32)
@@ -106,6 +107,17 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         (folder / name / "agents").mkdir(parents=True)
         (folder / name / "agents" / "trpo.toml").write_text(text)
         paths[f"presets_{name}"] = folder / name
+    for name, text in {
+        "typo": "gama = { choices = [0.9, 0.99] }\n",
+        "policy_typo": "policy_kwargs.net_arc = { choices = [[64]] }\n",
+        "empty": "# nothing to search\n",
+        "reversed": "learning_rate = { low = 1e-2, high = 1e-5, log = true }\n",
+        "out_of_range": "gamma = { choices = [0.99, 1.5] }\n",
+        "no_bounds": "learning_rate = { lo = 1e-5 }\n",
+        "bare": "gamma = 0.99\n",
+    }.items():
+        (folder / f"space_{name}.toml").write_text(text)
+        paths[f"space_{name}"] = folder / f"space_{name}.toml"
     return paths
 
 
@@ -255,6 +267,20 @@ PYTHON_CASES: list[tuple[str, Callable[[dict[str, Path]], Any], str]] = [
                                          r"Invalid policy_kwargs.activation_fn: \"__import__\('os'\)"),
     ("preset not a table", preset("not_table"), r"Invalid preset .*: \[default\] must be a table, got 3"),
     ("--set without =", lambda f: parse_set_option("gamma", {}), r"Invalid --set 'gamma'; expected key=value"),
+    # tune search spaces
+    ("space unknown key", lambda f: load_space("trpo", f["space_typo"]),
+     r"Invalid search space .*space_typo.toml: Unknown hyperparameter 'gama' for trpo; did you mean gamma"),
+    ("space empty", lambda f: parse_space("ppo", {}), r"Invalid search space .*: it is empty; expected at least one"),
+    ("space not a distribution", lambda f: load_space("trpo", f["space_bare"]),
+     r"Invalid search space .*: gamma = 0.99; expected a table such as \{ choices = \[...\] \}"),
+    ("space bad choice", lambda f: load_space("trpo", f["space_out_of_range"]),
+     r"Invalid search space .*: gamma: Invalid gamma: 1.5; expected in \(0, 1\]"),
+    ("space int bounds on a float", lambda f: parse_space("ppo", {"n_epochs": {"low": 1.0, "high": 4.0}}),
+     r"Invalid search space .*: n_epochs: Invalid n_epochs: 1.0 \(float\); expected an integer"),
+    ("space log from 0", lambda f: parse_space("ppo", {"ent_coef": {"low": 0.0, "high": 0.1, "log": True}}),
+     r"ent_coef: log = true needs low > 0, got low = 0.0"),
+    ("space empty choices", lambda f: parse_space("ppo", {"n_epochs": {"choices": []}}),
+     r"n_epochs: choices = \[\]; expected a non-empty array"),
     ("--set into a value", lambda f: parse_set_option("gamma.x=1", {"gamma": 0.9}),
      r"Invalid --set 'gamma.x=1': 'gamma' is not a table"),
 ]
@@ -316,6 +342,44 @@ CLI_CASES: list[tuple[str, Callable[[dict[str, Path]], list[str]], str]] = [
     ("eval checkpoint of another program", lambda f: ["eval", _resume_dir(f, "foreign")], r"not a trpo_lab checkpoint"),
     ("eval 0 episodes", lambda f: ["eval", _resume_dir(f, "good"), "--episodes", "0"], r"Invalid --episodes: 0"),
     ("unknown command", lambda f: ["frobnicate"], r"invalid choice: 'frobnicate'"),
+    ("eval video under a file", lambda f: ["eval", _resume_dir(f, "good"), "--video", str(f["good"] / "videos")],
+     r"Invalid video folder: '.*good.pt/videos'; cannot create it"),
+    ("tune bad storage", lambda f: ["tune", "ppo", "CartPole-v1", "--storage", "study"],
+     r"Invalid --storage 'study'; expected an Optuna RDB URL \(sqlite:///study.db, .*\) or a journal file path"),
+    ("tune unknown database", lambda f: ["tune", "ppo", "CartPole-v1", "--storage", "nosuchdb://x/y"],
+     r"Invalid --storage 'nosuchdb://x/y': cannot open it \(NoSuchModuleError"),
+    ("tune unreachable sqlite", lambda f: ["tune", "ppo", "CartPole-v1", "--storage", f"sqlite:///{f['good']}/x.db"],
+     r"Invalid --storage 'sqlite:///.*good.pt/x.db': cannot open it \(OperationalError"),
+    ("tune unknown space key", lambda f: ["tune", "trpo", "CartPole-v1", "--space", str(f["space_typo"])],
+     r"Invalid search space .*: Unknown hyperparameter 'gama' for trpo; did you mean gamma"),
+    ("tune unknown policy_kwargs key", lambda f: ["tune", "trpo", "CartPole-v1", "--space", str(f["space_policy_typo"])],
+     r"unknown key 'policy_kwargs.net_arc' for trpo; expected one of \['policy_kwargs.net_arch'"),
+    ("tune empty space", lambda f: ["tune", "ppo", "CartPole-v1", "--space", str(f["space_empty"])],
+     r"Invalid search space .*space_empty.toml: it is empty"),
+    ("tune reversed range", lambda f: ["tune", "ppo", "CartPole-v1", "--space", str(f["space_reversed"])],
+     r"learning_rate: low = 0.01 is not below high = 1e-05"),
+    ("tune range without bounds", lambda f: ["tune", "ppo", "CartPole-v1", "--space", str(f["space_no_bounds"])],
+     r"learning_rate has unknown field\(s\) \['lo'\]; expected some of \['choices', 'low', 'high', 'log', 'step'\]"),
+    ("tune missing space file", lambda f: ["tune", "ppo", "CartPole-v1", "--space", "none.toml"],
+     r"TOML file not found: none.toml"),
+    ("tune 0 trials", lambda f: ["tune", "ppo", "CartPole-v1", "--trials", "0"],
+     r"Invalid --trials: 0; expected an integer >= 1"),
+    ("tune 0 workers", lambda f: ["tune", "ppo", "CartPole-v1", "--workers", "0"], r"Invalid --workers: 0"),
+    ("tune negative timeout", lambda f: ["tune", "ppo", "CartPole-v1", "--timeout", "-5"],
+     r"Invalid --timeout: -5.0; expected a positive number of seconds"),
+    ("tune bad --set", lambda f: ["tune", "ppo", "CartPole-v1", "--set", "gamma=2"], r"Invalid gamma: 2.0"),
+    ("tune unknown env", lambda f: ["tune", "ppo", "CartPol-v1"], r"Unknown environment id 'CartPol-v1'"),
+    ("export missing run dir", lambda f: ["export", str(f["folder"] / "nothing"), "--onnx", "p.onnx"],
+     r"Run directory not found: .*nothing"),
+    ("export folder without checkpoint", lambda f: ["export", str(f["folder"]), "--onnx", "p.onnx"],
+     r"No final.pt or checkpoint.pt in .*; is it a run directory\?"),
+    ("export without --onnx", lambda f: ["export", _resume_dir(f, "good")], r"the following arguments are required: --onnx"),
+    ("export output under a file", lambda f: ["export", _resume_dir(f, "good"), "--onnx", str(f["good"] / "p.onnx")],
+     r"Invalid ONNX output: '.*good.pt/p.onnx'; cannot write there"),
+    ("export output is a folder", lambda f: ["export", _resume_dir(f, "good"), "--onnx", str(f["folder"])],
+     r"Invalid ONNX output: '.*' is a folder; expected a file path such as policy.onnx"),
+    ("export corrupt checkpoint", lambda f: ["export", _resume_dir(f, "truncated"), "--onnx", "p.onnx"],
+     r"truncated or corrupt"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``trpo-lab train | compare | eval`` (also ``python -m trpo_lab``).
+"""Command line: ``trpo-lab train | compare | eval | tune | export`` (also ``python -m trpo_lab``).
 
 Mistakes of the user (unknown algorithm or env, bad ``--set`` key or value, missing
 run directory, unreadable experiment file) exit with status 2 and one line on stderr,
@@ -81,6 +81,37 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--episodes", type=int, default=10)
     ev.add_argument("--stochastic", action="store_true", help="sample actions instead of the mode")
     ev.add_argument("--seed", type=int, default=None)
+    ev.add_argument("--video", metavar="DIR", default=None,
+                    help="record every evaluation episode as an mp4 in DIR (pip install 'trpo-lab[video]')")
+
+    tune = sub.add_parser("tune", help="search hyperparameters with Optuna (TPE sampler, median pruner)")
+    tune.add_argument("algo", help="trpo, npg, acktr or ppo")
+    tune.add_argument("env", help="Gymnasium environment id, e.g. CartPole-v1")
+    tune.add_argument("--trials", type=int, default=20, help="trials to run now, over all workers (default 20)")
+    tune.add_argument("--workers", type=int, default=1, help="processes on this machine (default 1)")
+    tune.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                      help="start no trial after this many seconds (running ones finish)")
+    tune.add_argument("--steps", type=int, default=None, help="environment steps per trial (default: the preset's budget)")
+    tune.add_argument("--n-envs", type=int, default=None, help="environments per trial (default: the preset's)")
+    tune.add_argument("--seed", type=int, default=0, help="seed of every trial's agent and of the sampler")
+    tune.add_argument("--storage", default=None, metavar="URL",
+                      help="Optuna storage: an RDB URL (sqlite:///study.db, postgresql://...) shared by several "
+                           "machines, or a journal file (.journal/.log); default OUT/study.journal")
+    tune.add_argument("--study", default=None, metavar="NAME", help="study name (default ALGO-ENV)")
+    tune.add_argument("--out", default=None, help="output folder (default tune_out/ENV-ALGO)")
+    tune.add_argument("--space", default=None, metavar="FILE",
+                      help="search-space TOML (default agents/tune/ALGO.toml, else the built-in one)")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="fix a hyperparameter over the preset for every trial")
+    tune.add_argument("--evaluations", type=int, default=5, help="evaluations per trial, reported to the pruner (default 5)")
+    tune.add_argument("--eval-episodes", type=int, default=5, help="episodes per evaluation (default 5)")
+    tune.add_argument("--quiet", action="store_true", help="no line per trial")
+
+    export = sub.add_parser("export", help="export a run's deterministic policy (ONNX)")
+    export.add_argument("run_dir")
+    export.add_argument("--onnx", metavar="FILE", required=True,
+                        help="the .onnx file to write: raw observations in, predict()'s actions out "
+                             "(pip install 'trpo-lab[export]')")
     return parser
 
 
@@ -329,18 +360,74 @@ def _eval(args: argparse.Namespace) -> int:
         raise CLIError(f"Run directory not found: {run_dir}")
     if args.episodes < 1:
         raise CLIError(f"Invalid --episodes: {args.episodes}; expected >= 1")
-    path = run_dir / "final.pt"
-    if not path.exists():
-        path = run_dir / "checkpoint.pt"
+    if args.video is not None:
+        from trpo_lab.envs.video import check_video_support
+
+        check_video_support()
+    path = _agent_file(run_dir)
     agent = OnPolicyAgent.load(path, n_envs=1)
     try:
-        returns = agent.evaluate(args.episodes, deterministic=not args.stochastic, seed=args.seed)
+        returns = agent.evaluate(args.episodes, deterministic=not args.stochastic, seed=args.seed,
+                                 video_folder=args.video)
     finally:
         agent.close()
     print(
         f"{agent.algo} on {agent.env_id}: return {np.mean(returns):.2f} +- {np.std(returns):.2f} "
         f"over {len(returns)} episodes ({path.name})"
     )
+    if args.video is not None:
+        videos = sorted(Path(args.video).glob(f"{agent.algo}-{agent.env_id}-episode-*.mp4"))
+        print(f"recorded {len(videos)} episode video(s) in {args.video}")
+    return 0
+
+
+def _agent_file(run_dir: Path) -> Path:
+    """``final.pt`` of a run directory, else its latest ``checkpoint.pt``."""
+    for name in ("final.pt", "checkpoint.pt"):
+        if (run_dir / name).exists():
+            return run_dir / name
+    raise CLIError(f"No final.pt or checkpoint.pt in {run_dir}; is it a run directory?")
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from trpo_lab.config import parse_set_option
+    from trpo_lab.experiments.tune import tune
+
+    overrides: dict[str, Any] = {}
+    for option in args.overrides:
+        parse_set_option(option, overrides)
+    result = tune(
+        args.algo, args.env, trials=args.trials, workers=args.workers, timeout=args.timeout, steps=args.steps,
+        n_envs=args.n_envs, seed=args.seed, storage=args.storage, study_name=args.study, out=args.out,
+        space=args.space, overrides=overrides, evaluations=args.evaluations, eval_episodes=args.eval_episodes,
+        verbose=not args.quiet,
+    )
+    summary = (f"study {result.study_name!r}: {result.n_trials} trials ({result.new_trials} new; {result.n_complete} "
+               f"complete, {result.n_pruned} pruned, {result.n_failed} failed) in {result.elapsed_s:,.0f} s")
+    if result.best_value is None:
+        print(f"{summary}; no trial completed yet, so no best.toml; see {result.plot_path}")
+        return 0
+    print(result.preset_toml, end="")
+    print(f"{summary}; best trial {result.best_trial}: return {result.best_value:.2f}; "
+          f"preset in {result.preset_path}, history in {result.plot_path}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from trpo_lab.agents.base import OnPolicyAgent
+    from trpo_lab.export import export_onnx
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise CLIError(f"Run directory not found: {run_dir}")
+    path = _agent_file(run_dir)
+    agent = OnPolicyAgent.load(path, n_envs=1)
+    try:
+        written = export_onnx(agent, args.onnx)
+    finally:
+        agent.close()
+    print(f"{agent.algo} on {agent.env_id} ({path.name}, {agent.num_timesteps} steps): deterministic policy "
+          f"written to {written} (input 'obs', output 'action')")
     return 0
 
 
@@ -377,6 +464,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
             return _compare(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "tune":
+            return _tune(args)
+        if args.command == "export":
+            return _export(args)
         raise CLIError(f"trpo-lab: unknown command {args.command!r}")
     except (CLIError, ValueError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -61,7 +61,7 @@ from trpo_lab.logging import RunLogger, atomic_write_text
 from trpo_lab.nn.policy import ActorCritic
 from trpo_lab.rollout.buffer import RolloutBatch, RolloutBuffer
 from trpo_lab.rollout.collector import RolloutCollector
-from trpo_lab.validation import check_device, check_int
+from trpo_lab.validation import check_device, check_int, first_line
 
 A = TypeVar("A", bound="OnPolicyAgent")
 
@@ -403,19 +403,40 @@ class OnPolicyAgent(ABC):
             actions_np = np.clip(actions_np, self.action_space.low, self.action_space.high)  # type: ignore[attr-defined]
         return actions_np[0] if single else actions_np
 
-    def evaluate(self, n_episodes: int = 10, deterministic: bool = True, seed: int | None = None) -> np.ndarray:
-        """Returns of ``n_episodes`` evaluation episodes on fresh, unnormalized copies of the env."""
+    def evaluate(
+        self,
+        n_episodes: int = 10,
+        deterministic: bool = True,
+        seed: int | None = None,
+        video_folder: str | Path | None = None,
+    ) -> np.ndarray:
+        """Returns of ``n_episodes`` evaluation episodes on fresh, unnormalized copies of the env.
+
+        Args:
+            n_episodes: Episodes to run (over up to 4 environments in parallel).
+            deterministic: Act with the distribution's mode (else sample).
+            seed: Seed of the evaluation environments (default ``seed + 10000``).
+            video_folder: Record every episode with Gymnasium's ``RecordVideo`` as
+                ``<video_folder>/<algo>-<env>-episode-<i>.mp4`` (one environment, episodes in
+                turn; needs MoviePy: ``pip install 'trpo-lab[video]'``).
+        """
         if self._env_spec is None:
             raise ValueError("evaluate() needs an agent built from an env id or env factory, not a VectorEnv")
         check_int("n_episodes", n_episodes, minimum=1, expected=">= 1")
-        n_eval = min(n_episodes, 4)
-        env = make_vec_env(self._env_spec, n_envs=n_eval, seed=None, env_kwargs=self.env_kwargs)
+        if video_folder is None:
+            n_eval, env_spec = min(n_episodes, 4), self._env_spec
+        else:
+            from trpo_lab.envs.video import recording_env_factory
+
+            name = f"{self.algo}-{self.env_id}" if self.env_id else self.algo
+            n_eval, env_spec = 1, recording_env_factory(self._env_spec, video_folder, self.env_kwargs, name_prefix=name)
+        env = make_vec_env(env_spec, n_envs=n_eval, seed=None, env_kwargs=self.env_kwargs)
         targets = np.array([(n_episodes + i) // n_eval for i in range(n_eval)])
         counts = np.zeros(n_eval, dtype=int)
         returns: list[float] = []
         eval_seed = self.seed + 10_000 if seed is None else seed
-        obs, _ = env.reset(seed=eval_seed)
         try:
+            obs, _ = env.reset(seed=eval_seed)
             while (counts < targets).any():
                 obs, _, _, _, infos = env.step(self.predict(obs, deterministic=deterministic))
                 if "_episode" in infos:
@@ -423,6 +444,8 @@ class OnPolicyAgent(ABC):
                         if counts[i] < targets[i]:
                             returns.append(float(infos["episode"]["r"][i]))
                             counts[i] += 1
+        except gym.error.DependencyNotInstalled as exc:  # e.g. pygame, to render frames for a video
+            raise ValueError(f"Cannot evaluate {self.env_id or 'the environment'}: {first_line(exc)}") from None
         finally:
             env.close()
         return np.asarray(returns)

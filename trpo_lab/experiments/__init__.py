@@ -21,7 +21,8 @@ The pieces:
   interrupt handling, the local process pool, and :func:`run_experiment`;
 - :mod:`~trpo_lab.experiments.ray_executor`: the same runs as Ray tasks;
 - :mod:`~trpo_lab.experiments.stats`: mean and 95% Student-t interval, IQM, the winner;
-- :mod:`~trpo_lab.experiments.report`: ``summary.csv``, ``learning_curves.png``, ``report.md``.
+- :mod:`~trpo_lab.experiments.report`: ``summary.csv``, ``learning_curves.png``, ``report.md``;
+- :mod:`~trpo_lab.experiments.tune`: ``trpo-lab tune``, hyperparameter search with Optuna.
 """
 
 from __future__ import annotations
