@@ -134,6 +134,11 @@ class AgentConfig:
     nan_policy: str = _param(
         "raise", lambda v: v in ("raise", "skip"), "'raise' or 'skip'", "what to do with non-finite env output"
     )
+    sync_free: bool | None = _param(
+        None,
+        doc="the device-resident update (no host synchronisation until the metrics are read); "
+        "None: on for CUDA devices, off on the CPU",
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):

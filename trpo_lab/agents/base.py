@@ -193,6 +193,21 @@ class OnPolicyAgent(ABC):
         self.data_parallel.join(self.policy, running_statistics(self.env), self.device)
 
     @property
+    def sync_free(self) -> bool:
+        """Whether the update runs device-resident: no host synchronisation inside ``update``.
+
+        ``config.sync_free``, or, when that is ``None`` (the default), whether the agent's
+        device is CUDA. The CPU runs the host-synchronising path by default (there a host read
+        is free and stopping CG or the line search early saves work); setting ``sync_free=True``
+        on the CPU runs the GPU's path, which is how CI proves it with
+        :class:`~trpo_lab.testing.HostSyncCounter`. Both paths give the same update up to
+        floating-point rounding, except that the sync-free L-BFGS critic fit is
+        :func:`~trpo_lab.optim.lbfgs.lbfgs_fixed` (see ``critic_optimizer``).
+        """
+        chosen = self.config.sync_free
+        return self.device.type == "cuda" if chosen is None else chosen
+
+    @property
     def num_rejected_updates(self) -> int:
         """Updates rejected by the guard over the agent's lifetime."""
         return self.guard.num_rejected
