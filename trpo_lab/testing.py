@@ -128,7 +128,7 @@ def _caller() -> str:
     return "<unknown>"
 
 
-class HostSyncCounter(TorchDispatchMode):
+class HostSyncCounter(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch leaves it untyped
     """Record the operations that make a GPU wait for the host, and where they were made.
 
     Use it as a context manager around the code to check; it nests with other dispatch modes
@@ -141,7 +141,7 @@ class HostSyncCounter(TorchDispatchMode):
     """
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.syncs: list[HostSync] = []
         self.host_data: list[HostSync] = []
         self.transfers: list[HostSync] = []

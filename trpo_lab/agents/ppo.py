@@ -23,7 +23,7 @@ In one process each of these is the local computation.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -268,7 +268,7 @@ class PPO(OnPolicyAgent):
         metrics["train/learning_rate"] = cfg.learning_rate
         return metrics
 
-    def _step_state(self, parameters: list[Tensor]) -> list[Tensor]:
+    def _step_state(self, parameters: Sequence[Tensor]) -> list[Tensor]:
         """The tensors an optimizer step changes: the parameters and the optimizer's state tensors."""
         state = [t for p in parameters for t in self.optimizer.state.get(p, {}).values() if isinstance(t, Tensor)]
         return [p.detach() for p in parameters] + state
