@@ -144,13 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         name = torch.cuda.get_device_name()
         results["gpu"] = name
         for label, prepare in (("eager", None), ("compiled critic", _compile_critic)):
-            timed = _attempt(label, lambda: update_seconds("cuda", args, True, args.repeats, prepare))
+            timed = _attempt(label, lambda prepare=prepare: update_seconds("cuda", args, True, args.repeats, prepare))
             if timed is not None:
                 print(f"  gpu ({name}), {label:16s} {timed[0]:9.3f} s   speed-up over 1 cpu thread {cpu_s / timed[0]:6.1f}x")
                 results[f"gpu_update_s[{label}]"] = timed[0]
         print(f"TorchCartPole loop, {args.envs:,} envs, n_steps {args.loop_steps}, updates included:")
         for label, prepare in (("eager", None), ("compiled critic", _compile_critic)):
-            sps = _attempt(label, lambda: loop_steps_per_second("cuda", args, prepare))
+            sps = _attempt(label, lambda prepare=prepare: loop_steps_per_second("cuda", args, prepare))
             if sps is not None:
                 print(f"  gpu, {label:16s} {sps:14,.0f} env-steps/s")
                 results[f"gpu_loop_steps_per_s[{label}]"] = sps

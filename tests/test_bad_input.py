@@ -24,8 +24,8 @@ from trpo_lab.agents import agent_class
 from trpo_lab.agents.base import OnPolicyAgent
 from trpo_lab.agents.trpo import TRPO
 from trpo_lab.config import ACKTRConfig, PPOConfig, TRPOConfig, config_class, load_toml, parse_set_option
-from trpo_lab.presets import load_preset
 from trpo_lab.envs.torch_cartpole import TorchCartPole
+from trpo_lab.presets import load_preset
 
 BOX = gym.spaces.Box(-1, 1, (3,), np.float32)
 CODE = "__import__('os').system('touch {marker}')"

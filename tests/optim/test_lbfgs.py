@@ -12,7 +12,8 @@ from trpo_lab.testing import HostSyncCounter
 def _least_squares(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     features = torch.randn(64, 6, generator=gen, dtype=torch.float64)
-    targets = features @ torch.randn(6, generator=gen, dtype=torch.float64) + 0.1 * torch.randn(64, generator=gen, dtype=torch.float64)
+    noise = 0.1 * torch.randn(64, generator=gen, dtype=torch.float64)
+    targets = features @ torch.randn(6, generator=gen, dtype=torch.float64) + noise
     weights = torch.zeros(6, dtype=torch.float64, requires_grad=True)
     return features, targets, weights
 
