@@ -29,10 +29,16 @@ Separately, :attr:`HostSyncCounter.host_data` records host values entering as ne
 ``lift_fresh`` operation). On a GPU each is a host → device copy, blocking unless it goes
 through pinned memory and ``non_blocking``; on the CPU it is the only trace such a copy leaves.
 
-Limits: a dispatch mode sees only what goes through torch's dispatcher. Reading a *CPU*
-tensor with ``.numpy()`` or ``.tolist()`` (which on a GPU tensor would need a copy that the
-counter does see) does not dispatch, nor do host-side Python decisions made on numpy values.
-Operations inside ``torch.compile``d graphs are seen only when the graph falls back to eager.
+Reading a tensor with ``.tolist()`` or ``.numpy()`` does not go through the dispatcher for a
+CPU tensor (for a GPU tensor it needs the copy to the host that the counter sees), so while
+the counter is active these two methods are wrapped and recorded as syncs too
+(``count_host_reads=False`` turns that off, e.g. around a numpy rollout on the CPU).
+
+Limits: a dispatch mode sees only what goes through torch's dispatcher from Python. Checks that
+a library kernel makes internally (e.g. the error-code read of ``torch.linalg.eigh`` on CUDA)
+are invisible to it, as are operations inside ``torch.compile``d graphs unless the graph falls
+back to eager; CUDA's ``torch.cuda.set_sync_debug_mode("error")`` catches those on a GPU
+(``tests/gpu/``).
 """
 
 from __future__ import annotations
@@ -140,8 +146,10 @@ class HostSyncCounter(TorchDispatchMode):  # type: ignore[no-untyped-call]  # to
         transfers: Non-blocking host → device copies (asynchronous, not syncs).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, count_host_reads: bool = True) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
+        self.count_host_reads = count_host_reads
+        self._saved_methods: dict[str, Any] = {}
         self.syncs: list[HostSync] = []
         self.host_data: list[HostSync] = []
         self.transfers: list[HostSync] = []
@@ -169,6 +177,30 @@ class HostSyncCounter(TorchDispatchMode):  # type: ignore[no-untyped-call]  # to
         lines += [f"  host data: {n} x {where}" for where, n in
                   Counter(f"{d.location}" for d in self.host_data).most_common()]
         return "\n".join(lines)
+
+    def __enter__(self) -> HostSyncCounter:
+        if self.count_host_reads:
+            for name in ("tolist", "numpy"):
+                original = getattr(torch.Tensor, name)
+                self._saved_methods[name] = original
+                setattr(torch.Tensor, name, self._reading(name, original))
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        for name, original in self._saved_methods.items():
+            setattr(torch.Tensor, name, original)
+        self._saved_methods.clear()
+
+    def _reading(self, name: str, original: Any) -> Any:
+        counter = self
+
+        def read(tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
+            counter._record(counter.syncs, f"Tensor.{name}", f"{name}() of a tensor (a device-to-host read on a GPU)")
+            return original(tensor, *args, **kwargs)
+
+        return read
 
     def _record(self, into: list[HostSync], func: Any, reason: str) -> None:
         into.append(HostSync(str(func), reason, _caller()))
