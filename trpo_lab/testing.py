@@ -184,11 +184,11 @@ class HostSyncCounter(TorchDispatchMode):  # type: ignore[no-untyped-call]  # to
                 original = getattr(torch.Tensor, name)
                 self._saved_methods[name] = original
                 setattr(torch.Tensor, name, self._reading(name, original))
-        super().__enter__()
+        super().__enter__()  # type: ignore[no-untyped-call]
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        super().__exit__(*exc)
+        super().__exit__(*exc)  # type: ignore[no-untyped-call]
         for name, original in self._saved_methods.items():
             setattr(torch.Tensor, name, original)
         self._saved_methods.clear()
