@@ -206,7 +206,8 @@ class TrustRegionConfig(AgentConfig):
     (``n_critic_updates`` epochs of ``batch_size`` minibatches at ``learning_rate``) or
     full-batch L-BFGS (one solve of ``critic_lbfgs_max_iter`` iterations per update, as the
     original TRPO paper; with ``sync_free`` the fixed-budget, device-resident
-    :func:`~trpo_lab.optim.lbfgs.lbfgs_fixed` instead of ``torch.optim.LBFGS``). ``diagnostics`` holds optional, costly checks; the CLI sets them with
+    :func:`~trpo_lab.optim.lbfgs.lbfgs_fixed` instead of ``torch.optim.LBFGS``).
+    ``diagnostics`` holds optional, costly checks; the CLI sets them with
     ``--set diagnostics.exact_every=N``.
     """
 
