@@ -24,6 +24,7 @@ from trpo_lab.agents import agent_class
 from trpo_lab.agents.base import OnPolicyAgent
 from trpo_lab.agents.trpo import TRPO
 from trpo_lab.config import ACKTRConfig, PPOConfig, TRPOConfig, config_class, load_toml, parse_set_option
+from trpo_lab.envs.torch_cartpole import TorchCartPole
 from trpo_lab.experiments.tune import load_space, parse_space
 from trpo_lab.presets import load_preset
 
@@ -195,6 +196,10 @@ PYTHON_CASES: list[tuple[str, Callable[[dict[str, Path]], Any], str]] = [
      r"Invalid policy_kwargs.ortho_init: 'yes'; expected true or false"),
     # construction arguments
     ("device", trpo(device="tpu"), r"Invalid device: 'tpu'; expected 'cpu', 'cuda', 'cuda:N' or 'auto'"),
+    ("sync_free not a bool", trpo(sync_free="yes"), r"Invalid sync_free: 'yes' \(str\); expected true or false"),
+    ("torch env with skip", trpo(env=TorchCartPole(2), nan_policy="skip"),
+     r"Invalid nan_policy: 'skip' for a torch vector env; it applies to numpy environments only"),
+    ("torch env num_envs", lambda f: TorchCartPole(0), r"Invalid num_envs: 0; expected an integer >= 1"),
     ("vectorization", trpo(vectorization="threads"), r"Invalid vectorization: 'threads'; expected 'sync', 'async'"),
     ("env not an id", trpo(env=123), r"Invalid env: 123; expected a Gymnasium id or a callable returning a gymnasium.Env"),
     ("factory returns no env", trpo(env=lambda: 42),

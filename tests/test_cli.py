@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -61,3 +62,19 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path: Path, args: list[str], mes
     assert len(lines) == 1, result.stderr
     assert message in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_train_device_auto_and_a_device_that_does_not_exist(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = _run(
+        "train", "trpo", "CartPole-v1", "--steps", "64", "--n-envs", "1", "--set", "n_steps=64",
+        "--device", "auto", "--run-dir", str(run_dir), "--quiet", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    picked = "cuda" if torch.cuda.is_available() else "cpu"
+    assert f'device = "{picked}"' in (run_dir / "config.toml").read_text()
+    result = _run("train", "trpo", "CartPole-v1", "--device", "tpu", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "trpo-lab: error: Invalid device: 'tpu'; expected 'cpu', 'cuda', 'cuda:N' or 'auto'"
+    ]

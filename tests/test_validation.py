@@ -75,3 +75,31 @@ def test_check_number_bounds() -> None:
         value = kwargs.pop("value")
         with pytest.raises(ValueError, match=message):
             check_number("x", value, **kwargs)  # type: ignore[arg-type]
+
+
+def test_device_auto_picks_cuda_when_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from trpo_lab.validation import check_device
+
+    assert check_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert check_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"Invalid device: 'cuda'; CUDA is not available on this machine"):
+        check_device("cuda")
+    with pytest.raises(ValueError, match=r"Invalid device: 'gpu0'; expected 'cpu', 'cuda', 'cuda:N' or 'auto'"):
+        check_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert check_device("auto") == torch.device("cuda")
+
+
+def test_agent_device_auto_and_its_sync_free_default() -> None:
+    import torch
+
+    from trpo_lab import TRPO
+
+    agent = TRPO("CartPole-v1", n_envs=1, n_steps=8, device="auto")
+    expected = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert agent.device.type == expected.type
+    assert agent.sync_free is (expected.type == "cuda")
+    agent.close()

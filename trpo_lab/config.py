@@ -134,6 +134,11 @@ class AgentConfig:
     nan_policy: str = _param(
         "raise", lambda v: v in ("raise", "skip"), "'raise' or 'skip'", "what to do with non-finite env output"
     )
+    sync_free: bool | None = _param(
+        None,
+        doc="the device-resident update (no host synchronisation until the metrics are read); "
+        "None: on for CUDA devices, off on the CPU",
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -200,7 +205,9 @@ class TrustRegionConfig(AgentConfig):
     sᵀFs from a Fisher-vector product. ``critic_optimizer`` picks minibatch Adam
     (``n_critic_updates`` epochs of ``batch_size`` minibatches at ``learning_rate``) or
     full-batch L-BFGS (one solve of ``critic_lbfgs_max_iter`` iterations per update, as the
-    original TRPO paper). ``diagnostics`` holds optional, costly checks; the CLI sets them with
+    original TRPO paper; with ``sync_free`` the fixed-budget, device-resident
+    :func:`~trpo_lab.optim.lbfgs.lbfgs_fixed` instead of ``torch.optim.LBFGS``).
+    ``diagnostics`` holds optional, costly checks; the CLI sets them with
     ``--set diagnostics.exact_every=N``.
     """
 

@@ -1,58 +1,85 @@
-"""On a GPU the CG loop and the batched line search make no host synchronisation.
+"""On a GPU the sync-free path makes no host synchronisation: CUDA's own sync-debug mode agrees
+with :class:`~trpo_lab.testing.HostSyncCounter`.
 
 Skipped without CUDA (CI has none); run on a GPU machine with `python -m pytest tests/gpu`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import gymnasium as gym
 import pytest
 import torch
 
 from trpo_lab.agents.trpo import TRPO
+from trpo_lab.envs.torch_cartpole import TorchCartPole
 from trpo_lab.optim.cg import solve_cg
-from trpo_lab.optim.line_search import kl_line_search
+from trpo_lab.testing import HostSyncCounter
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def _agent() -> TRPO:
-    return TRPO(lambda: gym.make("Pendulum-v1"), n_envs=4, seed=0, device="cuda", n_steps=64, line_search_batched=True)
+@contextmanager
+def cuda_syncs_are_errors() -> Iterator[None]:
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
-def test_buffer_and_gae_live_on_the_device() -> None:
+def _agent(**kwargs: object) -> TRPO:
+    return TRPO(lambda: gym.make("Pendulum-v1"), n_envs=4, seed=0, device="cuda", n_steps=64, **kwargs)  # type: ignore[arg-type]
+
+
+def test_sync_free_is_the_default_on_cuda_and_the_buffer_lives_there() -> None:
     agent = _agent()
+    assert agent.sync_free
     agent.collect_rollout()
     assert agent.buffer.advantages.device.type == "cuda"
     assert agent.buffer.batch().observations.device.type == "cuda"
 
 
-def test_cg_and_line_search_make_no_host_sync() -> None:
+def test_cg_makes_no_host_sync() -> None:
     agent = _agent()
     agent.collect_rollout()
     batch = agent.buffer.batch()
     policy = agent.policy
     obs = policy.preprocess(batch.observations)
-    advantages = agent._advantages(batch)
     actor = policy.actor_parameters()
     with torch.no_grad():
         old = policy.dist_params(obs)
     grad = torch.randn(sum(p.numel() for p in actor), device="cuda")
     fvp = agent._fvp(obs, old, actor)
-    step = agent.natural_step(obs, batch, advantages)
-    evaluate = agent._evaluate_candidates(obs, batch, advantages)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with cuda_syncs_are_errors():
         result = solve_cg(fvp, grad, max_iter=10, tol=1e-10)
-        search = kl_line_search(
-            actor, step.full_step.detach(), evaluate, loss0=step.loss0,
-            expected_improvement=step.expected_improvement.detach(), kl_limit=0.01, batched=True,
-        )
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(result.x).all()
-    assert bool(search.kl <= 0.01)
+
+
+@pytest.mark.parametrize("critic_optimizer", ["adam", "lbfgs"])
+def test_whole_update_makes_no_host_sync(critic_optimizer: str) -> None:
+    agent = _agent(critic_optimizer=critic_optimizer)
+    agent.collect_rollout()
+    batch = agent.buffer.batch()
+    agent.update(batch)  # warm-up: lazy optimizer state, cuBLAS handles
+    with HostSyncCounter() as counter, cuda_syncs_are_errors():
+        metrics = agent.update(batch)
+    assert counter.count == 0, counter.report()
+    assert all(torch.isfinite(torch.as_tensor(value)).all() for value in metrics.values())
+
+
+def test_torch_cartpole_rollout_steps_make_no_host_sync() -> None:
+    agent = TRPO(TorchCartPole(256, device="cuda"), device="cuda", n_steps=16, seed=0)
+    agent.collect_rollout()
+    env, actor = agent.env, agent.collector.actor()
+    obs, _ = env.reset(seed=1)
+    with cuda_syncs_are_errors(), torch.inference_mode():
+        for _ in range(8):
+            actions, _, _ = actor.act(obs)
+            obs, *_ = env.step(actions)
 
 
 def test_trpo_trains_on_cuda() -> None:

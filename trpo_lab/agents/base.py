@@ -57,6 +57,7 @@ from trpo_lab.envs import (
     running_statistics,
     with_guard,
 )
+from trpo_lab.envs.torch_vec import is_torch_vector_env
 from trpo_lab.logging import RunLogger, atomic_write_text
 from trpo_lab.nn.policy import ActorCritic
 from trpo_lab.rollout.buffer import RolloutBatch, RolloutBuffer
@@ -128,8 +129,12 @@ class OnPolicyAgent(ABC):
         self.device = check_device(device)
         self.vectorization = vectorization
         self.env_kwargs = dict(env_kwargs or {})
-        if isinstance(env, VectorEnv):
-            self.env_id: str | None = env.spec.id if env.spec is not None else None
+        if is_torch_vector_env(env):
+            self.env_id: str | None = None
+            self.env = self._torch_env(env)
+            self.env.reset(seed=self.local_seed)
+        elif isinstance(env, VectorEnv):
+            self.env_id = env.spec.id if env.spec is not None else None
             self.env = with_guard(env, self.config.nan_policy)
             self.env.reset(seed=self.local_seed)
         else:
@@ -152,10 +157,28 @@ class OnPolicyAgent(ABC):
                 self.env.close()
             raise
 
+    def _torch_env(self, env: Any) -> VectorEnv:
+        """A torch-native vector env (:mod:`trpo_lab.envs.torch_vec`), checked against this agent.
+
+        Its tensors must live on the agent's device, and ``nan_policy = "skip"`` (which drops
+        steps on the host) does not apply to it.
+        """
+        if env.device != self.device:
+            raise ValueError(
+                f"Invalid env: a torch vector env on {env.device}, but the agent's device is {self.device}; "
+                "build both on the same device"
+            )
+        if self.config.nan_policy == "skip":
+            raise ValueError(
+                "Invalid nan_policy: 'skip' for a torch vector env; it applies to numpy environments only (use 'raise')"
+            )
+        vector_env: VectorEnv = env
+        return vector_env
+
     def _build(self, env: Any) -> None:
         """Everything of ``__init__`` after the environment exists."""
         seed, local_seed = self.seed, self.local_seed
-        self._env_spec = env if not isinstance(env, VectorEnv) else None
+        self._env_spec = None if isinstance(env, VectorEnv) or is_torch_vector_env(env) else env
         self.n_envs = self.env.num_envs
         self.observation_space = self.env.single_observation_space
         self.action_space = self.env.single_action_space
@@ -182,8 +205,8 @@ class OnPolicyAgent(ABC):
         self.wall_time = 0.0
         self.episode_returns: deque[float] = deque(maxlen=100)
         self.episode_lengths: deque[float] = deque(maxlen=100)
-        self._last_obs: np.ndarray | None = None
-        self._autoreset = np.zeros(self.n_envs, dtype=bool)
+        self._last_obs: np.ndarray | Tensor | None = None  # tensors for a torch vector env
+        self._autoreset: np.ndarray | Tensor = np.zeros(self.n_envs, dtype=bool)
         self._reset_seed = local_seed  # seed of the first env.reset of a rollout (see load_state_dict)
         self._setup()
         self.guard = UpdateGuard(
@@ -191,6 +214,21 @@ class OnPolicyAgent(ABC):
         )
         """Undoes non-finite updates and counts them."""
         self.data_parallel.join(self.policy, running_statistics(self.env), self.device)
+
+    @property
+    def sync_free(self) -> bool:
+        """Whether the update runs device-resident: no host synchronisation inside ``update``.
+
+        ``config.sync_free``, or, when that is ``None`` (the default), whether the agent's
+        device is CUDA. The CPU runs the host-synchronising path by default (there a host read
+        is free and stopping CG or the line search early saves work); setting ``sync_free=True``
+        on the CPU runs the GPU's path, which is how CI proves it with
+        :class:`~trpo_lab.testing.HostSyncCounter`. Both paths give the same update up to
+        floating-point rounding, except that the sync-free L-BFGS critic fit is
+        :func:`~trpo_lab.optim.lbfgs.lbfgs_fixed` (see ``critic_optimizer``).
+        """
+        chosen = self.config.sync_free
+        return self.device.type == "cuda" if chosen is None else chosen
 
     @property
     def num_rejected_updates(self) -> int:

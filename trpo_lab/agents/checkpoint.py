@@ -168,8 +168,8 @@ def local_state(agent: OnPolicyAgent) -> dict[str, Any]:
     return {
         "env_state": env_state,
         "env_state_error": env_state_error,
-        "last_obs": None if agent._last_obs is None else torch.from_numpy(np.array(agent._last_obs)),
-        "autoreset": torch.from_numpy(np.array(agent._autoreset, dtype=bool)),
+        "last_obs": None if agent._last_obs is None else _host_copy(agent._last_obs),
+        "autoreset": _host_copy(agent._autoreset).to(torch.bool),
         "reset_seed": agent._reset_seed,
         "rng": {"generator": agent.generator.get_state(), "shuffle": agent.shuffle_generator.get_state()},
         "episodes": {"returns": list(agent.episode_returns), "lengths": list(agent.episode_lengths)},
@@ -215,6 +215,13 @@ def agent_state(agent: OnPolicyAgent, local: Mapping[str, Any] | None = None) ->
 
 
 # ---------------------------------------------------------------------------- loading
+def _host_copy(value: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A CPU tensor copy of a numpy array or of a (torch vector env's, maybe device) tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    return torch.from_numpy(np.array(value))
+
+
 def config_toml(agent: OnPolicyAgent, total_timesteps: int | None = None) -> str:
     """The run's resolved configuration (``config.toml``): the constructor's settings and every hyperparameter."""
     import tomli_w

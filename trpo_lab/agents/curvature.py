@@ -184,7 +184,9 @@ class CGCurvature(Curvature):
     name = "cg"
 
     def direction(self, grad: Tensor, fvp: FisherVectorProduct, problem: CurvatureProblem) -> Direction:
-        return cg_solve(self.config.cg_max_steps, self.config.cg_tol)(grad, fvp)
+        # sync_free unset: stop early on the CPU only (cg_solve's default); set: its opposite.
+        stop_early = None if self.config.sync_free is None else not self.config.sync_free
+        return cg_solve(self.config.cg_max_steps, self.config.cg_tol, stop_early)(grad, fvp)
 
 
 class ExactCurvature(Curvature):

@@ -23,7 +23,7 @@ In one process each of these is the local computation.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -203,12 +203,85 @@ class PPO(OnPolicyAgent):
             ent_coef=cfg.ent_coef,
         )
 
+    def _update_sync_free(self, batch: RolloutBatch) -> dict[str, Tensor | float]:
+        """:meth:`update` with the ``target_kl`` early stop decided on the device.
+
+        Every minibatch of every epoch runs; once a minibatch's approximate KL exceeds
+        ``1.5 * target_kl``, its optimizer step and those of all later minibatches are undone
+        (parameters and optimizer state restored with ``torch.where``), so the result is the
+        early-stopped update's. The metrics average over the steps kept. No host
+        synchronisation; the rest of the epochs' compute is the price of deciding without one.
+        (The first minibatch of an update sees KL 0, the policy not having moved, so the lazily
+        created optimizer state is never created by a step that is undone.)
+        """
+        cfg, policy, reducer = self.config, self.policy, self.reducer
+        assert cfg.target_kl is not None
+        parameters = list(policy.parameters())
+        obs = policy.preprocess(batch.observations)
+        with torch.no_grad():
+            old_params = policy.dist_params(obs)
+        stopped = torch.zeros((), dtype=torch.bool, device=obs.device)
+        kept: list[Tensor] = []
+        losses: list[PPOLoss] = []
+        grad_norms: list[Tensor] = []
+        epochs_done = torch.zeros((), device=obs.device)
+        for _ in range(cfg.n_epochs):
+            for minibatch, total_count in reducer.shuffled_minibatches(batch, cfg.batch_size, self.shuffle_generator):
+                loss = self._minibatch_loss(minibatch)
+                self.optimizer.zero_grad(set_to_none=True)
+                torch.autograd.backward(loss.total)
+                approx_kl = reducer.grads(parameters, minibatch.size, total_count, with_means=loss.approx_kl)
+                assert approx_kl is not None
+                stopped = stopped | (approx_kl.reshape(()) > 1.5 * cfg.target_kl)
+                grad_norms.append(clip_grad_norm_(parameters, cfg.max_grad_norm))
+                before = [t.detach().clone() for t in self._step_state(parameters)]
+                self.optimizer.step()
+                with torch.no_grad():
+                    # (the prefix: a first step creates the optimizer state, and is never undone)
+                    for tensor, saved in zip(self._step_state(parameters)[: len(before)], before, strict=True):
+                        tensor.copy_(torch.where(stopped, saved, tensor))
+                kept.append(~stopped)
+                losses.append(loss)
+            epochs_done = epochs_done + (~stopped).to(epochs_done.dtype)
+        weights = torch.stack(kept).to(obs.dtype)
+        count = weights.sum()
+
+        def mean_of(values: list[Tensor]) -> Tensor:
+            return (torch.stack([v.detach().reshape(()) for v in values]) * weights).sum() / count.clamp_min(1.0)
+
+        metrics: dict[str, Tensor | float] = {
+            name: mean_of([getattr(loss, field) for loss in losses])
+            for name, field in (("train/loss", "total"), ("train/policy_loss", "policy"), ("train/value_loss", "value"),
+                                ("train/approx_kl", "approx_kl"), ("train/clip_fraction", "clip_fraction"))
+        }
+        metrics["train/grad_norm"] = mean_of(grad_norms)
+        with torch.no_grad():
+            new_params = policy.dist_params(obs)
+            metrics["train/kl"] = policy.distribution.kl(old_params, new_params).mean()
+            metrics["train/entropy"] = policy.distribution.entropy(new_params).mean()
+            metrics["train/explained_variance"] = explained_variance(batch.values, batch.returns)
+            if policy.log_std is not None:
+                metrics["train/std"] = policy.log_std.exp().mean()
+        metrics["train/n_updates"] = count
+        metrics["train/epochs"] = epochs_done
+        metrics["train/early_stop"] = stopped.to(obs.dtype)
+        metrics["train/learning_rate"] = cfg.learning_rate
+        return metrics
+
+    def _step_state(self, parameters: Sequence[Tensor]) -> list[Tensor]:
+        """The tensors an optimizer step changes: the parameters and the optimizer's state tensors."""
+        state = [t for p in parameters for t in self.optimizer.state.get(p, {}).values() if isinstance(t, Tensor)]
+        return [p.detach() for p in parameters] + state
+
     def update(self, batch: RolloutBatch) -> dict[str, Tensor | float]:
         """``n_epochs`` passes of clipped-surrogate minibatch steps; returns device-tensor metrics.
 
         The early stop (``target_kl``) is decided on the minibatch's KL before its optimizer
-        step; it is the only host synchronisation, and only when ``target_kl`` is set.
+        step; it is the only host synchronisation, and only when ``target_kl`` is set. With
+        ``sync_free`` it is decided on the device instead (:meth:`_update_sync_free`).
         """
+        if self.sync_free and self.config.target_kl is not None:
+            return self._update_sync_free(batch)
         cfg, policy, reducer = self.config, self.policy, self.reducer
         parameters = list(policy.parameters())
         obs = policy.preprocess(batch.observations)

@@ -45,9 +45,10 @@ from trpo_lab.agents.curvature import (
 )
 from trpo_lab.agents.metrics import explained_variance
 from trpo_lab.config import TRPOConfig, TrustRegionConfig
-from trpo_lab.optim._flat import clip_grad_norm_, flat_params, total_numel
+from trpo_lab.optim._flat import clip_grad_norm_, flat_params, to_device_async, total_numel
 from trpo_lab.optim.exact import cosine_similarity
 from trpo_lab.optim.fisher import fisher_vector_product, fisher_vector_product_func, flat_grad
+from trpo_lab.optim.lbfgs import lbfgs_fixed
 from trpo_lab.optim.trust_region import Evaluate, NaturalStep, natural_step, trust_region_line_search
 from trpo_lab.rollout.buffer import RolloutBatch
 
@@ -248,7 +249,7 @@ class TrustRegionAgent(OnPolicyAgent):
         size = returns_all.shape[0]
         for _ in range(cfg.n_critic_updates):
             # One gather per epoch; the minibatches are then contiguous views of it.
-            perm = torch.randperm(size, generator=self.shuffle_generator).to(obs_all.device)
+            perm = to_device_async(torch.randperm(size, generator=self.shuffle_generator), obs_all.device)
             obs_epoch, returns_epoch = obs_all[perm], returns_all[perm]
             for start, stop, total_count in reducer.minibatch_plan(size, cfg.batch_size):
                 loss = nn.functional.mse_loss(policy.value(obs_epoch[start:stop]), returns_epoch[start:stop])
@@ -273,6 +274,8 @@ class TrustRegionAgent(OnPolicyAgent):
         """
         policy, optimizer = self.policy, self.critic_optimizer
         critic_params = policy.critic_parameters()
+        if self.sync_free:
+            return self._fit_critic_lbfgs_fixed(obs, batch)
         optimizer.state.clear()
 
         def closure() -> float:  # L-BFGS reads the loss on the host anyway
@@ -293,6 +296,44 @@ class TrustRegionAgent(OnPolicyAgent):
             "train/value_loss": loss,
             "train/explained_variance": ev,
             "train/critic_lbfgs_evals": torch.tensor(float(evaluations)),
+        }
+
+    def _fit_critic_lbfgs_fixed(self, obs: Tensor, batch: RolloutBatch) -> dict[str, Tensor]:
+        """The device-resident L-BFGS fit (``sync_free``): :func:`~trpo_lab.optim.lbfgs.lbfgs_fixed`.
+
+        ``critic_lbfgs_max_iter`` masked quasi-Newton steps with an Armijo test instead of
+        torch's strong-Wolfe search, which reads the loss on the host at every evaluation; the
+        history (``critic_lbfgs_max_iter`` pairs) starts empty at every fit, as in
+        :meth:`_fit_critic_lbfgs`. Logs the loss after the fit and the accepted steps.
+        """
+        policy, cfg = self.policy, self.config
+        critic_params = policy.critic_parameters()
+
+        def loss_and_grad() -> tuple[Tensor, Tensor]:
+            for param in critic_params:
+                param.grad = None
+            with torch.enable_grad():
+                loss = nn.functional.mse_loss(policy.value(obs), batch.returns)
+                torch.autograd.backward(loss)
+            reduced = self.reducer.grads(critic_params, with_means=loss.detach().reshape(1))
+            assert reduced is not None
+            grad = torch.cat([
+                (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in critic_params
+            ])
+            return reduced[0], grad
+
+        result = lbfgs_fixed(
+            critic_params, loss_and_grad, max_iter=cfg.critic_lbfgs_max_iter, history_size=cfg.critic_lbfgs_max_iter
+        )
+        for param in critic_params:
+            param.grad = None
+        with torch.no_grad():
+            loss = nn.functional.mse_loss(policy.value(obs), batch.returns)
+            ev = explained_variance(batch.values, batch.returns)
+        return {
+            "train/value_loss": loss,
+            "train/explained_variance": ev,
+            "train/critic_lbfgs_accepted": result.accepted.to(loss.dtype),
         }
 
     def update(self, batch: RolloutBatch) -> dict[str, Tensor]:
@@ -323,11 +364,10 @@ class TRPO(TrustRegionAgent):
 
     def apply_step(self, step: NaturalStep, obs: Tensor, batch: RolloutBatch, advantages: Tensor) -> dict[str, Tensor]:
         cfg = self.config
-        result = trust_region_line_search(
-            self.policy.actor_parameters(),
-            step,
-            **cfg.line_search_options,
-        )
+        options = cfg.line_search_options
+        if self.sync_free:  # all candidates in one vmapped pass, chosen on the device
+            options["batched"] = True
+        result = trust_region_line_search(self.policy.actor_parameters(), step, **options)
         return {
             "train/kl": result.kl,
             "train/linesearch_success": result.success.float(),

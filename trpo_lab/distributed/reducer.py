@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from trpo_lab.distributed.context import DistributedContext, minibatch_plan
+from trpo_lab.optim._flat import to_device_async
 
 if TYPE_CHECKING:
     from trpo_lab.rollout.buffer import RolloutBatch
@@ -105,7 +106,7 @@ class Reducer:
         if batch_size < 1:
             raise ValueError(f"Invalid batch_size: {batch_size}; expected >= 1")
         device = batch.observations.device
-        perm = torch.randperm(batch.size, generator=generator, device="cpu").to(device)
+        perm = to_device_async(torch.randperm(batch.size, generator=generator, device="cpu"), device)
         shuffled = [field[perm] for field in batch]
         for start, stop, total_count in self.minibatch_plan(batch.size, batch_size):
             yield type(batch)(*(field[start:stop] for field in shuffled)), total_count

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from trpo_lab.nn.distributions import ActionDistribution
 from trpo_lab.nn.extractors import FlattenExtractor
 from trpo_lab.nn.policy import ActorCritic, Layer, mlp_forward
+from trpo_lab.optim._flat import to_device_async
 from trpo_lab.validation import check_int
 
 __all__ = [
@@ -102,7 +103,7 @@ class NoiseStream:
         """The next step's noise as a tensor on ``device`` (one copy per chunk)."""
         step = self._advance()
         if self._on_device is None:
-            self._on_device = self._chunk.to(device)
+            self._on_device = to_device_async(self._chunk, device)  # pinned: the host does not wait
         return self._on_device[step]
 
 

@@ -5,6 +5,7 @@
   :func:`fisher_vector_product_func` with ``torch.func``).
 - :func:`sampled_fisher_loss`: the loss whose gradients give K-FAC the Fisher's statistics.
 - :func:`kl_line_search`: KL-constrained backtracking, sequential or batched.
+- :func:`lbfgs_fixed`: L-BFGS with a fixed budget and no host synchronisation.
 - :func:`natural_step`: the one trust-region step (direction, sᵀFs, scaling to the KL radius),
   then :func:`trust_region_line_search` (TRPO) or :func:`take_full_step` (NPG).
 - :class:`KFAC`: Kronecker-factored natural gradient over Linear/Conv2d layers (ACKTR).
@@ -24,6 +25,7 @@ from trpo_lab.optim.fisher import (
     sampled_fisher_loss,
 )
 from trpo_lab.optim.kfac import KFAC
+from trpo_lab.optim.lbfgs import LBFGSResult, lbfgs_fixed
 from trpo_lab.optim.line_search import LineSearchResult, kl_line_search
 from trpo_lab.optim.shampoo import InverseRootError, Shampoo, matrix_inverse_root
 from trpo_lab.optim.trust_region import (
@@ -53,6 +55,8 @@ __all__ = [
     "flat_grad",
     "flat_params",
     "kl_line_search",
+    "LBFGSResult",
+    "lbfgs_fixed",
     "matrix_inverse_root",
     "natural_step",
     "sampled_fisher_loss",

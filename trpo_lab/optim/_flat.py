@@ -25,6 +25,7 @@ __all__ = [
     "assign_flat_",
     "clip_grad_norm_",
     "flat_params",
+    "to_device_async",
     "total_numel",
     "unflatten",
     "validate_damping",
@@ -178,3 +179,17 @@ def clip_grad_norm_(params: Sequence[Tensor], max_norm: float) -> Tensor:
     for grad in grads:
         grad.mul_(scale)
     return total
+
+
+def to_device_async(tensor: Tensor, device: torch.device) -> Tensor:
+    """``tensor`` (on the host) on ``device`` without making the host wait for the device.
+
+    A CUDA copy from ordinary (pageable) host memory blocks until the device has run every
+    kernel queued before it; from pinned (page-locked) memory with ``non_blocking=True`` it is
+    queued like a kernel. Same-device "copies" return ``tensor`` itself.
+    """
+    if tensor.device == device:
+        return tensor
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

@@ -770,15 +770,18 @@ class KFAC(torch.optim.Optimizer):
         stats: dict[str, float] = {}
         extremes: dict[str, list[float]] = {"A": [], "G": []}
         conditions: list[float] = []
+        pieces: list[Tensor] = []  # per layer: min/max of λ_A, of λ_G, of the denominator
         for layer in self._layers:
             state = self.state[self._param(layer.weight_index)]
             if "eigenvalues_A" not in state:
                 continue
-            for factor in ("A", "G"):
-                eigenvalues = state[f"eigenvalues_{factor}"]
-                extremes[factor] += [float(eigenvalues.min()), float(eigenvalues.max())]
-            denominator = self._denominator(state)
-            smallest, largest = float(denominator.min()), float(denominator.max())
+            for tensor in (state["eigenvalues_A"], state["eigenvalues_G"], self._denominator(state)):
+                pieces += [tensor.min().double(), tensor.max().double()]
+        host = torch.stack(pieces).tolist() if pieces else []  # one device-to-host read for all layers
+        for offset in range(0, len(host), 6):
+            a_min, a_max, g_min, g_max, smallest, largest = host[offset : offset + 6]
+            extremes["A"] += [a_min, a_max]
+            extremes["G"] += [g_min, g_max]
             conditions.append(largest / smallest if smallest > 0 else math.inf)
         for factor, values in extremes.items():
             stats[f"kfac/eig_{factor}_min"] = min(values, default=nan)

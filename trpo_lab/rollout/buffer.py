@@ -26,6 +26,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
+from trpo_lab.optim._flat import to_device_async
 from trpo_lab.validation import check_int
 
 __all__ = ["RolloutBatch", "RolloutBuffer", "compute_gae", "minibatches"]
@@ -76,7 +77,7 @@ def compute_gae(
         np.multiply(decay[t], running, out=running)
         running += deltas[t]
         advantages[t] = running
-    adv = torch.from_numpy(advantages).to(device=rewards.device, dtype=rewards.dtype)
+    adv = to_device_async(torch.from_numpy(advantages), rewards.device).to(rewards.dtype)
     return adv, adv + values.detach()
 
 
@@ -233,11 +234,15 @@ class RolloutBuffer:
                 getattr(self, name)[t] = value
         self.pos += 1
 
-    def put_observation(self, obs: NDArray[Any]) -> Tensor | NDArray[Any]:
+    def put_observation(self, obs: NDArray[Any] | Tensor) -> Tensor | NDArray[Any]:
         """Store the observation of the current step and return the stored slot, without a copy:
         a numpy view on the CPU, a tensor on the device elsewhere (then pass ``obs=None`` to
         :meth:`add`)."""
         t = self.pos
+        if isinstance(obs, Tensor):  # a torch env's observations: stored as they are, on the device
+            self.observations[t] = obs
+            from_device: Tensor = self.observations[t]
+            return from_device
         if self._numpy is not None:
             slot: NDArray[Any] = self._numpy["observations"][t]
             slot[...] = obs

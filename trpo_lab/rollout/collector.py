@@ -14,12 +14,23 @@ writes it there.
 Gymnasium's ``NEXT_STEP`` autoreset: the step after an episode ends returns the reset
 observation and ignores its action, so that slot is stored *invalid*; it still holds the
 value of the final observation, which GAE bootstraps from at a truncation.
+
+Two kinds of environment, one loop:
+
+* a numpy :class:`gymnasium.vector.VectorEnv`: actions go to the host once per step (on a GPU
+  that is the step's one device-to-host copy, which the environment has to wait for anyway),
+  observations come back once (:meth:`RolloutBuffer.put_observation`; the noise of the torch
+  acting path comes in chunks through pinned memory without a wait);
+* a torch-native vector env (:mod:`trpo_lab.envs.torch_vec`, e.g.
+  :class:`~trpo_lab.envs.torch_cartpole.TorchCartPole`): everything stays on the device and a
+  step makes no host synchronisation; the counts a rollout needs on the host (valid steps,
+  finished episodes' returns and lengths) are kept as tensors and read once, at its end.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import gymnasium as gym
 import numpy as np
@@ -29,6 +40,7 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from trpo_lab.envs import NonFiniteEnvError
+from trpo_lab.envs.torch_vec import is_torch_vector_env
 from trpo_lab.nn.acting import NoiseStream, RolloutActor
 from trpo_lab.nn.policy import ActorCritic
 from trpo_lab.rollout.buffer import RolloutBuffer
@@ -62,8 +74,8 @@ class CollectingAgent(Protocol):
     num_nonfinite_skipped: int
     episode_returns: deque[float]
     episode_lengths: deque[float]
-    _last_obs: NDArray[Any] | None
-    _autoreset: NDArray[np.bool_]
+    _last_obs: NDArray[Any] | Tensor | None
+    _autoreset: NDArray[np.bool_] | Tensor
     _reset_seed: int
 
     @property
@@ -87,7 +99,9 @@ class RolloutCollector:
 
     def __init__(self, agent: CollectingAgent, backend: str = "auto") -> None:
         self.agent = agent
-        self.backend = backend
+        self.on_device = is_torch_vector_env(agent.env)
+        """Whether the environments step on tensors (the torch acting path is then always used)."""
+        self.backend = "torch" if self.on_device and backend == "auto" else backend
         space = agent.action_space
         self._bounds: tuple[Any, Any] | None = (space.low, space.high) if isinstance(space, gym.spaces.Box) else None
 
@@ -116,29 +130,43 @@ class RolloutCollector:
         env, buffer, n_steps = agent.env, agent.buffer, agent.config.n_steps
         if agent._last_obs is None:
             agent._last_obs, _ = env.reset(seed=agent._reset_seed)
-            agent._autoreset[:] = False
-        obs = agent._last_obs
+            agent._autoreset = (
+                torch.zeros(agent.n_envs, dtype=torch.bool, device=buffer.device) if self.on_device
+                else np.zeros(agent.n_envs, dtype=bool)
+            )
+        obs, autoreset = agent._last_obs, agent._autoreset
+        if self.on_device:  # no-ops but after a checkpoint was loaded (numpy copies of them)
+            obs = torch.as_tensor(obs, device=buffer.device)
+            autoreset = torch.as_tensor(autoreset, device=buffer.device)
+            episodes = _DeviceEpisodes(n_steps, agent.n_envs, buffer.device)
         buffer.reset()
         actor = self.actor()
         steps = skipped = step = 0
-        autoreset = agent._autoreset
         try:
             with torch.inference_mode():
                 for step in range(n_steps):
                     actions, log_probs, values = actor.act(buffer.put_observation(obs))
-                    actions_np = _to_numpy(actions)
-                    env_actions = np.clip(actions_np, *self._bounds) if self._bounds is not None else actions_np
+                    if self.on_device:
+                        env_actions = actions
+                    else:
+                        actions_np = _to_numpy(actions)
+                        env_actions = np.clip(actions_np, *self._bounds) if self._bounds is not None else actions_np
                     next_obs, rewards, terminated, truncated, infos = env.step(env_actions)
                     valid = ~autoreset
                     if "_nonfinite" in infos:
-                        skipped += self._drop_non_finite(step, infos["_nonfinite"], valid)
+                        skipped += self._drop_non_finite(step, infos["_nonfinite"], cast(NDArray[np.bool_], valid))
                     buffer.add(None, actions, log_probs, values, rewards, terminated, truncated, valid)
-                    steps += int(valid.sum())
                     autoreset = terminated | truncated
-                    if "_episode" in infos:
-                        self._record_episodes(infos)
+                    if self.on_device:
+                        episodes.add(step, cast(Tensor, valid), infos)
+                    else:
+                        steps += int(valid.sum())
+                        if "_episode" in infos:
+                            self._record_episodes(infos)
                     obs = next_obs
                 last_values = torch.as_tensor(actor.values(obs), device=buffer.device)
+            if self.on_device:
+                steps = episodes.read(agent)
         except NonFiniteEnvError as exc:
             raise NonFiniteEnvError(
                 f"{exc} at rollout step {step} (update {agent.num_updates + 1}, timestep {agent.num_timesteps + steps}); "
@@ -172,3 +200,35 @@ class RolloutCollector:
             agent.episode_returns.append(float(ret))
             agent.episode_lengths.append(float(length))
             agent.num_episodes += 1
+
+
+class _DeviceEpisodes:
+    """A torch env's per-step bookkeeping, kept on the device and read once per rollout.
+
+    Holds the number of valid transitions and, per step and environment, whether an episode
+    ended there with its return and length (the env's ``episode_done`` / ``episode_return`` /
+    ``episode_length`` info tensors; without them no episode is recorded).
+    """
+
+    def __init__(self, n_steps: int, n_envs: int, device: torch.device) -> None:
+        self.valid_count = torch.zeros((), dtype=torch.int64, device=device)
+        # rows: done flag, return, length
+        self.table = torch.zeros(3, n_steps, n_envs, device=device)
+
+    def add(self, step: int, valid: Tensor, infos: dict[str, Any]) -> None:
+        self.valid_count += valid.sum()
+        if "episode_done" in infos:
+            self.table[0, step] = infos["episode_done"]
+            self.table[1, step] = infos["episode_return"]
+            self.table[2, step] = infos["episode_length"]
+
+    def read(self, agent: CollectingAgent) -> int:
+        """Append the finished episodes to the agent's statistics (one device-to-host copy); returns the valid steps."""
+        host = torch.cat([self.valid_count.reshape(1).to(self.table.dtype), self.table.reshape(-1)]).cpu()
+        done, returns, lengths = host[1:].reshape(self.table.shape).numpy()
+        mask = done.astype(bool)
+        for ret, length in zip(returns[mask], lengths[mask]):
+            agent.episode_returns.append(float(ret))
+            agent.episode_lengths.append(float(length))
+            agent.num_episodes += 1
+        return int(host[0])
