@@ -127,7 +127,7 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], int, int]:
     """Validated ``(hyperparameters, run settings, n_envs, steps)`` of ``train ALGO ENV``."""
-    from trpo_lab.config import config_class, parse_set_option
+    from trpo_lab.config import config_class, merge_hyperparameters, parse_set_option
     from trpo_lab.envs import check_env_id
     from trpo_lab.experiments import DEFAULT_TIMESTEPS
     from trpo_lab.presets import load_preset
@@ -140,11 +140,7 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any],
     overrides: dict[str, Any] = {}
     for option in args.overrides:
         parse_set_option(option, overrides)
-    for key, value in overrides.items():
-        if key == "policy_kwargs" and isinstance(value, dict):
-            hyperparameters.setdefault("policy_kwargs", {}).update(value)
-        else:
-            hyperparameters[key] = value
+    hyperparameters = merge_hyperparameters(hyperparameters, overrides)
     n_envs = args.n_envs if args.n_envs is not None else int(run_settings.get("n_envs", 8))
     steps = args.steps if args.steps is not None else int(run_settings.get("total_timesteps", DEFAULT_TIMESTEPS))
     if steps < 1:

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from trpo_lab.config import config_class, load_toml
+from trpo_lab.config import config_class, load_toml, merge_hyperparameters
 
 __all__ = [
     "BUILTIN_AGENTS",
@@ -222,11 +222,7 @@ def resolve_preset(
     merged: dict[str, Any] = {}
     layers = [tables.get("default", {}), suite or {}, tables.get(env_id, {}) if env_id is not None else {}]
     for layer in layers:
-        for key, value in layer.items():
-            if key == "policy_kwargs" and isinstance(value, Mapping):
-                merged["policy_kwargs"] = {**merged.get("policy_kwargs", {}), **value}
-            else:
-                merged[key] = value
+        merged = merge_hyperparameters(merged, layer)
     run = {k: merged.pop(k) for k in RUN_KEYS if k in merged}
     try:
         cls.from_dict(merged)

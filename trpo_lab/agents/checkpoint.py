@@ -204,6 +204,7 @@ def agent_state(agent: OnPolicyAgent, local: Mapping[str, Any] | None = None) ->
             "consecutive_rejections": guard.consecutive,
             "reset_seed": local["reset_seed"],
             "wall_time": agent.wall_time,
+            "schedule_total_timesteps": agent.schedule_total_timesteps,
         },
         "episodes": local["episodes"],
         "rng": local["rng"],
@@ -316,6 +317,9 @@ def load_agent_state(agent: OnPolicyAgent, data: Mapping[str, Any]) -> None:
         agent.guard.num_rejected = int(counters.get("num_rejected_updates", 0))
         agent.guard.consecutive = int(counters.get("consecutive_rejections", 0))
         agent.wall_time = float(counters["wall_time"])
+        total = counters.get("schedule_total_timesteps")
+        agent.schedule_total_timesteps = None if total is None else int(total)
+        agent._apply_schedules(agent.num_timesteps)
         _restore_samplers_and_episodes(agent, data)
     except (KeyError, TypeError, RuntimeError, ValueError) as exc:
         raise ValueError(f"Checkpoint does not fit this {agent.algo or 'agent'}: {first_line(exc)}") from None
