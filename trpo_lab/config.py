@@ -38,6 +38,7 @@ __all__ = [
     "Schedule",
     "config_class",
     "merge_hyperparameters",
+    "check_resume_overrides",
     "parse_set_option",
     "load_toml",
 ]
@@ -122,6 +123,12 @@ class AgentConfig:
     """
 
     algo: ClassVar[str] = ""
+    fixed_on_resume: ClassVar[dict[str, str]] = {
+        "policy_kwargs": "the checkpoint's networks have this shape",
+        "normalize_obs": "the environments' wrappers and statistics are saved with the run",
+        "normalize_reward": "the environments' wrappers and statistics are saved with the run",
+    }
+    """Fields a resumed run cannot change (``train --resume --set``), each with the reason."""
 
     n_steps: int = _param(2048, _positive, ">= 1", "steps per environment per update")
     batch_size: int = _param(64, _positive, ">= 1", "minibatch size")
@@ -282,6 +289,13 @@ class TrustRegionConfig(AgentConfig):
     ``--set diagnostics.exact_every=N``.
     """
 
+    fixed_on_resume: ClassVar[dict[str, str]] = {
+        **AgentConfig.fixed_on_resume,
+        "curvature": "the checkpoint holds this curvature backend's state",
+        "critic_optimizer": "the checkpoint holds this critic optimizer's state",
+        "critic_lbfgs_max_iter": "the checkpoint's L-BFGS state restores it",
+    }
+
     learning_rate: float | Schedule = _param(1e-3, _positive, "> 0", "critic learning rate (Adam; or a schedule)")
     batch_size: int = _param(128, _positive, ">= 1", "critic minibatch size (Adam)")
     target_kl: float = _param(0.01, _positive, "> 0", "KL radius delta of the trust region")
@@ -369,6 +383,11 @@ class PPOConfig(AgentConfig):
     """PPO (Schulman et al., 2017): clipped surrogate, minibatch epochs, one optimizer for actor and critic."""
 
     algo: ClassVar[str] = "ppo"
+    fixed_on_resume: ClassVar[dict[str, str]] = {
+        **AgentConfig.fixed_on_resume,
+        "optimizer": "the checkpoint holds this optimizer's state",
+        "optimizer_kwargs": "the checkpoint's optimizer state restores them",
+    }
 
     n_epochs: int = _param(10, _positive, ">= 1", "epochs over the rollout")
     clip_range: float | Schedule = _param(0.2, _positive, "> 0", "surrogate clip epsilon (or a schedule)")
@@ -406,6 +425,11 @@ class ACKTRConfig(AgentConfig):
     """
 
     algo: ClassVar[str] = "acktr"
+    fixed_on_resume: ClassVar[dict[str, str]] = {
+        **AgentConfig.fixed_on_resume,
+        **{key: "the checkpoint's K-FAC state restores it" for key in (
+            "kl_clip", "vf_kl_clip", "damping", "momentum", "stat_decay", "inverse_every")},
+    }
 
     n_steps: int = _param(20, _positive, ">= 1", "steps per environment per update")
     learning_rate: float | Schedule = _param(
@@ -464,6 +488,30 @@ def config_class(algo: str) -> type[AgentConfig]:
     if key not in CONFIGS:
         raise ValueError(f"Unknown algorithm {algo!r}; expected one of {', '.join(sorted(CONFIGS))}")
     return CONFIGS[key]
+
+
+RESUME_FIXED_RUN_KEYS: dict[str, str] = {
+    "n_envs": "the checkpoint holds the state of this many environments",
+    "seed": "the run's random streams continue from the checkpoint",
+    "vectorization": "the checkpoint holds the environments' state",
+    "env_kwargs": "the checkpoint holds the environments' state",
+}
+
+
+def check_resume_overrides(algo: str, overrides: Mapping[str, Any]) -> None:
+    """Refuse ``--set`` keys a resumed run cannot change (:attr:`AgentConfig.fixed_on_resume`).
+
+    Raises:
+        ValueError: naming the first such key and why; unknown keys are left to
+            :meth:`AgentConfig.from_dict` (which suggests close names).
+    """
+    fixed = {**RESUME_FIXED_RUN_KEYS, **config_class(algo).fixed_on_resume}
+    for key in overrides:
+        if key in fixed:
+            raise ValueError(
+                f"Invalid --set {key} on resume: {key} cannot change in a resumed run ({fixed[key]}); "
+                "start a new run to change it"
+            )
 
 
 def parse_value(text: str) -> Any:

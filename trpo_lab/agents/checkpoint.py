@@ -261,9 +261,11 @@ def constructor_arguments(
         "env_kwargs": data.get("env_kwargs") or None,
         "device": device or "cpu",
     }
+    from trpo_lab.config import merge_hyperparameters
+
     config = dict(data["config"])
-    for key, value in overrides.items():
-        (config if key in config else kwargs)[key] = value
+    kwargs.update({key: value for key, value in overrides.items() if key not in config})
+    config = merge_hyperparameters(config, {key: value for key, value in overrides.items() if key in config})
     return env, {**kwargs, **config}
 
 

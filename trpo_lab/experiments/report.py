@@ -27,8 +27,9 @@ __all__ = ["SUMMARY_COLUMNS", "read_curve", "write_summary", "plot_learning_curv
 
 SUMMARY_COLUMNS = (
     "algo", "env", "seed", "final_return", "final_return_std", "eval_episodes", "timesteps", "updates",
-    "wall_s", "fps", "train_return", "eval_s", "run_dir",
+    "wall_s", "fps", "train_return", "eval_s", "run_dir", "base_algo",
 )
+"""``algo`` is the name a run is reported under (an algorithm or a variant), ``base_algo`` its algorithm."""
 
 
 def read_curve(run_dir: str | Path) -> dict[str, np.ndarray]:
@@ -209,7 +210,7 @@ def write_outputs(
     write_summary(records, out_dir / "summary.csv")
     curves = {
         env_id: {
-            algo: [read_curve(s.run_dir) for s in finished if s.env_id == env_id and s.algo == algo]
+            algo: [read_curve(s.run_dir) for s in finished if s.env_id == env_id and s.name == algo]
             for algo in experiment.algos
         }
         for env_id in experiment.envs

@@ -55,7 +55,10 @@ RESULT_FILE = "result.json"
 
 # ---------------------------------------------------------------------------- one run
 def resume_run(
-    run_dir: str | Path, device: str = "cpu", dist: DistributedContext | None = None
+    run_dir: str | Path,
+    device: str = "cpu",
+    dist: DistributedContext | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> tuple[OnPolicyAgent, int]:
     """Load a run's ``checkpoint.pt`` to continue it with ``agent.learn(total, run_dir=run_dir)``.
 
@@ -63,21 +66,34 @@ def resume_run(
     a row cut short, go), so the continued file has no gap or duplicate. With ``dist`` (every
     rank calls this), rank 0 reads the run directory and every rank continues from it.
 
+    Args:
+        run_dir: The run directory.
+        device: Torch device to continue on.
+        dist: Data-parallel context (every rank calls this).
+        overrides: Hyperparameters to change from here on (``train --resume --set``), layered
+            on the checkpoint's as presets are (``"linear"`` starts from the saved number).
+            Keys the checkpoint fixes (network shape, ``n_envs``, optimizer state...) are
+            refused (:func:`~trpo_lab.config.check_resume_overrides`).
+
     Returns:
         ``(agent, total_timesteps)``, the budget recorded in the run's ``config.toml``.
     """
     from trpo_lab.agents.base import OnPolicyAgent
-    from trpo_lab.config import load_toml
+    from trpo_lab.config import check_resume_overrides, load_toml
 
     run_dir = Path(run_dir)
+    overrides = dict(overrides or {})
 
-    def recorded_budget() -> int:
+    def recorded() -> tuple[int, str]:
         if not run_dir.is_dir():
             raise ValueError(f"Run directory not found: {run_dir}")
-        return int(load_toml(run_dir / "config.toml").get("total_timesteps", DEFAULT_TIMESTEPS))
+        data = load_toml(run_dir / "config.toml")
+        return int(data.get("total_timesteps", DEFAULT_TIMESTEPS)), str(data.get("algo", ""))
 
-    budget = recorded_budget() if dist is None else dist.run_on_main(recorded_budget)
-    agent = OnPolicyAgent.load(run_dir / "checkpoint.pt", device=device, dist=dist)
+    budget, algo = recorded() if dist is None else dist.run_on_main(recorded)
+    if overrides and algo:
+        check_resume_overrides(algo, overrides)
+    agent = OnPolicyAgent.load(run_dir / "checkpoint.pt", device=device, dist=dist, **overrides)
     return agent, budget
 
 
@@ -193,7 +209,8 @@ def _train_and_evaluate(spec: RunSpec) -> dict[str, Any]:
         agent.close()
     train_returns = list(agent.episode_returns)
     record = {
-        "algo": spec.algo,
+        "algo": spec.name,
+        "base_algo": spec.algo,
         "env": spec.env_id,
         "seed": spec.seed,
         "final_return": float(np.mean(returns)),
