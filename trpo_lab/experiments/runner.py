@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -231,19 +232,27 @@ def _train_and_evaluate(spec: RunSpec) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- the local executor
 class _Display:
-    """Overall progress (rich) plus one printed line per finished or skipped run."""
+    """Overall progress (rich) plus one printed line per finished or skipped run.
+
+    The live bars (the whole compare, with its ETA from the steps finished so far, and one per
+    running run) are drawn only when ``enabled`` and both stdout and stderr are terminals: a
+    compare piped into a file or a CI log prints just the per-run lines.
+    """
 
     def __init__(self, total_steps: int, done_steps: int, n_runs: int, enabled: bool) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.console = Console(stderr=True)
+        self.live = bool(enabled and sys.stdout.isatty() and self.console.is_terminal)
+        enabled = self.live
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             TextColumn("{task.percentage:>3.0f}%"),
             TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),
+            TextColumn("ETA"),
             TimeRemainingColumn(),
             console=self.console,
             disable=not enabled,
@@ -436,8 +445,8 @@ def run_experiment(
     workers = check_int("workers", workers if workers is not None else (experiment.workers or os.cpu_count() or 1), minimum=1)
     if executor == "ray":
         import_ray()  # fail before starting anything if Ray is missing
-    for algo in experiment.algos:
-        agent_class(algo)  # fail before starting anything if an algorithm is unavailable
+    for label in experiment.algos:
+        agent_class(experiment.algo_of(label))  # fail before starting anything if an algorithm is unavailable
     out = Path(out_dir)
     specs = experiment.runs(out)
     _check_existing(specs)

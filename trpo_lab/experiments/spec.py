@@ -125,8 +125,8 @@ class Experiment:
         for label in self.algos:
             if label not in CONFIGS and label not in self.variants:
                 raise ValueError(
-                    f"Invalid {where}: algos has {label!r}, which is neither an algorithm ({', '.join(CONFIGS)}) "
-                    f"nor a variant ([variants.{label}] with algo = ...)"
+                    f"Invalid {where}: Unknown algorithm {label!r} in algos; expected one of {', '.join(CONFIGS)} "
+                    f"or a variant ([variants.{label}] with algo = ...)"
                 )
         self._check_hyperparameters(where)
         if len(set(self.algos)) != len(self.algos):
