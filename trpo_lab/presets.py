@@ -104,7 +104,7 @@ BUILTIN_EXPERIMENTS: dict[str, dict[str, Any]] = {
     "default": {
         "description": (
             "TRPO vs ACKTR vs PPO on CartPole-v1 (100k steps), Acrobot-v1 and Pendulum-v1 (200k steps each), "
-            "5 seeds each, at the budgets the presets were tuned for; about 10 minutes on 2 cores"
+            "5 seeds each, at the budgets the presets were tuned for"
         ),
         "algos": ["trpo", "acktr", "ppo"],
         "suite": "classic",
