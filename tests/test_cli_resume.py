@@ -95,3 +95,28 @@ def test_resume_of_a_missing_run_directory_exits_2(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "nothing" in result.stderr
+
+
+def test_resume_with_set_changes_what_can_change(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from trpo_lab import PPO
+    from trpo_lab.cli import main
+    from trpo_lab.schedules import Schedule
+
+    run_dir = tmp_path / "run"
+    base = ["--quiet", "--set", "n_steps=16", "--set", "batch_size=32", "--set", "n_epochs=1"]
+    assert main(["train", "ppo", "CartPole-v1", "--steps", "64", "--n-envs", "2", "--run-dir", str(run_dir), *base]) == 0
+    assert main(["train", "--resume", str(run_dir), "--steps", "128", "--quiet", "--set", "ent_coef=0.01",
+                 "--set", "learning_rate=linear", "--set", "nan_policy=skip"]) == 0, capsys.readouterr().err
+    config = (run_dir / "config.toml").read_text()
+    assert "ent_coef = 0.01" in config and 'learning_rate = "linear:0.00025:0.0"' in config  # the preset's 2.5e-4
+    agent = PPO.load(run_dir / "final.pt")
+    try:
+        assert agent.num_timesteps >= 128 and agent.config.ent_coef == 0.01 and agent.config.nan_policy == "skip"
+        assert agent.config.learning_rate == Schedule(initial=2.5e-4, final=0.0)
+        assert agent.current_values["learning_rate"] == 0.0  # the schedule ended with the resumed run
+    finally:
+        agent.close()
+    rows = _rows(run_dir)
+    assert [float(r["timesteps"]) for r in rows] == sorted(float(r["timesteps"]) for r in rows)
+    assert main(["train", "--resume", str(run_dir), "--steps", "256", "--set", "optimizer=\"sgd\""]) == 2
+    assert "Invalid --set optimizer on resume: optimizer cannot change" in capsys.readouterr().err

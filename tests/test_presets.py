@@ -104,8 +104,10 @@ def test_builtin_default_experiment_equals_experiments_default_toml() -> None:
     builtin = BUILTIN_EXPERIMENTS["default"]
     assert load_toml(ROOT / "experiments" / "default.toml") == builtin
     assert from_file.algos == ["trpo", "acktr", "ppo"]
-    assert list(from_file.envs) == ["CartPole-v1", "Pendulum-v1"]
-    assert from_file.seeds == [0, 1, 2]
+    assert list(from_file.envs) == ["CartPole-v1", "Acrobot-v1", "Pendulum-v1"]
+    assert from_file.seeds == [0, 1, 2, 3, 4]
+    # the presets' full budgets (the suite's)
+    assert from_file.steps == {"CartPole-v1": 100_000, "Acrobot-v1": 200_000, "Pendulum-v1": 200_000}
 
 
 def test_builtin_suites_agree_with_the_suite_files() -> None:
@@ -142,7 +144,7 @@ def test_builtins_alone_run_the_default_compare(monkeypatch: pytest.MonkeyPatch,
     experiment = load_experiment(None)
     runs = experiment.runs(tmp_path)
     assert {(r.algo, r.env_id) for r in runs} == {
-        (a, e) for a in ("trpo", "acktr", "ppo") for e in ("CartPole-v1", "Pendulum-v1")
+        (a, e) for a in ("trpo", "acktr", "ppo") for e in ("CartPole-v1", "Acrobot-v1", "Pendulum-v1")
     }
     trpo_cartpole = next(r for r in runs if (r.algo, r.env_id) == ("trpo", "CartPole-v1"))
     assert trpo_cartpole.hyperparameters["cg_max_steps"] == 10

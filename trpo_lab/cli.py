@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     train.add_argument("--run-dir", default=None, help="output folder (default: runs/ENV-ALGO-seedS)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a hyperparameter (TOML value syntax; dotted keys for policy_kwargs)")
+                       help="override a hyperparameter (TOML value syntax; dotted keys for policy_kwargs); "
+                            "with --resume, only those a resumed run can change")
     train.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its checkpoint.pt")
     train.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="local worker processes (default) or Ray tasks (pip install 'trpo-lab[ray]')")
     compare.add_argument("--ray-address", default=None, metavar="ADDR",
                          help="Ray cluster to run on (e.g. auto, ray://head:10001); default: a local Ray instance")
+    compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="[NAME.]KEY=VALUE",
+                         help="override a hyperparameter of every algorithm that has it, or of one algorithm "
+                              "or variant (trpo.target_kl=0.02); TOML value syntax")
     compare.add_argument("--quiet", action="store_true", help="no progress display")
 
     ev = sub.add_parser("eval", help="evaluate a trained run")
@@ -156,9 +160,19 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return _run(agent, steps, run_dir, args.quiet)
 
 
+def _set_options(options: Sequence[str]) -> dict[str, Any]:
+    """The ``--set key=value`` options as a (nested, for dotted keys) dict."""
+    from trpo_lab.config import parse_set_option
+
+    values: dict[str, Any] = {}
+    for option in options:
+        parse_set_option(option, values)
+    return values
+
+
 def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], int, int]:
     """Validated ``(hyperparameters, run settings, n_envs, steps)`` of ``train ALGO ENV``."""
-    from trpo_lab.config import config_class, parse_set_option
+    from trpo_lab.config import config_class, merge_hyperparameters
     from trpo_lab.envs import check_env_id
     from trpo_lab.experiments import DEFAULT_TIMESTEPS
     from trpo_lab.presets import load_preset
@@ -168,14 +182,7 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any],
     config_class(args.algo)  # unknown algorithm -> ValueError
     check_env_id(args.env)
     hyperparameters, run_settings = load_preset(args.algo, args.env)
-    overrides: dict[str, Any] = {}
-    for option in args.overrides:
-        parse_set_option(option, overrides)
-    for key, value in overrides.items():
-        if key == "policy_kwargs" and isinstance(value, dict):
-            hyperparameters.setdefault("policy_kwargs", {}).update(value)
-        else:
-            hyperparameters[key] = value
+    hyperparameters = merge_hyperparameters(hyperparameters, _set_options(args.overrides))
     n_envs = args.n_envs if args.n_envs is not None else int(run_settings.get("n_envs", 8))
     steps = args.steps if args.steps is not None else int(run_settings.get("total_timesteps", DEFAULT_TIMESTEPS))
     if steps < 1:
@@ -274,7 +281,7 @@ def _train_rank(args: argparse.Namespace) -> int:
         from trpo_lab.experiments import resume_run
 
         run_dir = Path(args.resume)
-        agent, steps = resume_run(run_dir, device=str(device), dist=ctx)
+        agent, steps = resume_run(run_dir, device=str(device), dist=ctx, overrides=_set_options(args.overrides))
         if args.steps is not None:
             steps = args.steps
         if agent.num_timesteps >= steps:
@@ -294,7 +301,7 @@ def _resume(args: argparse.Namespace) -> int:
     from trpo_lab.experiments import resume_run
 
     run_dir = Path(args.resume)
-    agent, steps = resume_run(run_dir, device=args.device)
+    agent, steps = resume_run(run_dir, device=args.device, overrides=_set_options(args.overrides))
     if args.steps is not None:
         steps = args.steps
     if agent.num_timesteps >= steps:
@@ -326,6 +333,7 @@ def _compare(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         steps=args.steps,
         eval_episodes=args.eval_episodes,
+        hyperparameters=_set_options(args.overrides),
     )
     out = Path(args.out) if args.out else Path("compare_out") / experiment.name
     if args.ray_address is not None and args.executor != "ray":

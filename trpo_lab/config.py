@@ -13,11 +13,13 @@ from __future__ import annotations
 import difflib
 import math
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
+from trpo_lab.schedules import Schedule, parse_schedule, with_initial
 from trpo_lab.validation import check_int, invalid, is_int, is_number
 
 if sys.version_info >= (3, 11):
@@ -33,7 +35,10 @@ __all__ = [
     "PPOConfig",
     "ACKTRConfig",
     "CONFIGS",
+    "Schedule",
     "config_class",
+    "merge_hyperparameters",
+    "check_resume_overrides",
     "parse_set_option",
     "load_toml",
 ]
@@ -118,14 +123,20 @@ class AgentConfig:
     """
 
     algo: ClassVar[str] = ""
+    fixed_on_resume: ClassVar[dict[str, str]] = {
+        "policy_kwargs": "the checkpoint's networks have this shape",
+        "normalize_obs": "the environments' wrappers and statistics are saved with the run",
+        "normalize_reward": "the environments' wrappers and statistics are saved with the run",
+    }
+    """Fields a resumed run cannot change (``train --resume --set``), each with the reason."""
 
     n_steps: int = _param(2048, _positive, ">= 1", "steps per environment per update")
     batch_size: int = _param(64, _positive, ">= 1", "minibatch size")
     gamma: float = _param(0.99, _unit_open_closed, "in (0, 1]", "discount factor")
     gae_lambda: float = _param(0.95, _unit_closed, "in [0, 1]", "GAE lambda")
-    learning_rate: float = _param(3e-4, _positive, "> 0", "learning rate")
+    learning_rate: float | Schedule = _param(3e-4, _positive, "> 0", "learning rate (or a schedule)")
     normalize_advantage: bool = _param(True, doc="standardise advantages per batch")
-    ent_coef: float = _param(0.0, _non_negative, ">= 0", "entropy bonus coefficient")
+    ent_coef: float | Schedule = _param(0.0, _non_negative, ">= 0", "entropy bonus coefficient (or a schedule)")
     max_grad_norm: float = _param(0.5, _positive, "> 0", "gradient norm clip")
     normalize_obs: bool = _param(False, doc="running observation normalization (Gymnasium wrapper)")
     normalize_reward: bool = _param(False, doc="reward scaling by the return std (Gymnasium wrapper)")
@@ -143,10 +154,14 @@ class AgentConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             name = f.name
-            value = _coerce(name, str(f.type), getattr(self, name))
             check = f.metadata.get("check")
-            if check is not None and value is not None and not check(value):
-                raise invalid(name, value, f.metadata["allowed"])
+            if str(f.type) == _SCHEDULE_TYPE:
+                value = parse_schedule(name, getattr(self, name), initial=cast(float, f.default))
+                _check_schedule(name, value, check, f.metadata["allowed"])
+            else:
+                value = _coerce(name, str(f.type), getattr(self, name))
+                if check is not None and value is not None and not check(value):
+                    raise invalid(name, value, f.metadata["allowed"])
             object.__setattr__(self, name, value)  # frozen: the coerced value replaces the given one
         from trpo_lab.nn.policy import validate_policy_kwargs  # torch only once a config is built
 
@@ -155,6 +170,32 @@ class AgentConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    @classmethod
+    def scheduled_fields(cls) -> list[str]:
+        """The fields that take a schedule (``learning_rate``, ``ent_coef``, PPO's ``clip_range``)."""
+        return [f.name for f in fields(cls) if str(f.type) == _SCHEDULE_TYPE]
+
+    def scheduled_values(self, progress_remaining: float) -> dict[str, float]:
+        """Every scheduled field's value at ``progress_remaining`` (numbers are constant).
+
+        Raises:
+            ValueError: a callable schedule returned a non-finite value or one outside the
+                field's range (naming the field and the progress).
+        """
+        values: dict[str, float] = {}
+        for f in fields(self):
+            if str(f.type) != _SCHEDULE_TYPE:
+                continue
+            schedule = getattr(self, f.name)
+            value = schedule(progress_remaining) if isinstance(schedule, Schedule) else float(schedule)
+            if not math.isfinite(value) or not _schedule_value_ok(value, f.metadata.get("check")):
+                raise ValueError(
+                    f"Invalid {f.name}: the schedule gave {value!r} at progress_remaining={progress_remaining:.6g}; "
+                    f"expected {f.metadata['allowed']} (or 0 at the end of a decay)"
+                )
+            values[f.name] = value
+        return values
 
     @classmethod
     def from_dict(cls: type[C], values: Mapping[str, Any]) -> C:
@@ -168,8 +209,17 @@ class AgentConfig:
         return cls(**dict(values))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (TOML-serialisable): activation classes become their names."""
+        """Plain data (TOML-serialisable): activation classes become their names, schedules
+        their ``"linear:<initial>:<final>"`` strings.
+
+        Raises:
+            ValueError: a callable schedule, which no file can hold (the message says what to write).
+        """
         data = asdict(self)
+        for name in self.scheduled_fields():
+            value = getattr(self, name)
+            if isinstance(value, Schedule):
+                data[name] = value.to_string(name)
         act = data["policy_kwargs"].get("activation_fn")
         if isinstance(act, type):
             from trpo_lab.nn.policy import ACTIVATIONS
@@ -179,8 +229,43 @@ class AgentConfig:
         return data
 
     def replace(self: C, **changes: Any) -> C:
-        """A validated copy with ``changes`` applied (configs are frozen)."""
-        return type(self).from_dict({**self.to_dict(), **changes})
+        """A validated copy with ``changes`` applied (configs are frozen; callable schedules are kept)."""
+        current = {f.name: getattr(self, f.name) for f in fields(self)}
+        return type(self).from_dict(merge_hyperparameters(current, changes))
+
+
+_SCHEDULE_TYPE = "float | Schedule"
+
+
+def _schedule_value_ok(value: float, check: Check | None) -> bool:
+    """The field's range check; a decay may also end at (or, evaluated along the way, reach) 0."""
+    return check is None or check(value) or value == 0.0
+
+
+def _check_schedule(name: str, value: float | Schedule, check: Check | None, allowed: str) -> None:
+    """A scheduled field: a number in range, or a schedule that starts in range and ends in range or at 0."""
+    if isinstance(value, Schedule):
+        if check is not None and not check(value.initial):
+            raise ValueError(f"Invalid {name}: the schedule starts at {value.initial!r}; expected {allowed}")
+        if not _schedule_value_ok(value.final, check):
+            raise ValueError(f"Invalid {name}: the schedule ends at {value.final!r}; expected {allowed} or 0")
+    elif check is not None and not check(value):
+        raise invalid(name, value, allowed)
+
+
+def merge_hyperparameters(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` layered on top: the one merge of presets, ``--set`` and specs.
+
+    ``policy_kwargs`` tables merge key by key; a ``"linear"`` / ``"linear:<final>"`` schedule
+    string starts from the number it replaces (:func:`trpo_lab.schedules.with_initial`).
+    """
+    merged = dict(base)
+    for key, value in overrides.items():
+        if key == "policy_kwargs" and isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = with_initial(value, merged.get(key))
+    return merged
 
 
 CURVATURES = ("cg", "kfac", "shampoo", "exact")
@@ -211,7 +296,14 @@ class TrustRegionConfig(AgentConfig):
     ``--set diagnostics.exact_every=N``.
     """
 
-    learning_rate: float = _param(1e-3, _positive, "> 0", "critic learning rate (Adam)")
+    fixed_on_resume: ClassVar[dict[str, str]] = {
+        **AgentConfig.fixed_on_resume,
+        "curvature": "the checkpoint holds this curvature backend's state",
+        "critic_optimizer": "the checkpoint holds this critic optimizer's state",
+        "critic_lbfgs_max_iter": "the checkpoint's L-BFGS state restores it",
+    }
+
+    learning_rate: float | Schedule = _param(1e-3, _positive, "> 0", "critic learning rate (Adam; or a schedule)")
     batch_size: int = _param(128, _positive, ">= 1", "critic minibatch size (Adam)")
     target_kl: float = _param(0.01, _positive, "> 0", "KL radius delta of the trust region")
     curvature: str = _param(
@@ -298,9 +390,14 @@ class PPOConfig(AgentConfig):
     """PPO (Schulman et al., 2017): clipped surrogate, minibatch epochs, one optimizer for actor and critic."""
 
     algo: ClassVar[str] = "ppo"
+    fixed_on_resume: ClassVar[dict[str, str]] = {
+        **AgentConfig.fixed_on_resume,
+        "optimizer": "the checkpoint holds this optimizer's state",
+        "optimizer_kwargs": "the checkpoint's optimizer state restores them",
+    }
 
     n_epochs: int = _param(10, _positive, ">= 1", "epochs over the rollout")
-    clip_range: float = _param(0.2, _positive, "> 0", "surrogate clip epsilon")
+    clip_range: float | Schedule = _param(0.2, _positive, "> 0", "surrogate clip epsilon (or a schedule)")
     clip_range_vf: float | None = _param(
         None, _positive, "> 0 or none", "clip V - V_old to +-clip_range_vf, as SB3 (None: off)"
     )
@@ -335,17 +432,18 @@ class ACKTRConfig(AgentConfig):
     """
 
     algo: ClassVar[str] = "acktr"
+    fixed_on_resume: ClassVar[dict[str, str]] = {
+        **AgentConfig.fixed_on_resume,
+        **{key: "the checkpoint's K-FAC state restores it" for key in (
+            "kl_clip", "vf_kl_clip", "damping", "momentum", "stat_decay", "inverse_every")},
+    }
 
     n_steps: int = _param(20, _positive, ">= 1", "steps per environment per update")
-    learning_rate: float = _param(0.25, _positive, "> 0", "K-FAC learning rate (actor and critic)")
-    lr_schedule: str = _param(
-        "constant",
-        lambda v: v in ("constant", "linear"),
-        "'constant' or 'linear'",
-        "learning-rate schedule; 'linear' decays to 0 over learn()'s total_timesteps",
+    learning_rate: float | Schedule = _param(
+        0.25, _positive, "> 0", "K-FAC learning rate (actor and critic; or a schedule, e.g. 'linear')"
     )
     gae_lambda: float = _param(1.0, _unit_closed, "in [0, 1]", "GAE lambda (1: n-step returns)")
-    ent_coef: float = _param(0.0, _non_negative, ">= 0", "entropy bonus coefficient")
+    ent_coef: float | Schedule = _param(0.0, _non_negative, ">= 0", "entropy bonus coefficient (or a schedule)")
     vf_coef: float = _param(0.5, _non_negative, ">= 0", "value loss coefficient")
     kl_clip: float = _param(1e-3, _positive, "> 0", "actor K-FAC trust region (2x the predicted KL)")
     vf_kl_clip: float | None = _param(
@@ -356,6 +454,31 @@ class ACKTRConfig(AgentConfig):
     stat_decay: float = _param(0.99, _unit_open, "in (0, 1)", "running-average decay of the factors")
     inverse_every: int = _param(10, _positive, ">= 1", "updates between eigendecompositions")
     normalize_advantage: bool = _param(False, doc="standardise advantages per batch")
+
+    @classmethod
+    def from_dict(cls: type[C], values: Mapping[str, Any]) -> C:
+        """:meth:`AgentConfig.from_dict`, reading the retired ``lr_schedule`` key of older presets and checkpoints.
+
+        ``lr_schedule = "linear"`` becomes ``learning_rate = "linear"`` (from the given
+        ``learning_rate`` to 0) and ``"constant"`` is dropped, with a ``FutureWarning`` that
+        says what to write instead.
+        """
+        values = dict(values)
+        if "lr_schedule" in values:
+            legacy = values.pop("lr_schedule")
+            if legacy not in ("constant", "linear"):
+                raise ValueError(
+                    f"Invalid lr_schedule: {legacy!r}; lr_schedule is retired, write learning_rate = 'linear' "
+                    "(or a number, 'linear:<final>', 'linear:<initial>:<final>') instead"
+                )
+            replacement = "learning_rate = 'linear'" if legacy == "linear" else "nothing (constant is the default)"
+            warnings.warn(
+                f"lr_schedule = {legacy!r} is retired; write {replacement} instead", FutureWarning, stacklevel=3
+            )
+            if legacy == "linear":
+                start = values.get("learning_rate", cls.__dataclass_fields__["learning_rate"].default)
+                values["learning_rate"] = with_initial("linear", start) if is_number(start) else start
+        return super().from_dict(values)
 
 
 CONFIGS: dict[str, type[AgentConfig]] = {
@@ -372,6 +495,30 @@ def config_class(algo: str) -> type[AgentConfig]:
     if key not in CONFIGS:
         raise ValueError(f"Unknown algorithm {algo!r}; expected one of {', '.join(sorted(CONFIGS))}")
     return CONFIGS[key]
+
+
+RESUME_FIXED_RUN_KEYS: dict[str, str] = {
+    "n_envs": "the checkpoint holds the state of this many environments",
+    "seed": "the run's random streams continue from the checkpoint",
+    "vectorization": "the checkpoint holds the environments' state",
+    "env_kwargs": "the checkpoint holds the environments' state",
+}
+
+
+def check_resume_overrides(algo: str, overrides: Mapping[str, Any]) -> None:
+    """Refuse ``--set`` keys a resumed run cannot change (:attr:`AgentConfig.fixed_on_resume`).
+
+    Raises:
+        ValueError: naming the first such key and why; unknown keys are left to
+            :meth:`AgentConfig.from_dict` (which suggests close names).
+    """
+    fixed = {**RESUME_FIXED_RUN_KEYS, **config_class(algo).fixed_on_resume}
+    for key in overrides:
+        if key in fixed:
+            raise ValueError(
+                f"Invalid --set {key} on resume: {key} cannot change in a resumed run ({fixed[key]}); "
+                "start a new run to change it"
+            )
 
 
 def parse_value(text: str) -> Any:

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from trpo_lab.config import config_class, load_toml
+from trpo_lab.config import config_class, load_toml, merge_hyperparameters
 
 __all__ = [
     "BUILTIN_AGENTS",
@@ -53,8 +53,8 @@ __all__ = [
 RUN_KEYS = ("n_envs", "total_timesteps", "vectorization")
 SUITE_KEYS = ("n_envs", "total_timesteps", "vectorization", "normalize_obs", "normalize_reward")
 
-# What `trpo-lab compare` needs with no files: TRPO, ACKTR and PPO on CartPole-v1 and
-# Pendulum-v1.  Each table equals the resolved TOML preset (tests/test_presets.py).
+# What `trpo-lab compare` needs with no files: TRPO, ACKTR and PPO on CartPole-v1,
+# Acrobot-v1 and Pendulum-v1.  Each table equals the resolved TOML preset (tests/test_presets.py).
 BUILTIN_AGENTS: dict[str, dict[str, dict[str, Any]]] = {
     "trpo": {
         "default": {
@@ -62,6 +62,7 @@ BUILTIN_AGENTS: dict[str, dict[str, dict[str, Any]]] = {
             "target_kl": 0.01, "gae_lambda": 0.95, "gamma": 0.99,
         },
         "CartPole-v1": {"total_timesteps": 100_000, "cg_max_steps": 10, "n_critic_updates": 10, "gae_lambda": 0.98},
+        "Acrobot-v1": {"n_critic_updates": 20},
         "Pendulum-v1": {
             "total_timesteps": 200_000, "n_steps": 128, "batch_size": 128, "gamma": 0.9, "n_critic_updates": 20,
             "target_kl": 0.02,
@@ -73,6 +74,7 @@ BUILTIN_AGENTS: dict[str, dict[str, dict[str, Any]]] = {
             "total_timesteps": 100_000, "n_steps": 32, "batch_size": 256, "gae_lambda": 0.8, "gamma": 0.98,
             "n_epochs": 20, "learning_rate": 2.5e-4, "target_kl": 0.02,
         },
+        "Acrobot-v1": {"n_envs": 16, "n_steps": 256, "gae_lambda": 0.94, "n_epochs": 4},
         "Pendulum-v1": {"n_steps": 256, "batch_size": 256, "gamma": 0.9, "n_epochs": 10, "learning_rate": 1e-3},
     },
     "acktr": {
@@ -82,6 +84,7 @@ BUILTIN_AGENTS: dict[str, dict[str, dict[str, Any]]] = {
             "ent_coef": 0.0, "vf_coef": 0.5, "max_grad_norm": 0.5,
         },
         "CartPole-v1": {"total_timesteps": 100_000},
+        "Acrobot-v1": {"total_timesteps": 200_000, "ent_coef": 0.01, "normalize_obs": True},
         "Pendulum-v1": {
             "total_timesteps": 200_000, "n_steps": 64, "gamma": 0.9, "gae_lambda": 0.95, "normalize_advantage": True,
             "normalize_obs": True, "normalize_reward": True,
@@ -92,6 +95,7 @@ BUILTIN_AGENTS: dict[str, dict[str, dict[str, Any]]] = {
 BUILTIN_SUITES: dict[str, dict[str, dict[str, Any]]] = {
     "classic": {
         "CartPole-v1": {"total_timesteps": 100_000, "n_envs": 8, "normalize_obs": False, "normalize_reward": False},
+        "Acrobot-v1": {"total_timesteps": 200_000, "n_envs": 8, "normalize_obs": True, "normalize_reward": False},
         "Pendulum-v1": {"total_timesteps": 200_000, "n_envs": 8, "normalize_obs": False, "normalize_reward": False},
     },
 }
@@ -99,14 +103,13 @@ BUILTIN_SUITES: dict[str, dict[str, dict[str, Any]]] = {
 BUILTIN_EXPERIMENTS: dict[str, dict[str, Any]] = {
     "default": {
         "description": (
-            "TRPO vs ACKTR vs PPO on CartPole-v1 (50k steps) and Pendulum-v1 (100k steps), 3 seeds each: "
-            "sample efficiency at half the budget the presets were tuned for; under 10 minutes on 2 cores"
+            "TRPO vs ACKTR vs PPO on CartPole-v1 (100k steps), Acrobot-v1 and Pendulum-v1 (200k steps each), "
+            "5 seeds each, at the budgets the presets were tuned for"
         ),
         "algos": ["trpo", "acktr", "ppo"],
         "suite": "classic",
-        "envs": ["CartPole-v1", "Pendulum-v1"],
-        "seeds": 3,
-        "steps": {"CartPole-v1": 50_000, "Pendulum-v1": 100_000},
+        "envs": ["CartPole-v1", "Acrobot-v1", "Pendulum-v1"],
+        "seeds": 5,
         "eval_episodes": 10,
         "workers": 2,
     },
@@ -222,11 +225,7 @@ def resolve_preset(
     merged: dict[str, Any] = {}
     layers = [tables.get("default", {}), suite or {}, tables.get(env_id, {}) if env_id is not None else {}]
     for layer in layers:
-        for key, value in layer.items():
-            if key == "policy_kwargs" and isinstance(value, Mapping):
-                merged["policy_kwargs"] = {**merged.get("policy_kwargs", {}), **value}
-            else:
-                merged[key] = value
+        merged = merge_hyperparameters(merged, layer)
     run = {k: merged.pop(k) for k in RUN_KEYS if k in merged}
     try:
         cls.from_dict(merged)

@@ -262,7 +262,8 @@ def test_action_spaces_update_without_nan(env: Any) -> None:
         ({"inverse_every": 0}, r"Invalid inverse_every: 0; expected >= 1"),
         ({"learning_rate": 0}, r"Invalid learning_rate: 0.0; expected > 0"),
         ({"vf_coef": -1}, r"Invalid vf_coef: -1.0; expected >= 0"),
-        ({"lr_schedule": "cosine"}, r"Invalid lr_schedule: 'cosine'; expected 'constant' or 'linear'"),
+        ({"lr_schedule": "cosine"}, r"Invalid lr_schedule: 'cosine'; lr_schedule is retired, write learning_rate = 'linear'"),
+        ({"learning_rate": "cosine"}, r"Invalid learning_rate: 'cosine'; expected a number, 'linear', 'linear:<final>'"),
         ({"kl_clp": 1e-3}, r"Unknown hyperparameter 'kl_clp' for acktr; did you mean kl_clip"),
     ],
 )
@@ -272,13 +273,22 @@ def test_bad_hyperparameters_are_named(kwargs: dict[str, object], message: str) 
 
 
 def test_linear_schedule_decays_the_learning_rate() -> None:
-    agent = ACKTR("CartPole-v1", n_envs=2, seed=0, n_steps=16, lr_schedule="linear", learning_rate=0.2)
+    agent = ACKTR("CartPole-v1", n_envs=2, seed=0, n_steps=16, learning_rate="linear:0.2:0")
     seen: list[tuple[float, float]] = []
     agent.learn(320, callback=lambda a, m: seen.append((m["train/learning_rate"], m["time/timesteps"])) or None)
-    steps_before = [0.0] + [timesteps for _, timesteps in seen[:-1]]
-    expected = [0.2 * (1 - steps / 320) for steps in steps_before]
+    # SB3's convention: progress_remaining counts the rollout just collected, so the last update is at 0.
+    expected = [0.2 * max(0.0, 1 - steps / 320) for _, steps in seen]
     np.testing.assert_allclose([rate for rate, _ in seen], expected, rtol=1e-12)
+    assert seen[-1][0] == 0.0
     assert agent.actor_optimizer.last_stats["kfac/lr"] == seen[-1][0]
+
+
+def test_retired_lr_schedule_key_reads_as_a_learning_rate_schedule() -> None:
+    with pytest.warns(FutureWarning, match="lr_schedule = 'linear' is retired; write learning_rate = 'linear'"):
+        old = ACKTR("CartPole-v1", n_envs=2, seed=0, n_steps=16, lr_schedule="linear", learning_rate=0.2)
+    assert old.config == ACKTR("CartPole-v1", n_envs=2, seed=0, n_steps=16, learning_rate="linear:0.2:0").config
+    with pytest.warns(FutureWarning, match="lr_schedule = 'constant' is retired; write nothing"):
+        assert ACKTR("CartPole-v1", n_envs=1, lr_schedule="constant").config.learning_rate == 0.25
 
 
 # ---------------------------------------------------------------------- CLI

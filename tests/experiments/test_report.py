@@ -60,6 +60,12 @@ def test_outputs_of_a_hand_made_compare(tmp_path: Path) -> None:
     assert "hand-made" in report and "Budget 1,000 steps per run" in report
     assert "the training time of all runs adds up to 12 s" in report  # 6 runs x 2 s
     assert "## Failed runs\n\n- CartPole-v1-npg-seed0: ValueError: boom" in report
+    # the aggregate: CartPole-v1 normalised by (22.7, 475): ppo (101 - 22.7) / 452.3 = 0.173, trpo below 0
+    assert "## Aggregate over environments" in report and "CartPole-v1 (22.7 → 475)" in report
+    assert f"| ppo | {(101 - 22.7) / 452.3:.2f} [" in report
+    assert "**Winner over all environments**: ppo (its IQM's 95% interval lies above every other algorithm's)." in report
+    assert "| ppo | — | 1.00 [1.00, 1.00] |" in report  # every ppo run beats every trpo run
+    assert "Improvements whose interval lies above 0.5: ppo over trpo." in report
     image = matplotlib.image.imread(tmp_path / "learning_curves.png")
     assert image.ndim == 3 and np.ptp(image[..., :3]) > 0
 

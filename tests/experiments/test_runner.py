@@ -205,3 +205,85 @@ def test_run_experiment_refuses_bad_arguments_before_writing_anything(
         run_experiment(_tiny_experiment(), tmp_path / "out", progress=False, **kwargs)
     assert str(error.value) == message
     assert not (tmp_path / "out").exists()
+
+
+VARIANTS = """
+algos = ["trpo", "trpo-kfac", "ppo"]
+envs = ["CartPole-v1"]
+seeds = 1
+steps = 512
+eval_episodes = 1
+
+[hyperparameters]
+n_steps = 32
+
+[hyperparameters.ppo]
+n_epochs = 2
+
+[variants.trpo-kfac]
+algo = "trpo"
+curvature = "kfac"
+"""
+
+
+def test_variants_and_set_overrides_are_their_own_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "variants.toml").write_text(VARIANTS)
+    out = tmp_path / "out"
+    args = ["compare", str(tmp_path / "variants.toml"), "--out", str(out), "--workers", "2", "--quiet",
+            "--set", "trpo.target_kl=0.02", "--set", "gamma=0.98", "--set", "trpo-kfac.cg_damping=0.2"]
+    assert main(args) == 0, capsys.readouterr().err
+    with (out / "summary.csv").open(newline="") as fh:
+        rows = {row["algo"]: row for row in csv.DictReader(fh)}
+    assert set(rows) == {"trpo", "trpo-kfac", "ppo"}
+    assert rows["trpo-kfac"]["base_algo"] == "trpo" and rows["trpo-kfac"]["run_dir"] == "runs/CartPole-v1-trpo-kfac-seed0"
+    settings = {name: json.loads((out / row["run_dir"] / "spec.json").read_text()) for name, row in rows.items()}
+    hp = {name: s["hyperparameters"] for name, s in settings.items()}
+    assert settings["trpo-kfac"]["algo"] == "trpo" and settings["trpo-kfac"]["label"] == "trpo-kfac"
+    assert hp["trpo-kfac"]["curvature"] == "kfac" and hp["trpo-kfac"]["cg_damping"] == 0.2
+    assert hp["trpo"]["target_kl"] == 0.02 and "curvature" not in hp["trpo"]
+    assert hp["trpo-kfac"]["target_kl"] != 0.02  # a name's table is its own
+    assert hp["ppo"]["n_epochs"] == 2 and all(h["gamma"] == 0.98 and h["n_steps"] == 32 for h in hp.values())
+    config = (out / "runs" / "CartPole-v1-trpo-kfac-seed0" / "config.toml").read_text()
+    assert 'curvature = "kfac"' in config
+    report = (out / "report.md").read_text()
+    assert "| trpo-kfac |" in report and "## Aggregate over environments" in report and "P(row > column)" in report
+    assert "[variants.trpo-kfac]" in (out / "experiment.toml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("spec", "args", "message"),
+    [
+        (VARIANTS, ["--set", "tpro.target_kl=0.02"], "hyperparameter 'tpro' is a field of none of trpo, trpo-kfac, ppo"),
+        (VARIANTS, ["--set", "ppo.kl_clip=0.1"], "hyperparameters of ppo: Unknown hyperparameter 'kl_clip' for ppo"),
+        (VARIANTS, ["--set", "target_kl=-1"], "hyperparameters of trpo: Invalid target_kl: -1.0; expected > 0"),
+        (VARIANTS, ["--set", "trpo"], "Invalid --set 'trpo'; expected key=value"),
+        (VARIANTS, ["--algos", "trpo,trpo-cg"], "Unknown algorithm 'trpo-cg' in algos"),
+        (VARIANTS.replace('algo = "trpo"', 'algo = "trpx"'), [], "[variants.trpo-kfac] needs algo = one of"),
+        (VARIANTS.replace('curvature = "kfac"', 'curvature = "kfc"'), [], "[variants.trpo-kfac]: Invalid curvature: 'kfc'"),
+        (VARIANTS.replace("[variants.trpo-kfac]", "[variants.ppo]"), [], "variant 'ppo' has an algorithm's name"),
+        ('algos = ["ppo"]\nenvs = ["CartPole-v1"]\nvariants = 3\n', [], "variants must be a table, got 3"),
+    ],
+)
+def test_bad_variants_and_overrides_exit_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], spec: str, args: list[str], message: str
+) -> None:
+    path = tmp_path / "spec.toml"
+    path.write_text(spec)
+    assert main(["compare", str(path), "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_live_display_is_quiet_without_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trpo_lab.experiments import runner
+
+    assert not runner._Display(100, 0, 1, enabled=True).live  # pytest captures stdout: not a TTY
+    monkeypatch.setattr(runner.sys.stdout, "isatty", lambda: True)
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    display = runner._Display(100, 0, 1, enabled=True)
+    if not display.console.is_terminal:
+        pytest.skip("rich cannot be made to see a terminal here")
+    assert display.live and not display.progress.disable
+    assert not runner._Display(100, 0, 1, enabled=False).live  # --quiet

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from trpo_lab.config import load_toml
 from trpo_lab.experiments import experiment_from_dict, load_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,3 +73,31 @@ def test_the_resolved_spec_round_trips_through_toml(tmp_path: Path) -> None:
     assert (again.algos, again.seeds, again.steps, again.eval_episodes, again.description) == (
         experiment.algos, experiment.seeds, experiment.steps, experiment.eval_episodes, experiment.description
     )
+
+
+def test_variants_and_overrides_layer_most_specific_last(tmp_path: Path) -> None:
+    data = {
+        "algos": ["ppo", "ppo-small", "acktr"],
+        "envs": ["CartPole-v1"],
+        "seeds": 1,
+        "hyperparameters": {"gamma": 0.97, "target_kl": 0.05, "ppo-small": {"gamma": 0.95}},
+        "variants": {"ppo-small": {"algo": "ppo", "n_epochs": 3, "gamma": 0.9, "learning_rate": "linear"}},
+    }
+    experiment = experiment_from_dict(data, name="v", origin="test").with_overrides(
+        hyperparameters={"ppo-small": {"n_epochs": 4}, "ent_coef": 0.01}
+    )
+    runs = {r.name: r for r in experiment.runs(tmp_path)}
+    assert [r.key for r in runs.values()] == ["CartPole-v1-ppo-seed0", "CartPole-v1-ppo-small-seed0",
+                                              "CartPole-v1-acktr-seed0"]
+    small, ppo, acktr = runs["ppo-small"].hyperparameters, runs["ppo"].hyperparameters, runs["acktr"].hyperparameters
+    assert runs["ppo-small"].algo == "ppo" and runs["ppo-small"].run_dir == tmp_path / "runs" / "CartPole-v1-ppo-small-seed0"
+    # preset < variant < shared keys < the name's table < --set
+    assert small["gamma"] == 0.95 and small["n_epochs"] == 4 and small["ent_coef"] == 0.01
+    assert small["learning_rate"] == "linear:0.00025:0.0"  # "linear" starts from the preset's 2.5e-4
+    assert ppo["gamma"] == 0.97 and ppo["target_kl"] == 0.05 and ppo["n_epochs"] == 20  # the CartPole preset's
+    assert acktr["gamma"] == 0.97 and "target_kl" not in acktr  # ACKTR has no target_kl: not applied
+    assert "label" not in runs["ppo"].settings() and runs["ppo-small"].settings()["label"] == "ppo-small"
+    (tmp_path / "resolved.toml").write_text(experiment.to_toml())
+    data = load_toml(tmp_path / "resolved.toml")
+    again = experiment_from_dict({k: v for k, v in data.items() if k != "steps"}, name="v", origin="round trip")
+    assert again.variants == experiment.variants and again.hyperparameters == experiment.hyperparameters

@@ -8,6 +8,13 @@ import numpy as np
 import pytest
 
 from trpo_lab.experiments import AlgoSummary, ci_half_width, iqm, mean_ci, summarize, t_critical, winner
+from trpo_lab.experiments.stats import (
+    Interval,
+    aggregate,
+    aggregate_winner,
+    normalized_score,
+    probability_of_improvement,
+)
 
 
 @pytest.mark.parametrize(
@@ -78,3 +85,84 @@ def test_summarize_aggregates_the_seeds_of_each_algorithm_per_env() -> None:
     assert (ppo.seeds, ppo.mean, ppo.fps, ppo.wall_s, ppo.timesteps) == (3, 2.0, 200.0, 10.0, 1000.0)
     assert ppo.ci == pytest.approx(4.302653 / math.sqrt(3), abs=1e-6)
     assert ppo.iqm == pytest.approx(2.25)  # episodes 0 2 2 2 3 3: int(0.25 * 6) = 1 cut each side, mean of 2 2 2 3
+
+
+# ---------------------------------------------------------------------- across environments
+TINY_REFS = {"A-v0": (0.0, 10.0), "B-v0": (0.0, 100.0)}
+
+
+def _records(scores: dict[str, dict[str, list[float]]]) -> list[dict[str, object]]:
+    return [
+        {"algo": algo, "env": env_id, "seed": seed, "final_return": value}
+        for env_id, by_algo in scores.items()
+        for algo, values in by_algo.items()
+        for seed, value in enumerate(values)
+    ]
+
+
+def test_normalized_score_by_hand() -> None:
+    assert normalized_score("A-v0", 2.5, TINY_REFS) == 0.25
+    np.testing.assert_allclose(normalized_score("CartPole-v1", [22.7, 475.0]), [0.0, 1.0])
+    with pytest.raises(KeyError):
+        normalized_score("Unknown-v0", 1.0, TINY_REFS)
+
+
+def test_aggregate_iqm_and_probability_of_improvement_by_hand() -> None:
+    # x normalised: A .2 .4 .6 .8, B .1 .3 .5 .7 -> sorted .1 ... .8, middle four .3 .4 .5 .6 -> IQM .45
+    # P(x > y): A: x (.2 .4 .6 .8) vs y (.3 .3 .3 .3): 3 of 4 wins -> .75; B: x vs y = .5 everywhere:
+    # .5 > .5 never, .7 > .5, the tie .5 = .5 counts 1/2 -> (0 + 0 + .5 + 1) / 4 = .375; mean .5625
+    scores = {"A-v0": {"x": [2, 4, 6, 8], "y": [3, 3, 3, 3]}, "B-v0": {"x": [10, 30, 50, 70], "y": [50, 50, 50, 50]}}
+    result = aggregate(_records(scores), ["x", "y"], references=TINY_REFS, reps=200)
+    assert result.envs == ["A-v0", "B-v0"] and result.left_out == []
+    assert result.iqm["x"].value == pytest.approx(0.45)
+    assert result.iqm["y"].value == pytest.approx(0.4)  # .3 .3 .3 .3 .5 .5 .5 .5 -> middle .3 .3 .5 .5
+    assert result.improvement[("x", "y")].value == pytest.approx(0.5625)
+    assert result.improvement[("y", "x")].value == pytest.approx(1 - 0.5625)  # S(x, y) + S(y, x) = 1
+    assert probability_of_improvement([[0.2, 0.4]], [[0.3, 0.4]]) == pytest.approx(1.5 / 4)
+    for interval in (*result.iqm.values(), *result.improvement.values()):
+        assert interval.low <= interval.value <= interval.high or math.isclose(interval.low, interval.high)
+
+
+def test_the_bootstrap_is_stratified_and_equals_a_plain_loop() -> None:
+    scores = {"A-v0": {"x": [1, 2, 9], "y": [3, 4]}, "B-v0": {"x": [50, 60], "y": [10, 20, 90]}}
+    reps = 300
+    result = aggregate(_records(scores), ["x", "y"], references=TINY_REFS, reps=reps, seed=7)
+    # the same stream, one replicate at a time: per algorithm (in order), per env, resample within the env
+    rng = np.random.default_rng(7)
+    norm = {a: [normalized_score(e, scores[e][a], TINY_REFS) for e in ("A-v0", "B-v0")] for a in ("x", "y")}
+    draws = {a: [x[rng.integers(0, x.size, size=(reps, x.size))] for x in norm[a]] for a in ("x", "y")}
+    iqm_x = [iqm(np.concatenate([d[r] for d in draws["x"]]).tolist()) for r in range(reps)]
+    poi = []
+    for r in range(reps):
+        poi.append(probability_of_improvement([d[r] for d in draws["x"]], [d[r] for d in draws["y"]]))
+    assert (result.iqm["x"].low, result.iqm["x"].high) == pytest.approx(tuple(np.percentile(iqm_x, [2.5, 97.5])))
+    assert (result.improvement[("x", "y")].low, result.improvement[("x", "y")].high) == pytest.approx(
+        tuple(np.percentile(poi, [2.5, 97.5]))
+    )
+    # every replicate keeps each env's number of runs: an env whose runs all agree has no spread
+    same = aggregate(_records({"A-v0": {"x": [5, 5], "y": [1, 1]}}), ["x", "y"], references=TINY_REFS, reps=50)
+    assert same.iqm["x"] == Interval(0.5, 0.5, 0.5) and same.improvement[("x", "y")] == Interval(1.0, 1.0, 1.0)
+
+
+def test_aggregate_winner_needs_separated_intervals_on_synthetic_summaries() -> None:
+    rng = np.random.default_rng(0)
+    clear = {
+        env_id: {algo: list(high * (q + 0.02 * rng.standard_normal(5))) for algo, q in (("a", 0.9), ("b", 0.5), ("c", 0.4))}
+        for env_id, (_, high) in TINY_REFS.items()
+    }
+    result = aggregate(_records(clear), ["a", "b", "c"], references=TINY_REFS)
+    assert aggregate_winner(result) == "a (its IQM's 95% interval lies above every other algorithm's)"
+    assert result.improvement[("a", "b")].low > 0.5
+    close = {env_id: {"a": [1.0, 5.0, 9.0], "b": [2.0, 5.0, 8.0]} for env_id in TINY_REFS}
+    verdict = aggregate_winner(aggregate(_records(close), ["a", "b"], references=TINY_REFS))
+    assert verdict.startswith("no clear winner: the 95% interval of ")
+
+
+def test_aggregate_leaves_out_envs_without_references_or_runs() -> None:
+    scores = {"A-v0": {"x": [1.0], "y": [2.0]}, "C-v0": {"x": [1.0], "y": [1.0]}, "B-v0": {"x": [3.0]}}
+    result = aggregate(_records(scores), ["x", "y"], references=TINY_REFS, reps=10)
+    assert result.envs == ["A-v0"]
+    assert result.left_out == ["C-v0 (no reference scores)", "B-v0 (no finished run of y)"]
+    nothing = aggregate(_records({"C-v0": {"x": [1.0], "y": [1.0]}}), ["x", "y"], references=TINY_REFS)
+    assert nothing.iqm == {} and aggregate_winner(nothing).startswith("no aggregate")
+    assert "no clear winner" not in aggregate_winner(aggregate(_records({"A-v0": {"x": [1.0]}}), ["x"], TINY_REFS))

@@ -42,8 +42,10 @@ Design:
     - The gradient-norm clip acts before preconditioning. Whenever the KL clip is active
       (ν < 1) the step ν V does not depend on the scale of g, so the clip only matters for
       steps the KL clip leaves alone.
-    - ``lr_schedule = "linear"`` decays η linearly to 0 over the ``total_timesteps`` given to
-      :meth:`ACKTR.learn` (the reference Atari setting); "constant" (default) keeps it.
+    - ``learning_rate = "linear"`` decays η linearly to 0 over the ``total_timesteps`` given to
+      :meth:`ACKTR.learn` (the reference Atari setting); the shared loop evaluates it
+      (:mod:`trpo_lab.schedules`) and sets both KFACs' ``lr``. The retired ``lr_schedule`` key
+      still reads (see :meth:`ACKTRConfig.from_dict`).
     - Data-parallel: the loss gradients of actor and critic are averaged over ranks in one
       bucket before clipping (``reducer.grads``), and both KFACs fold in the factors of every
       rank's Fisher pass (``statistics_reducer=reducer.weighted_means``), so every rank takes
@@ -56,7 +58,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -72,7 +74,6 @@ from trpo_lab.rollout.buffer import RolloutBatch
 
 __all__ = ["ACKTR", "ActorCriticKFAC", "FisherLoss", "sampled_fisher_loss"]
 
-_A = TypeVar("_A", bound="ACKTR")
 
 
 # ---------------------------------------------------------------------- the optimizer pair
@@ -210,7 +211,8 @@ class ACKTR(OnPolicyAgent):
     See the module docstring for the update. Hyperparameters are :class:`ACKTRConfig`'s
     (SB3 names where the concept exists: ``n_steps``, ``learning_rate``, ``gae_lambda``,
     ``ent_coef``, ``vf_coef``, ``max_grad_norm``; new ones: ``kl_clip``, ``vf_kl_clip``,
-    ``damping``, ``momentum``, ``stat_decay``, ``inverse_every``, ``lr_schedule``).
+    ``damping``, ``momentum``, ``stat_decay``, ``inverse_every``); ``learning_rate`` and
+    ``ent_coef`` may be schedules.
     ``batch_size`` is unused: every update is one step on the whole rollout.
 
     Logged per update, besides ``train/policy_loss``, ``train/value_loss``,
@@ -234,7 +236,7 @@ class ACKTR(OnPolicyAgent):
         self.optimizer = ActorCriticKFAC(
             _ActorModule(self.policy),
             self.policy.critic,
-            lr=cfg.learning_rate,
+            lr=self.current_values["learning_rate"],
             momentum=cfg.momentum,
             damping=cfg.damping,
             stat_decay=cfg.stat_decay,
@@ -246,7 +248,6 @@ class ACKTR(OnPolicyAgent):
         )
         self.fisher_generator = torch.Generator(device=self.device)
         self.fisher_generator.manual_seed(self.seed + 2)
-        self._schedule_timesteps: int | None = None
 
     @property
     def actor_optimizer(self) -> KFAC:
@@ -265,20 +266,8 @@ class ACKTR(OnPolicyAgent):
         self.optimizer.load_state_dict(states)
         self.fisher_generator.set_state(states["fisher_rng"])
 
-    # ------------------------------------------------------------------ schedule
-    def learn(self: _A, total_timesteps: int, *args: Any, **kwargs: Any) -> _A:
-        """:meth:`OnPolicyAgent.learn`; ``total_timesteps`` is also the horizon of
-        ``lr_schedule = "linear"`` (a resumed run decays over its new total)."""
-        self._schedule_timesteps = total_timesteps
-        return super().learn(total_timesteps, *args, **kwargs)
-
-    def current_learning_rate(self) -> float:
-        """η for the next update: ``learning_rate``, times ``1 − num_timesteps / total_timesteps``
-        with ``lr_schedule = "linear"`` (constant until :meth:`learn` has set the total)."""
-        lr = self.config.learning_rate
-        if self.config.lr_schedule == "linear" and self._schedule_timesteps:
-            lr *= max(0.0, 1.0 - self.num_timesteps / self._schedule_timesteps)
-        return lr
+    def _learning_rate_optimizers(self) -> list[Any]:
+        return [self.optimizer]
 
     # ------------------------------------------------------------------ update
     def forward_with_fisher_pass(self, obs: Tensor) -> tuple[Tensor, Tensor]:
@@ -307,16 +296,13 @@ class ACKTR(OnPolicyAgent):
         advantages = batch.advantages
         if cfg.normalize_advantage:
             advantages = self.reducer.normalize_advantages(advantages)
-        lr = self.current_learning_rate()
-        self.optimizer.set_lr(lr)
-
         dist_params, values = self.forward_with_fisher_pass(obs)
         self.optimizer.zero_grad(set_to_none=True)
         log_probs = dist.log_prob(dist_params, batch.actions)
         entropy = dist.entropy(dist_params).mean()
         policy_loss = -(log_probs * advantages).mean()
         value_loss = nn.functional.mse_loss(values, batch.returns)
-        loss = policy_loss - cfg.ent_coef * entropy + cfg.vf_coef * value_loss
+        loss = policy_loss - self.current_values["ent_coef"] * entropy + cfg.vf_coef * value_loss
         torch.autograd.backward(loss)
         self.reducer.grads([*policy.actor_parameters(), *policy.critic_parameters()])  # one bucket
         self.optimizer.step()
@@ -334,7 +320,6 @@ class ACKTR(OnPolicyAgent):
         }
         if policy.log_std is not None:
             metrics["train/std"] = policy.log_std.detach().exp().mean()
-        metrics["train/learning_rate"] = lr
         metrics.update(self.optimizer.last_stats)
         return metrics
 

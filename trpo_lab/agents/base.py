@@ -62,6 +62,7 @@ from trpo_lab.logging import RunLogger, atomic_write_text
 from trpo_lab.nn.policy import ActorCritic
 from trpo_lab.rollout.buffer import RolloutBatch, RolloutBuffer
 from trpo_lab.rollout.collector import RolloutCollector
+from trpo_lab.schedules import progress_remaining
 from trpo_lab.validation import check_device, check_int, first_line
 
 A = TypeVar("A", bound="OnPolicyAgent")
@@ -208,6 +209,11 @@ class OnPolicyAgent(ABC):
         self._last_obs: np.ndarray | Tensor | None = None  # tensors for a torch vector env
         self._autoreset: np.ndarray | Tensor = np.zeros(self.n_envs, dtype=bool)
         self._reset_seed = local_seed  # seed of the first env.reset of a rollout (see load_state_dict)
+        self.schedule_total_timesteps: int | None = None
+        """The ``total_timesteps`` of the last :meth:`learn`: the horizon of the schedules (checkpointed)."""
+        self.current_values: dict[str, float] = self.config.scheduled_values(1.0)
+        """The scheduled hyperparameters' values for the current update (``learning_rate``,
+        ``ent_coef``, PPO's ``clip_range``), set by the loop after each rollout."""
         self._setup()
         self.guard = UpdateGuard(
             self.policy, self._optimizer_states, self._load_optimizer_states, self.max_consecutive_rejections
@@ -252,6 +258,27 @@ class OnPolicyAgent(ABC):
     def _load_optimizer_states(self, states: Mapping[str, Any]) -> None:
         """Restore what :meth:`_optimizer_states` saved."""
         return None
+
+    def _learning_rate_optimizers(self) -> list[Any]:
+        """The optimizers whose ``lr`` is ``learning_rate``; the loop sets it in each of their
+        ``param_groups`` before every update. Override in subclasses."""
+        return []
+
+    # ------------------------------------------------------------------ schedules
+    def _apply_schedules(self, num_timesteps: int) -> None:
+        """Evaluate the schedules at ``progress_remaining`` after a rollout that brought the
+        count to ``num_timesteps`` (SB3's convention; see :mod:`trpo_lab.schedules`), and set
+        the learning rate of :meth:`_learning_rate_optimizers`.
+
+        The values depend only on ``num_timesteps`` and :attr:`schedule_total_timesteps`, both
+        checkpointed, so a resumed run follows the uninterrupted one's schedule exactly.
+        """
+        total = self.schedule_total_timesteps
+        progress = 1.0 if total is None else progress_remaining(num_timesteps, total)
+        self.current_values = self.config.scheduled_values(progress)
+        for optimizer in self._learning_rate_optimizers():
+            for group in optimizer.param_groups:
+                group["lr"] = self.current_values["learning_rate"]
 
     # ------------------------------------------------------------------ data-parallel reductions
     def _share_batch_sizes(self, local_size: int) -> None:
@@ -308,6 +335,7 @@ class OnPolicyAgent(ABC):
             ValueError: invalid ``total_timesteps`` or a ``run_dir`` that cannot be written.
         """
         check_int("total_timesteps", total_timesteps, minimum=1)
+        self.schedule_total_timesteps = total_timesteps
         run_path = Path(run_dir) if run_dir is not None else None
         main = self.data_parallel.is_main  # data-parallel: only rank 0 writes
         log_path = run_path if main else None
@@ -386,6 +414,7 @@ class OnPolicyAgent(ABC):
         self.data_parallel.merge_normalization(running_statistics(self.env))
         batch = self.buffer.batch()
         self._share_batch_sizes(batch.size)
+        self._apply_schedules(self.num_timesteps + self.reducer.total_count)  # all ranks' steps
         update_metrics, rejected = self.guard.run(lambda: self.update(batch), self.num_updates + 1)
         new_episodes, new_skipped = self.num_episodes - episodes_before, self.num_nonfinite_skipped - skipped_before
         metrics, rollout, counts = self.data_parallel.logged_metrics(
@@ -411,6 +440,7 @@ class OnPolicyAgent(ABC):
                 "time/wall_s": self.wall_time,
                 "time/rollout_s": rollout_done - start,
                 "time/update_s": end - rollout_done,
+                **{f"train/{name}": value for name, value in self.current_values.items()},
             }
         )
         return metrics

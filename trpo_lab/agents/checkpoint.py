@@ -204,6 +204,7 @@ def agent_state(agent: OnPolicyAgent, local: Mapping[str, Any] | None = None) ->
             "consecutive_rejections": guard.consecutive,
             "reset_seed": local["reset_seed"],
             "wall_time": agent.wall_time,
+            "schedule_total_timesteps": agent.schedule_total_timesteps,
         },
         "episodes": local["episodes"],
         "rng": local["rng"],
@@ -267,9 +268,11 @@ def constructor_arguments(
         "env_kwargs": data.get("env_kwargs") or None,
         "device": device or "cpu",
     }
+    from trpo_lab.config import merge_hyperparameters
+
     config = dict(data["config"])
-    for key, value in overrides.items():
-        (config if key in config else kwargs)[key] = value
+    kwargs.update({key: value for key, value in overrides.items() if key not in config})
+    config = merge_hyperparameters(config, {key: value for key, value in overrides.items() if key in config})
     return env, {**kwargs, **config}
 
 
@@ -323,6 +326,9 @@ def load_agent_state(agent: OnPolicyAgent, data: Mapping[str, Any]) -> None:
         agent.guard.num_rejected = int(counters.get("num_rejected_updates", 0))
         agent.guard.consecutive = int(counters.get("consecutive_rejections", 0))
         agent.wall_time = float(counters["wall_time"])
+        total = counters.get("schedule_total_timesteps")
+        agent.schedule_total_timesteps = None if total is None else int(total)
+        agent._apply_schedules(agent.num_timesteps)
         _restore_samplers_and_episodes(agent, data)
     except (KeyError, TypeError, RuntimeError, ValueError) as exc:
         raise ValueError(f"Checkpoint does not fit this {agent.algo or 'agent'}: {first_line(exc)}") from None

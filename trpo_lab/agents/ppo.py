@@ -170,7 +170,7 @@ class PPO(OnPolicyAgent):
             # One fused kernel for all parameters: PPO's many small minibatch steps are overhead-bound.
             kwargs["fused"] = True
         try:
-            self.optimizer = cls(self.policy.parameters(), **{"lr": self.config.learning_rate, **kwargs})
+            self.optimizer = cls(self.policy.parameters(), **{"lr": self.current_values["learning_rate"], **kwargs})
         except TypeError as exc:
             raise ValueError(
                 f"Invalid optimizer_kwargs {self.config.optimizer_kwargs} for {cls.__name__}: {exc}"
@@ -181,6 +181,9 @@ class PPO(OnPolicyAgent):
 
     def _load_optimizer_states(self, states: Mapping[str, Any]) -> None:
         self.optimizer.load_state_dict(states["optimizer"])
+
+    def _learning_rate_optimizers(self) -> list[Any]:
+        return [self.optimizer]
 
     def _minibatch_loss(self, minibatch: RolloutBatch) -> PPOLoss:
         cfg, policy = self.config, self.policy
@@ -197,10 +200,10 @@ class PPO(OnPolicyAgent):
             minibatch.values,
             minibatch.returns,
             policy.distribution.entropy(params),
-            clip_range=cfg.clip_range,
+            clip_range=self.current_values["clip_range"],
             clip_range_vf=cfg.clip_range_vf,
             vf_coef=cfg.vf_coef,
-            ent_coef=cfg.ent_coef,
+            ent_coef=self.current_values["ent_coef"],
         )
 
     def _update_sync_free(self, batch: RolloutBatch) -> dict[str, Tensor | float]:
@@ -330,5 +333,4 @@ class PPO(OnPolicyAgent):
         metrics["train/n_updates"] = float(len(losses))
         metrics["train/epochs"] = float(epochs_done)
         metrics["train/early_stop"] = float(early_stop)
-        metrics["train/learning_rate"] = cfg.learning_rate
         return metrics

@@ -85,7 +85,7 @@ class TrustRegionAgent(OnPolicyAgent):
                 line_search_fn="strong_wolfe",
             )
         else:
-            self.critic_optimizer = _make_adam(critic_params, cfg.learning_rate)
+            self.critic_optimizer = _make_adam(critic_params, self.current_values["learning_rate"])
         if self.reducer.is_distributed and (cfg.curvature == "exact" or cfg.exact_every):
             raise ValueError(
                 f"Invalid curvature {cfg.curvature!r} / diagnostics.exact_every {cfg.exact_every}: the dense "
@@ -106,6 +106,10 @@ class TrustRegionAgent(OnPolicyAgent):
         self.critic_optimizer.load_state_dict(states["critic"])
         self.curvature.load_state_dict(states.get("curvature", {}))
 
+    def _learning_rate_optimizers(self) -> list[Any]:
+        # L-BFGS keeps lr = 1 (its line search starts from the quasi-Newton step).
+        return [] if self.config.critic_optimizer == "lbfgs" else [self.critic_optimizer]
+
     # ------------------------------------------------------------------ pieces of the update
     def _advantages(self, batch: RolloutBatch) -> Tensor:
         adv = batch.advantages
@@ -117,8 +121,9 @@ class TrustRegionAgent(OnPolicyAgent):
         dist = self.policy.distribution
         ratio = torch.exp(dist.log_prob(dist_params, actions) - old_log_probs)
         surrogate = (ratio * advantages).mean()
-        if self.config.ent_coef > 0:
-            surrogate = surrogate + self.config.ent_coef * dist.entropy(dist_params).mean()
+        ent_coef = self.current_values["ent_coef"]
+        if ent_coef > 0:
+            surrogate = surrogate + ent_coef * dist.entropy(dist_params).mean()
         return surrogate
 
     def _fisher_states(self, obs: Tensor, old_params: Tensor) -> tuple[Tensor, Tensor]:

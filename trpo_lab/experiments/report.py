@@ -4,7 +4,10 @@
 ``learning_curves.png`` shows, per environment, the training return against environment
 steps (top row) and against wall-clock seconds (bottom row), mean over seeds with a shaded
 95% interval; ``report.md`` has a table per environment (final return mean ± 95% CI, IQM,
-steps/s, wall time) and names the winner (:func:`trpo_lab.experiments.stats.winner`).
+steps/s, wall time) and names the winner (:func:`trpo_lab.experiments.stats.winner`), then the
+aggregate over environments: the IQM of normalised scores with stratified-bootstrap intervals,
+the winner by those intervals and the probability of improvement of every pair
+(:func:`trpo_lab.experiments.stats.aggregate`).
 """
 
 from __future__ import annotations
@@ -20,15 +23,24 @@ from typing import Any
 import numpy as np
 
 from trpo_lab.experiments.spec import Experiment, RunSpec
-from trpo_lab.experiments.stats import AlgoSummary, ci_half_width, summarize, winner
+from trpo_lab.experiments.stats import (
+    Aggregate,
+    AlgoSummary,
+    aggregate,
+    aggregate_winner,
+    ci_half_width,
+    summarize,
+    winner,
+)
 from trpo_lab.logging import atomic_write_bytes, atomic_write_text
 
 __all__ = ["SUMMARY_COLUMNS", "read_curve", "write_summary", "plot_learning_curves", "write_report", "write_outputs"]
 
 SUMMARY_COLUMNS = (
     "algo", "env", "seed", "final_return", "final_return_std", "eval_episodes", "timesteps", "updates",
-    "wall_s", "fps", "train_return", "eval_s", "run_dir",
+    "wall_s", "fps", "train_return", "eval_s", "run_dir", "base_algo",
 )
+"""``algo`` is the name a run is reported under (an algorithm or a variant), ``base_algo`` its algorithm."""
 
 
 def read_curve(run_dir: str | Path) -> dict[str, np.ndarray]:
@@ -132,8 +144,10 @@ def write_report(
     workers: int,
     path: Path,
     train_s: float = math.nan,
+    overall: Aggregate | None = None,
 ) -> str:
-    """``report.md``: a table per env (final return mean +- 95% CI, IQM, steps/s, wall time), the winner."""
+    """``report.md``: a table per env (final return mean +- 95% CI, IQM, steps/s, wall time), the winner,
+    and the aggregate over envs (``overall``, when given)."""
     lines = [f"# Compare: {experiment.name}", ""]
     if experiment.description:
         lines += [experiment.description, ""]
@@ -170,6 +184,8 @@ def write_report(
             )
         fastest = max(summaries.values(), key=lambda s: s.fps)
         lines += ["", f"**Winner**: {winner(summaries)}. Most steps per second: {fastest.algo}.", ""]
+    if overall is not None:
+        lines += _aggregate_lines(overall)
     lines += [
         "## Learning curves",
         "",
@@ -181,6 +197,52 @@ def write_report(
     text = "\n".join(lines)
     atomic_write_text(path, text)
     return text
+
+
+def _interval(value: float, low: float, high: float, digits: int = 2) -> str:
+    return f"{_fmt(value, digits)} [{_fmt(low, digits)}, {_fmt(high, digits)}]"
+
+
+def _aggregate_lines(overall: Aggregate) -> list[str]:
+    """The report's "Aggregate over environments" section."""
+    lines = ["## Aggregate over environments", ""]
+    if not overall.envs or len(overall.iqm) < 1:
+        reason = "; ".join(overall.left_out) or "no finished runs"
+        return lines + [f"No aggregate: {reason}.", ""]
+    refs = ", ".join(f"{env} ({low:g} → {high:g})" for env, (low, high) in overall.references.items())
+    lines += [
+        "Each run's final return is normalised per environment, (return − random) / (solved − random), "
+        f"with the reference scores (random → solved) {refs}: 0 is a random policy, 1 solved. *IQM*: the "
+        "interquartile mean of the normalised scores of all runs on all these environments; *P(row > column)*: "
+        "the probability that a run of the row's algorithm beats one of the column's on an environment drawn "
+        "at random (Agarwal et al., 2021). Brackets: 95% stratified-bootstrap intervals (runs resampled "
+        "within each environment).",
+        "",
+    ]
+    if overall.left_out:
+        lines += [f"Left out: {'; '.join(overall.left_out)}.", ""]
+    lines += ["| algorithm | IQM of normalised scores [95% CI] |", "|---|---:|"]
+    ranked = sorted(overall.iqm.items(), key=lambda item: item[1].value, reverse=True)
+    for algo, interval in ranked:
+        lines.append(f"| {algo} | {_interval(interval.value, interval.low, interval.high)} |")
+    lines += ["", f"**Winner over all environments**: {aggregate_winner(overall)}.", ""]
+    names = [algo for algo, _ in ranked]
+    if len(names) > 1:
+        lines += ["| P(row > column) | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        for x in names:
+            cells = [
+                "—" if x == y else _interval(overall.improvement[(x, y)].value, overall.improvement[(x, y)].low,
+                                              overall.improvement[(x, y)].high)
+                for y in names
+            ]
+            lines.append(f"| {x} | " + " | ".join(cells) + " |")
+        sure = [f"{x} over {y}" for (x, y), p in overall.improvement.items() if p.low > 0.5]
+        lines += [
+            "",
+            "Improvements whose interval lies above 0.5: " + (", ".join(sure) if sure else "none") + ".",
+            "",
+        ]
+    return lines
 
 
 def write_outputs(
@@ -209,7 +271,7 @@ def write_outputs(
     write_summary(records, out_dir / "summary.csv")
     curves = {
         env_id: {
-            algo: [read_curve(s.run_dir) for s in finished if s.env_id == env_id and s.algo == algo]
+            algo: [read_curve(s.run_dir) for s in finished if s.env_id == env_id and s.name == algo]
             for algo in experiment.algos
         }
         for env_id in experiment.envs
@@ -218,4 +280,5 @@ def write_outputs(
     plot_learning_curves(curves, experiment.algos, out_dir / "learning_curves.png")
     table = summarize(records, experiment.algos)
     train_s = float(sum(r["wall_s"] for r in records))
-    return write_report(experiment, table, failures, elapsed_s, workers, out_dir / "report.md", train_s)
+    overall = aggregate(records, experiment.algos)
+    return write_report(experiment, table, failures, elapsed_s, workers, out_dir / "report.md", train_s, overall)

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -55,7 +56,10 @@ RESULT_FILE = "result.json"
 
 # ---------------------------------------------------------------------------- one run
 def resume_run(
-    run_dir: str | Path, device: str = "cpu", dist: DistributedContext | None = None
+    run_dir: str | Path,
+    device: str = "cpu",
+    dist: DistributedContext | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> tuple[OnPolicyAgent, int]:
     """Load a run's ``checkpoint.pt`` to continue it with ``agent.learn(total, run_dir=run_dir)``.
 
@@ -63,21 +67,34 @@ def resume_run(
     a row cut short, go), so the continued file has no gap or duplicate. With ``dist`` (every
     rank calls this), rank 0 reads the run directory and every rank continues from it.
 
+    Args:
+        run_dir: The run directory.
+        device: Torch device to continue on.
+        dist: Data-parallel context (every rank calls this).
+        overrides: Hyperparameters to change from here on (``train --resume --set``), layered
+            on the checkpoint's as presets are (``"linear"`` starts from the saved number).
+            Keys the checkpoint fixes (network shape, ``n_envs``, optimizer state...) are
+            refused (:func:`~trpo_lab.config.check_resume_overrides`).
+
     Returns:
         ``(agent, total_timesteps)``, the budget recorded in the run's ``config.toml``.
     """
     from trpo_lab.agents.base import OnPolicyAgent
-    from trpo_lab.config import load_toml
+    from trpo_lab.config import check_resume_overrides, load_toml
 
     run_dir = Path(run_dir)
+    overrides = dict(overrides or {})
 
-    def recorded_budget() -> int:
+    def recorded() -> tuple[int, str]:
         if not run_dir.is_dir():
             raise ValueError(f"Run directory not found: {run_dir}")
-        return int(load_toml(run_dir / "config.toml").get("total_timesteps", DEFAULT_TIMESTEPS))
+        data = load_toml(run_dir / "config.toml")
+        return int(data.get("total_timesteps", DEFAULT_TIMESTEPS)), str(data.get("algo", ""))
 
-    budget = recorded_budget() if dist is None else dist.run_on_main(recorded_budget)
-    agent = OnPolicyAgent.load(run_dir / "checkpoint.pt", device=device, dist=dist)
+    budget, algo = recorded() if dist is None else dist.run_on_main(recorded)
+    if overrides and algo:
+        check_resume_overrides(algo, overrides)
+    agent = OnPolicyAgent.load(run_dir / "checkpoint.pt", device=device, dist=dist, **overrides)
     return agent, budget
 
 
@@ -193,7 +210,8 @@ def _train_and_evaluate(spec: RunSpec) -> dict[str, Any]:
         agent.close()
     train_returns = list(agent.episode_returns)
     record = {
-        "algo": spec.algo,
+        "algo": spec.name,
+        "base_algo": spec.algo,
         "env": spec.env_id,
         "seed": spec.seed,
         "final_return": float(np.mean(returns)),
@@ -214,19 +232,27 @@ def _train_and_evaluate(spec: RunSpec) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- the local executor
 class _Display:
-    """Overall progress (rich) plus one printed line per finished or skipped run."""
+    """Overall progress (rich) plus one printed line per finished or skipped run.
+
+    The live bars (the whole compare, with its ETA from the steps finished so far, and one per
+    running run) are drawn only when ``enabled`` and both stdout and stderr are terminals: a
+    compare piped into a file or a CI log prints just the per-run lines.
+    """
 
     def __init__(self, total_steps: int, done_steps: int, n_runs: int, enabled: bool) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.console = Console(stderr=True)
+        self.live = bool(enabled and sys.stdout.isatty() and self.console.is_terminal)
+        enabled = self.live
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             TextColumn("{task.percentage:>3.0f}%"),
             TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),
+            TextColumn("ETA"),
             TimeRemainingColumn(),
             console=self.console,
             disable=not enabled,
@@ -419,8 +445,8 @@ def run_experiment(
     workers = check_int("workers", workers if workers is not None else (experiment.workers or os.cpu_count() or 1), minimum=1)
     if executor == "ray":
         import_ray()  # fail before starting anything if Ray is missing
-    for algo in experiment.algos:
-        agent_class(algo)  # fail before starting anything if an algorithm is unavailable
+    for label in experiment.algos:
+        agent_class(experiment.algo_of(label))  # fail before starting anything if an algorithm is unavailable
     out = Path(out_dir)
     specs = experiment.runs(out)
     _check_existing(specs)

@@ -11,6 +11,21 @@ An experiment spec has the keys::
     eval_episodes = 10                   # deterministic evaluation episodes per final agent
     workers = 2                          # optional default for --workers
 
+    [hyperparameters]                    # optional overrides, on top of the agent presets:
+    normalize_advantage = true           #   a key for every algorithm that has the field
+    [hyperparameters.trpo]               #   a table for one algorithm (or variant)
+    target_kl = 0.02
+
+    [variants.trpo-kfac]                 # optional: another row of the comparison, an
+    algo = "trpo"                        #   algorithm with some settings changed; list its
+    curvature = "kfac"                   #   name in algos like any algorithm
+
+The settings of a run layer, most specific last: the agent's preset for the env, the
+variant's settings, ``[hyperparameters]``'s keys for every algorithm, its table for the run's
+name (algorithm or variant); ``trpo-lab compare --set key=value`` and ``--set name.key=value``
+come on top, in the same order (:meth:`Experiment.with_overrides`). A variant appears under
+its own name in ``summary.csv``, the report and the run folders.
+
 :func:`load_experiment` reads one (a file, a name in ``experiments/`` or a built-in),
 :meth:`Experiment.with_overrides` applies the command line, and :meth:`Experiment.runs`
 resolves the grid (env-major) against the agent presets into :class:`RunSpec` cells.
@@ -18,20 +33,24 @@ resolves the grid (env-major) against the agent presets into :class:`RunSpec` ce
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from trpo_lab.config import CONFIGS, merge_hyperparameters
 from trpo_lab.presets import BUILTIN_EXPERIMENTS, experiment_names, load_preset, load_suite, preset_file, suite_entry
 from trpo_lab.validation import is_int
 
 __all__ = ["DEFAULT_TIMESTEPS", "RunSpec", "Experiment", "load_experiment", "experiment_from_dict"]
 
 DEFAULT_TIMESTEPS = 100_000
-_EXPERIMENT_KEYS = ("description", "algos", "suite", "envs", "seeds", "steps", "eval_episodes", "workers")
+_EXPERIMENT_KEYS = (
+    "description", "algos", "suite", "envs", "seeds", "steps", "eval_episodes", "workers", "hyperparameters", "variants",
+)
 
 
 @dataclass(kw_only=True)
@@ -41,6 +60,8 @@ class RunSpec:
     algo: str
     env_id: str
     seed: int
+    label: str = ""
+    """The name the run is reported under: the algorithm, or a variant's name (``""``: ``algo``)."""
     total_timesteps: int
     n_envs: int
     vectorization: str
@@ -49,14 +70,21 @@ class RunSpec:
     run_dir: Path
 
     @property
+    def name(self) -> str:
+        """The algorithm or variant name the run is reported under."""
+        return self.label or self.algo
+
+    @property
     def key(self) -> str:
-        """``<ENV>-<algo>-seed<S>``: the run's name, and its folder under ``runs/``."""
-        return f"{self.env_id}-{self.algo}-seed{self.seed}"
+        """``<ENV>-<name>-seed<S>``: the run's name, and its folder under ``runs/``."""
+        return f"{self.env_id}-{self.name}-seed{self.seed}"
 
     def settings(self) -> dict[str, Any]:
         """What the run was asked to do, as JSON data (stored in ``spec.json``, compared on rerun)."""
         data = asdict(self)
         del data["run_dir"]
+        if data["label"] in ("", self.algo):
+            del data["label"]
         result: dict[str, Any] = json.loads(json.dumps(data))
         return result
 
@@ -66,8 +94,12 @@ class Experiment:
     """A validated experiment spec (see the module docstring for the TOML keys).
 
     Attributes:
+        algos: The names compared: algorithms and variants.
         envs: Env id -> its suite entry (budget, ``n_envs``, normalization), in run order.
         steps: Env id -> the budget every algorithm gets on it.
+        variants: Variant name -> ``{"algo": ..., **hyperparameters}``.
+        hyperparameters: Overrides: keys for every algorithm that has them, and a table per
+            algorithm or variant name.
     """
 
     name: str
@@ -80,16 +112,23 @@ class Experiment:
     steps: dict[str, int]
     eval_episodes: int = 10
     workers: int | None = None
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from trpo_lab.config import config_class
         from trpo_lab.envs import check_env_id
 
         where = f"experiment {self.origin}"
         if not self.algos:
             raise ValueError(f"Invalid {where}: algos is empty; expected at least one of trpo, npg, acktr, ppo")
-        for algo in self.algos:
-            config_class(algo)
+        self._check_variants(where)
+        for label in self.algos:
+            if label not in CONFIGS and label not in self.variants:
+                raise ValueError(
+                    f"Invalid {where}: Unknown algorithm {label!r} in algos; expected one of {', '.join(CONFIGS)} "
+                    f"or a variant ([variants.{label}] with algo = ...)"
+                )
+        self._check_hyperparameters(where)
         if len(set(self.algos)) != len(self.algos):
             raise ValueError(f"Invalid {where}: algos {self.algos} has duplicates")
         if not self.envs:
@@ -106,6 +145,65 @@ class Experiment:
         if self.workers is not None and (not is_int(self.workers) or self.workers < 1):
             raise ValueError(f"Invalid {where}: workers {self.workers!r}; expected an integer >= 1")
 
+    # ------------------------------------------------------------------ variants and overrides
+    def algo_of(self, label: str) -> str:
+        """The algorithm behind a name of :attr:`algos` (a variant's ``algo``, else the name itself)."""
+        return str(self.variants[label]["algo"]) if label in self.variants else label
+
+    def _check_variants(self, where: str) -> None:
+        for name, table in self.variants.items():
+            if not isinstance(table, Mapping):
+                raise ValueError(f"Invalid {where}: [variants.{name}] must be a table, got {table!r}")
+            if name in CONFIGS:
+                raise ValueError(f"Invalid {where}: variant {name!r} has an algorithm's name; call it e.g. {name}-2")
+            algo = table.get("algo")
+            if algo not in CONFIGS:
+                raise ValueError(
+                    f"Invalid {where}: [variants.{name}] needs algo = one of {', '.join(CONFIGS)}, got {algo!r}"
+                )
+            settings = {k: v for k, v in table.items() if k != "algo"}
+            try:
+                CONFIGS[algo].from_dict(settings)
+            except ValueError as exc:
+                raise ValueError(f"Invalid {where}: [variants.{name}]: {exc}") from None
+
+    def _label_tables(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """``(keys for every algorithm, name -> its own table)`` of :attr:`hyperparameters`."""
+        names = set(CONFIGS) | set(self.variants)
+        shared = {k: v for k, v in self.hyperparameters.items() if not (k in names and isinstance(v, Mapping))}
+        own = {k: dict(v) for k, v in self.hyperparameters.items() if k in names and isinstance(v, Mapping)}
+        return shared, own
+
+    def _check_hyperparameters(self, where: str) -> None:
+        if not isinstance(self.hyperparameters, Mapping):
+            raise ValueError(f"Invalid {where}: hyperparameters must be a table, got {self.hyperparameters!r}")
+        shared, own = self._label_tables()
+        for key in shared:
+            if not any(key in CONFIGS[self.algo_of(label)].field_names() for label in self.algos):
+                names = sorted({n for label in self.algos for n in CONFIGS[self.algo_of(label)].field_names()})
+                close = difflib.get_close_matches(key, names, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise ValueError(
+                    f"Invalid {where}: hyperparameter {key!r} is a field of none of {', '.join(self.algos)}{hint}"
+                )
+        for label in self.algos:
+            try:
+                CONFIGS[self.algo_of(label)].from_dict(self.overrides_for(label, shared, own))
+            except ValueError as exc:
+                raise ValueError(f"Invalid {where}: hyperparameters of {label}: {exc}") from None
+
+    def overrides_for(
+        self, label: str, shared: Mapping[str, Any] | None = None, own: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """What the spec changes for ``label`` on top of its algorithm's preset: the variant's
+        settings, then the shared keys its algorithm has, then ``label``'s own table."""
+        if shared is None or own is None:
+            shared, own = self._label_tables()
+        fields = CONFIGS[self.algo_of(label)].field_names()
+        variant = {k: v for k, v in self.variants.get(label, {}).items() if k != "algo"}
+        merged = merge_hyperparameters(variant, {k: v for k, v in shared.items() if k in fields})
+        return merge_hyperparameters(merged, own.get(label, {}))
+
     def with_overrides(
         self,
         algos: Sequence[str] | None = None,
@@ -113,11 +211,26 @@ class Experiment:
         seeds: int | None = None,
         steps: int | None = None,
         eval_episodes: int | None = None,
+        hyperparameters: Mapping[str, Any] | None = None,
     ) -> Experiment:
-        """The same experiment with command-line overrides applied (``seeds=N`` means 0..N-1)."""
+        """The same experiment with command-line overrides applied (``seeds=N`` means 0..N-1).
+
+        ``hyperparameters`` (``compare --set``) has the form of the spec's table: keys for every
+        algorithm, and a table per algorithm or variant name (``--set trpo.target_kl=0.02``); it
+        is layered on the spec's.
+        """
         changes: dict[str, Any] = {}
+        if hyperparameters:
+            names = set(CONFIGS) | set(self.variants)
+            merged = dict(self.hyperparameters)
+            for key, value in hyperparameters.items():
+                if key in names and isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+                    merged[key] = merge_hyperparameters(merged[key], value)
+                else:
+                    merged[key] = merge_hyperparameters(merged, {key: value})[key]
+            changes["hyperparameters"] = merged
         if algos is not None:
-            changes["algos"] = [a.lower() for a in algos]
+            changes["algos"] = [a if a in self.variants else a.lower() for a in algos]
         if envs is not None:
             changes["envs"] = {
                 env_id: self.envs[env_id] if env_id in self.envs else _any_suite_entry(env_id) for env_id in envs
@@ -140,11 +253,18 @@ class Experiment:
         out = Path(out_dir)
         specs = []
         for env_id, entry in self.envs.items():
-            for algo in self.algos:
-                hyperparameters, run = load_preset(algo, env_id, suite=entry)
+            for label in self.algos:
+                algo = self.algo_of(label)
+                preset, run = load_preset(algo, env_id, suite=entry)
+                hyperparameters = merge_hyperparameters(preset, self.overrides_for(label))
+                try:
+                    CONFIGS[algo].from_dict(hyperparameters)
+                except ValueError as exc:
+                    raise ValueError(f"Invalid experiment {self.origin}: {label} on {env_id}: {exc}") from None
                 for seed in self.seeds:
                     spec = RunSpec(
                         algo=algo,
+                        label=label,
                         env_id=env_id,
                         seed=seed,
                         total_timesteps=self.steps[env_id],
@@ -152,7 +272,7 @@ class Experiment:
                         vectorization=str(run.get("vectorization", "sync")),
                         hyperparameters=hyperparameters,
                         eval_episodes=self.eval_episodes,
-                        run_dir=out / "runs" / f"{env_id}-{algo}-seed{seed}",
+                        run_dir=out / "runs" / f"{env_id}-{label}-seed{seed}",
                     )
                     specs.append(spec)
         return specs
@@ -165,6 +285,10 @@ class Experiment:
         if self.suite is not None:
             data["suite"] = self.suite
         data.update(envs=list(self.envs), seeds=self.seeds, eval_episodes=self.eval_episodes, steps=self.steps)
+        if self.hyperparameters:
+            data["hyperparameters"] = self.hyperparameters
+        if self.variants:
+            data["variants"] = self.variants
         return f"# {self.name}, resolved from {self.origin} and the command line\n" + tomli_w.dumps(data)
 
 
@@ -250,15 +374,22 @@ def experiment_from_dict(data: Mapping[str, Any], name: str, origin: str) -> Exp
     else:
         raise ValueError(f"Invalid experiment {origin}: steps {steps_value!r}; expected an integer or a table per env")
     steps = {env_id: _budget(env_id, entry, explicit) for env_id, entry in envs.items()}
+    variants, hyperparameters = data.get("variants", {}), data.get("hyperparameters", {})
+    for key, value in (("variants", variants), ("hyperparameters", hyperparameters)):
+        if not isinstance(value, Mapping):
+            raise ValueError(f"Invalid experiment {origin}: {key} must be a table, got {value!r}")
+    variants = {name: dict(table) if isinstance(table, Mapping) else table for name, table in variants.items()}
     return Experiment(
         name=name,
         origin=origin,
         description=str(data.get("description", "")),
         suite=data.get("suite"),
-        algos=[a.lower() for a in algos],
+        algos=[a if a in variants else a.lower() for a in algos],
         envs=envs,
         seeds=seeds,
         steps=steps,
         eval_episodes=data.get("eval_episodes", 10),
         workers=data.get("workers"),
+        variants=variants,
+        hyperparameters=hyperparameters,
     )

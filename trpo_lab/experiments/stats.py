@@ -10,6 +10,22 @@ with ``t_{0.975, n-1}`` the 0.975 quantile of Student's t with ``n - 1`` degrees
 values, the aggregate Agarwal et al. (2021, "Deep Reinforcement Learning at the Edge of the
 Statistical Precipice") recommend over the mean or median for few runs. An algorithm wins on
 an environment only when its interval lies entirely above every other algorithm's.
+
+Across environments (:func:`aggregate`, after Agarwal et al., 2021), each run's final return
+``x`` on env ``m`` is normalised by the env's reference scores (:data:`REFERENCE_SCORES`:
+a uniformly random policy's mean return and the "solved" score),
+
+    x̃ = (x − random_m) / (solved_m − random_m),
+
+so 0 is random and 1 solved. The aggregate of an algorithm is the IQM of its normalised
+scores over all runs on all envs, and the probability of improvement of X over Y is
+
+    P(X > Y) = 1/M Σ_m 1/(N_m K_m) Σ_i Σ_j S(x_{m,i}, y_{m,j}),   S(x, y) = 1[x > y] + ½ 1[x = y],
+
+the Mann–Whitney statistic per env, averaged over the M envs. Both get 95% percentile
+intervals from a *stratified* bootstrap: each replicate resamples the runs with replacement
+within every env (and, for P(X > Y), X's and Y's runs independently). An algorithm wins the
+aggregate when its IQM interval lies above every other algorithm's.
 """
 
 from __future__ import annotations
@@ -23,7 +39,11 @@ import numpy as np
 
 from trpo_lab.validation import check_int
 
-__all__ = ["CONFIDENCE", "t_critical", "ci_half_width", "mean_ci", "iqm", "AlgoSummary", "summarize", "winner"]
+__all__ = [
+    "CONFIDENCE", "t_critical", "ci_half_width", "mean_ci", "iqm", "AlgoSummary", "summarize", "winner",
+    "REFERENCE_SCORES", "normalized_score", "probability_of_improvement", "stratified_bootstrap", "Interval",
+    "Aggregate", "aggregate", "aggregate_winner",
+]
 
 CONFIDENCE = 0.95
 _QUANTILE = 1.0 - (1.0 - CONFIDENCE) / 2.0  # two-sided: 0.975
@@ -140,3 +160,163 @@ def winner(summaries: Mapping[str, AlgoSummary]) -> str:
             f"that of {', '.join(overlapping)}"
         )
     return f"{best.algo} (its 95% CI lies above every other algorithm's)"
+
+
+# ---------------------------------------------------------------------------- across environments
+REFERENCE_SCORES: dict[str, tuple[float, float]] = {
+    "CartPole-v1": (22.7, 475.0),
+    "Acrobot-v1": (-497.4, -100.0),
+    "Pendulum-v1": (-1255.5, 0.0),
+}
+"""Env id -> ``(random, solved)`` return, the ends of the normalised score.
+
+``random``: the mean return of a uniformly random policy over 200 episodes (seeds 0-199;
+``benchmarks/reference_scores.py`` prints them). ``solved``: Gymnasium's registered
+``reward_threshold`` (CartPole-v1 475, Acrobot-v1 -100); Pendulum-v1 registers none, and its
+best possible return, 0 (upright from the start, no torque), stands in.
+"""
+
+BOOTSTRAP_REPS = 2000
+
+
+def normalized_score(env_id: str, score: Any, references: Mapping[str, tuple[float, float]] | None = None) -> Any:
+    """``(score − random) / (solved − random)`` with the env's :data:`REFERENCE_SCORES`.
+
+    Raises:
+        KeyError: an env without reference scores.
+    """
+    low, high = (REFERENCE_SCORES if references is None else references)[env_id]
+    return (np.asarray(score, dtype=np.float64) - low) / (high - low)
+
+
+def _iqm_rows(x: np.ndarray) -> np.ndarray:
+    """:func:`iqm` of every row of a 2-D array."""
+    x = np.sort(x, axis=-1)
+    cut = int(0.25 * x.shape[-1])
+    return np.asarray(x[..., cut : x.shape[-1] - cut].mean(axis=-1))
+
+
+def probability_of_improvement(x_by_env: Sequence[Any], y_by_env: Sequence[Any]) -> float:
+    """``P(X > Y)``: the Mann–Whitney statistic of X's over Y's scores per env, averaged over envs.
+
+    Args:
+        x_by_env: Per env, X's scores (one per run).
+        y_by_env: Per env (same order), Y's scores.
+    """
+    per_env = []
+    for x, y in zip(x_by_env, y_by_env, strict=True):
+        diff = np.asarray(x, dtype=np.float64)[:, None] - np.asarray(y, dtype=np.float64)[None, :]
+        per_env.append(float(np.mean((diff > 0) + 0.5 * (diff == 0))))
+    return float(np.mean(per_env))
+
+
+def stratified_bootstrap(by_env: Sequence[Any], reps: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``reps`` resamples of every env's runs (with replacement, within the env): per env ``(reps, n)``."""
+    out = []
+    for scores in by_env:
+        x = np.asarray(scores, dtype=np.float64)
+        out.append(x[rng.integers(0, x.size, size=(reps, x.size))])
+    return out
+
+
+@dataclass
+class Interval:
+    """A point estimate and its 95% stratified-bootstrap percentile interval."""
+
+    value: float
+    low: float
+    high: float
+
+
+@dataclass
+class Aggregate:
+    """The aggregate over environments of a compare (see the module docstring).
+
+    Attributes:
+        envs: The envs aggregated (those with reference scores that every algorithm ran on).
+        left_out: Envs of the records that are not aggregated, each with the reason.
+        iqm: Algorithm -> IQM of its normalised scores.
+        improvement: ``(x, y)`` -> ``P(x > y)``, for every ordered pair of algorithms.
+        references: Env -> the ``(random, solved)`` scores used.
+    """
+
+    envs: list[str]
+    left_out: list[str]
+    iqm: dict[str, Interval]
+    improvement: dict[tuple[str, str], Interval]
+    references: dict[str, tuple[float, float]]
+
+
+def aggregate(
+    records: Sequence[Mapping[str, Any]],
+    algos: Sequence[str],
+    references: Mapping[str, tuple[float, float]] | None = None,
+    reps: int = BOOTSTRAP_REPS,
+    seed: int = 0,
+) -> Aggregate:
+    """IQM of normalised scores and pairwise probabilities of improvement, with stratified-bootstrap CIs.
+
+    Each run contributes its ``final_return``. Envs without reference scores, or on which some
+    algorithm has no run, are left out (and listed). The bootstrap is seeded, so a report is
+    reproducible.
+    """
+    refs = dict(REFERENCE_SCORES if references is None else references)
+    check_int("reps", reps, minimum=1)
+    scores: dict[str, dict[str, list[float]]] = {}
+    for record in records:
+        scores.setdefault(record["env"], {}).setdefault(record["algo"], []).append(float(record["final_return"]))
+    algos = [a for a in algos if any(a in by_algo for by_algo in scores.values())]
+    envs, left_out = [], []
+    for env_id, by_algo in scores.items():
+        missing = [a for a in algos if a not in by_algo]
+        if env_id not in refs:
+            left_out.append(f"{env_id} (no reference scores)")
+        elif missing:
+            left_out.append(f"{env_id} (no finished run of {', '.join(missing)})")
+        else:
+            envs.append(env_id)
+    normalized = {
+        algo: [normalized_score(env_id, scores[env_id][algo], refs) for env_id in envs] for algo in algos
+    }
+    rng = np.random.default_rng(seed)
+    iqms: dict[str, Interval] = {}
+    samples: dict[str, list[np.ndarray]] = {}
+    for algo in algos if envs else []:
+        samples[algo] = stratified_bootstrap(normalized[algo], reps, rng)
+        point = iqm(np.concatenate(normalized[algo]).tolist())
+        boot = _iqm_rows(np.concatenate(samples[algo], axis=1))
+        iqms[algo] = Interval(point, *_percentiles(boot))
+    improvement: dict[tuple[str, str], Interval] = {}
+    for x in iqms:
+        for y in iqms:
+            if x == y:
+                continue
+            point = probability_of_improvement(normalized[x], normalized[y])
+            per_env = []
+            for xb, yb in zip(samples[x], samples[y], strict=True):
+                diff = xb[:, :, None] - yb[:, None, :]
+                per_env.append(((diff > 0) + 0.5 * (diff == 0)).mean(axis=(1, 2)))
+            improvement[(x, y)] = Interval(point, *_percentiles(np.mean(per_env, axis=0)))
+    return Aggregate(envs, left_out, iqms, improvement, {e: refs[e] for e in envs})
+
+
+def _percentiles(boot: np.ndarray) -> tuple[float, float]:
+    low, high = np.percentile(boot, [100 * (1 - _QUANTILE), 100 * _QUANTILE])
+    return float(low), float(high)
+
+
+def aggregate_winner(result: Aggregate) -> str:
+    """One sentence: the algorithm whose aggregate IQM interval lies above every other's, or why there is none."""
+    if not result.envs:
+        return "no aggregate: no environment with reference scores that every algorithm ran on"
+    ranked = sorted(result.iqm.items(), key=lambda item: item[1].value, reverse=True)
+    if len(ranked) < 2:
+        return "only one algorithm: no comparison"
+    best, interval = ranked[0]
+    overlapping = [algo for algo, other in ranked[1:] if other.high >= interval.low]
+    if overlapping:
+        return (
+            f"no clear winner: the 95% interval of {best}'s IQM (the highest) overlaps "
+            f"that of {', '.join(overlapping)}"
+        )
+    return f"{best} (its IQM's 95% interval lies above every other algorithm's)"

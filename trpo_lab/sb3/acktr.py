@@ -55,6 +55,7 @@ SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
 
 #: The defaults of every argument ACKTR shares with the native agent.
 _DEFAULTS = ACKTRConfig()
+_DEFAULT_ENT_COEF: float = _DEFAULTS.scheduled_values(1.0)["ent_coef"]
 
 # K-FAC diagnostics logged after every update: the actor's as train/<name>, the critic's as
 # train/critic_<name>.
@@ -201,7 +202,7 @@ class ACKTR(A2C):
         n_steps: int = _DEFAULTS.n_steps,
         gamma: float = _DEFAULTS.gamma,
         gae_lambda: float = _DEFAULTS.gae_lambda,
-        ent_coef: float = _DEFAULTS.ent_coef,
+        ent_coef: float = _DEFAULT_ENT_COEF,
         vf_coef: float = _DEFAULTS.vf_coef,
         max_grad_norm: float = _DEFAULTS.max_grad_norm,
         kl_clip: float = _DEFAULTS.kl_clip,
@@ -254,6 +255,8 @@ class ACKTR(A2C):
             normalize_advantage=normalize_advantage,
         )
         cfg = self.config
+        if not isinstance(ent_coef, (int, float)):  # SB3's A2C takes a number (its learning_rate may be a schedule)
+            raise ValueError(f"Invalid ent_coef: {ent_coef!r}; expected a number (SB3's A2C has no ent_coef schedule)")
         self.kl_clip, self.vf_kl_clip = cfg.kl_clip, cfg.vf_kl_clip
         self.damping, self.momentum, self.stat_decay, self.inverse_every = (
             cfg.damping,
@@ -269,7 +272,7 @@ class ACKTR(A2C):
             n_steps=cfg.n_steps,
             gamma=cfg.gamma,
             gae_lambda=cfg.gae_lambda,
-            ent_coef=cfg.ent_coef,
+            ent_coef=float(ent_coef),
             vf_coef=cfg.vf_coef,
             # The policy's optimizer clips each network; A2C's joint clip at infinity is the identity.
             max_grad_norm=math.inf,
