@@ -268,7 +268,6 @@ class PPO(OnPolicyAgent):
         metrics["train/n_updates"] = count
         metrics["train/epochs"] = epochs_done
         metrics["train/early_stop"] = stopped.to(obs.dtype)
-        metrics["train/learning_rate"] = cfg.learning_rate
         return metrics
 
     def _step_state(self, parameters: Sequence[Tensor]) -> list[Tensor]:
