@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a hyperparameter (TOML value syntax; dotted keys for policy_kwargs)")
     train.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its checkpoint.pt")
+    train.add_argument("--max-memory", default=None, metavar="SIZE",
+                       help="memory the agent may use, e.g. 8GB (default: what the device has available); "
+                            "checked before allocating")
     train.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("--nproc", type=int, default=None, metavar="N",
@@ -145,11 +148,29 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any],
             hyperparameters.setdefault("policy_kwargs", {}).update(value)
         else:
             hyperparameters[key] = value
+    if args.max_memory is not None:
+        hyperparameters["max_memory"] = args.max_memory
     n_envs = args.n_envs if args.n_envs is not None else int(run_settings.get("n_envs", 8))
     steps = args.steps if args.steps is not None else int(run_settings.get("total_timesteps", DEFAULT_TIMESTEPS))
     if steps < 1:
         raise CLIError(f"Invalid --steps: {steps}; expected >= 1")
     return hyperparameters, run_settings, n_envs, steps
+
+
+def _check_budget(
+    algo: str, hyperparameters: dict[str, Any], n_envs: int, steps: int, world_size: int = 1, warn: bool = True
+) -> None:
+    """Before any environment is built: refuse more environments than steps, warn (one line) when
+    the budget is less than one rollout, saying what will run."""
+    from trpo_lab.config import config_class
+    from trpo_lab.resources import rollout_budget_note
+    from trpo_lab.validation import check_int
+
+    check_int("n_envs", n_envs, minimum=1)
+    n_steps = config_class(algo).from_dict(hyperparameters).n_steps
+    note = rollout_budget_note(steps, n_envs * world_size, n_steps)
+    if note is not None and warn:
+        print(f"trpo-lab: warning: {note}", file=sys.stderr)
 
 
 def _default_run_dir(args: argparse.Namespace) -> Path:
@@ -162,6 +183,9 @@ def _build_agent(args: argparse.Namespace, dist: Any = None, device: Any = None)
     from trpo_lab.agents import agent_class
 
     hyperparameters, run_settings, n_envs, steps = _settings(args)
+    # every rank checks (an error stops them all alike); rank 0 warns
+    _check_budget(args.algo, hyperparameters, n_envs, steps, 1 if dist is None else dist.world_size,
+                  warn=dist is None or dist.is_main)
     run_dir = _default_run_dir(args) if dist is None else Path(dist.run_on_main(lambda: str(_default_run_dir(args))))
     agent = agent_class(args.algo)(
         args.env,

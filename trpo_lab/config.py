@@ -72,6 +72,15 @@ def _unit_open(v: Any) -> bool:
     return bool(0 < v < 1)
 
 
+def _memory_size(v: Any) -> int | None:
+    from trpo_lab.resources import parse_memory
+
+    try:
+        return parse_memory(v)
+    except ValueError:
+        return None
+
+
 def _type_error(name: str, value: Any, expected: str) -> ValueError:
     return ValueError(f"Invalid {name}: {value!r} ({type(value).__name__}); expected {expected}")
 
@@ -133,6 +142,10 @@ class AgentConfig:
     checkpoint_every: int = _param(10, _non_negative, ">= 0 (0 disables)", "updates between checkpoints")
     nan_policy: str = _param(
         "raise", lambda v: v in ("raise", "skip"), "'raise' or 'skip'", "what to do with non-finite env output"
+    )
+    max_memory: int | str | None = _param(
+        None, lambda v: _memory_size(v) is not None, "a positive number of bytes or a size such as '8GB' or '512MiB'",
+        "memory the agent may use, checked before allocating (default: what the device has available)",
     )
 
     def __post_init__(self) -> None:

@@ -59,6 +59,7 @@ from trpo_lab.envs import (
 )
 from trpo_lab.logging import RunLogger, atomic_write_text
 from trpo_lab.nn.policy import ActorCritic
+from trpo_lab.resources import check_agent_memory, parse_memory
 from trpo_lab.rollout.buffer import RolloutBatch, RolloutBuffer
 from trpo_lab.rollout.collector import RolloutCollector
 from trpo_lab.validation import check_device, check_int
@@ -159,6 +160,9 @@ class OnPolicyAgent(ABC):
         self.n_envs = self.env.num_envs
         self.observation_space = self.env.single_observation_space
         self.action_space = self.env.single_action_space
+        # Everything sized by the user, estimated before any of it is allocated (a clear error, not an OOM).
+        memory_limit = None if self.config.max_memory is None else parse_memory(self.config.max_memory)
+        check_agent_memory(self.config, self.observation_space, self.action_space, self.n_envs, self.device, memory_limit)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.policy = ActorCritic(self.observation_space, self.action_space, **self.config.policy_kwargs)
@@ -170,7 +174,8 @@ class OnPolicyAgent(ABC):
         # one), so that work every rank repeats on gathered data stays identical.
         self.shuffle_generator = torch.Generator().manual_seed(seed + 1)
         self.buffer = RolloutBuffer.for_spaces(
-            self.observation_space, self.action_space, self.config.n_steps, self.n_envs, self.device
+            self.observation_space, self.action_space, self.config.n_steps, self.n_envs, self.device,
+            max_memory=memory_limit,
         )
         self.collector = RolloutCollector(self)
         """Steps the environments into the buffer (:mod:`trpo_lab.rollout.collector`)."""
