@@ -182,7 +182,10 @@ def _default_run_dir(args: argparse.Namespace) -> Path:
 def _build_agent(args: argparse.Namespace, dist: Any = None, device: Any = None) -> tuple[Any, int, Path]:
     from trpo_lab.agents import agent_class
 
+    from trpo_lab.validation import check_device
+
     hyperparameters, run_settings, n_envs, steps = _settings(args)
+    check_device(args.device if device is None else device)
     # every rank checks (an error stops them all alike); rank 0 warns
     _check_budget(args.algo, hyperparameters, n_envs, steps, 1 if dist is None else dist.world_size,
                   warn=dist is None or dist.is_main)
