@@ -181,7 +181,6 @@ def _default_run_dir(args: argparse.Namespace) -> Path:
 
 def _build_agent(args: argparse.Namespace, dist: Any = None, device: Any = None) -> tuple[Any, int, Path]:
     from trpo_lab.agents import agent_class
-
     from trpo_lab.validation import check_device
 
     hyperparameters, run_settings, n_envs, steps = _settings(args)

@@ -189,7 +189,7 @@ def shampoo_bytes(
         numel = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
         elements += 2 * numel
         for size in shape:
-            elements += size if len(shape) <= 1 or size > max_preconditioner_dim else 2 * size * size
+            elements += 2 * size if len(shape) <= 1 or size > max_preconditioner_dim else 2 * size * size
     return elements * _element_size(dtype)
 
 
@@ -201,7 +201,7 @@ def exact_fisher_bytes(num_parameters: int, dtype: torch.dtype = torch.float32) 
 
 def _per_sample_activations(policy: nn.Module, observation_space: gym.Space[Any]) -> int:
     """Elements produced per sample by every leaf module of a forward of the features, actor and
-    critic (on the meta device: nothing is allocated)."""
+    critic (one sample; on the meta device for a meta policy, so nothing is allocated)."""
     counts: list[int] = []
 
     def count(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -212,7 +212,8 @@ def _per_sample_activations(policy: nn.Module, observation_space: gym.Space[Any]
     hooks = [m.register_forward_hook(count) for m in leaves]
     try:
         sample = observation_space.sample()
-        obs = torch.zeros((1, *np.asarray(sample).shape), dtype=torch.float32, device="meta")
+        device = next(policy.parameters()).device  # meta for the networks estimated before they exist
+        obs = torch.zeros((1, *np.asarray(sample).shape), dtype=torch.float32, device=device)
         features = policy.preprocess(obs)  # type: ignore[operator]
         counts.append(features.numel())
         policy.actor(features)  # type: ignore[operator]
