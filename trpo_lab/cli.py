@@ -123,6 +123,8 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if _world_size() > 1:
         return _train_rank(args)
     if args.resume is not None:
+        if args.max_memory is not None:  # the checkpoint's settings are used as they are
+            raise CLIError("--max-memory applies to new runs; a resumed run keeps its checkpoint's max_memory")
         return _resume(args)
     agent, steps, run_dir = _build_agent(args)
     return _run(agent, steps, run_dir, args.quiet)
