@@ -882,6 +882,20 @@ def test_a_damaged_progress_csv_is_repaired_with_a_warning_on_resume(
     assert all(None not in row.values() and None not in row for row in rows)  # every row has the header's fields
 
 
+def test_the_cli_resumes_a_truncated_progress_csv_with_a_one_line_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trpo_lab.cli import main
+
+    _progress_after_two_updates(tmp_path)
+    path = tmp_path / "progress.csv"
+    path.write_text(path.read_text()[:-5])
+    assert main(["train", "--resume", str(tmp_path), "--steps", str(3 * 16), "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("trpo-lab: warning: ") for line in err), err
+    assert "dropped 1 damaged row(s)" in err[0] and "rows of updates 2..2 are missing" in err[1]
+
+
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5, 0.9, 0.999])
 def test_a_checkpoint_cut_off_by_something_else_gives_one_clear_error(
     tmp_path: Path, fraction: float, capsys: pytest.CaptureFixture[str]

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -392,7 +393,20 @@ def dist_is_initialized_once() -> bool:
     return distributed.joined_process_group()
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    """Warnings (a repaired progress.csv, a resume without env state...) as one line each, like errors."""
+    text = str(message).strip().splitlines()
+    print(f"trpo-lab: warning: {text[0] if text else category.__name__}", file=sys.stderr if file is None else file)
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        return _run_command(argv)
+
+
+def _run_command(argv: Sequence[str] | None = None) -> int:
     from trpo_lab.agents.base import NonFiniteError
     from trpo_lab.distributed import RankDriftError, RankFailedError
 
