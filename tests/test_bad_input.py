@@ -393,8 +393,10 @@ def test_cli_exits_2_with_one_line(
         (lambda f: ["train", "trpo", "CartPole-v1", "--steps", "50"], "presets_code", r"Invalid preset .*activation_fn"),
         (lambda f: ["train", "trpo", "CartPole-v1"], "presets_syntax", r"Unreadable TOML in"),
         (lambda f: ["eval", _resume_dir(f, "evil")], None, r"refused, it refers to Python code"),
+        (lambda f: ["train", "trpo", "CartPole-v1", "--set", "policy_kwargs.net_arch=[100000,100000]", "--steps", "100"],
+         None, r"^trpo-lab: error: Invalid policy_kwargs.net_arch: \[100000, 100000\]; .* needs an estimated 322.5 GiB"),
     ],
-    ids=["preset with code", "preset syntax", "checkpoint with code"],
+    ids=["preset with code", "preset syntax", "checkpoint with code", "networks beyond memory (issue 18)"],
 )
 def test_cli_as_a_process_prints_no_traceback(
     files: dict[str, Path], argv: Callable[[dict[str, Path]], list[str]], env: str | None, message: str, tmp_path: Path

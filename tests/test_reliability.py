@@ -724,6 +724,19 @@ def test_the_cli_reports_a_full_disk_in_one_line_and_exits_2(
                    "the previous config.toml, if any, is unchanged"]
 
 
+def test_a_budget_below_one_rollout_warns_in_one_line_what_will_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trpo_lab.cli import main
+
+    assert main(["train", "trpo", "CartPole-v1", "--steps", "20", "--n-envs", "2", "--set", "n_steps=16", "--quiet",
+                 "--run-dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["trpo-lab: warning: the budget of 20 steps is less than one rollout (n_envs 2 x n_steps 16 = 32 "
+                   "steps): 1 update of 32 steps will run; lower n_steps to 10 to stay within it"]
+    assert len(_rows(tmp_path)) == 1
+
+
 def test_progress_csv_that_cannot_be_written_stops_the_run_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_open = Path.open
 

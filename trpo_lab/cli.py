@@ -160,20 +160,16 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any],
     return hyperparameters, run_settings, n_envs, steps
 
 
-def _check_budget(
-    algo: str, hyperparameters: dict[str, Any], n_envs: int, steps: int, world_size: int = 1, warn: bool = True
-) -> None:
-    """Before any environment is built: refuse more environments than steps, warn (one line) when
-    the budget is less than one rollout, saying what will run."""
+def _check_budget(algo: str, hyperparameters: dict[str, Any], n_envs: int, steps: int, world_size: int = 1) -> str | None:
+    """Before any environment is built: refuse more environments than steps; return the warning
+    for a budget less than one rollout (what will run), or ``None``."""
     from trpo_lab.config import config_class
     from trpo_lab.resources import rollout_budget_note
     from trpo_lab.validation import check_int
 
     check_int("n_envs", n_envs, minimum=1)
     n_steps = config_class(algo).from_dict(hyperparameters).n_steps
-    note = rollout_budget_note(steps, n_envs * world_size, n_steps)
-    if note is not None and warn:
-        print(f"trpo-lab: warning: {note}", file=sys.stderr)
+    return rollout_budget_note(steps, n_envs * world_size, n_steps)
 
 
 def _default_run_dir(args: argparse.Namespace) -> Path:
@@ -188,9 +184,9 @@ def _build_agent(args: argparse.Namespace, dist: Any = None, device: Any = None)
 
     hyperparameters, run_settings, n_envs, steps = _settings(args)
     check_device(args.device if device is None else device)
-    # every rank checks (an error stops them all alike); rank 0 warns
-    _check_budget(args.algo, hyperparameters, n_envs, steps, 1 if dist is None else dist.world_size,
-                  warn=dist is None or dist.is_main)
+    # every rank checks before building anything (an error stops them all alike); rank 0 warns
+    # once the agent is built, so that a later error is still the only line
+    note = _check_budget(args.algo, hyperparameters, n_envs, steps, 1 if dist is None else dist.world_size)
     run_dir = _default_run_dir(args) if dist is None else Path(dist.run_on_main(lambda: str(_default_run_dir(args))))
     agent = agent_class(args.algo)(
         args.env,
@@ -201,6 +197,8 @@ def _build_agent(args: argparse.Namespace, dist: Any = None, device: Any = None)
         dist=dist,
         **hyperparameters,
     )
+    if note is not None and (dist is None or dist.is_main):
+        print(f"trpo-lab: warning: {note}", file=sys.stderr)
     return agent, steps, run_dir
 
 
