@@ -349,6 +349,8 @@ CLI_CASES: list[tuple[str, Callable[[dict[str, Path]], list[str]], str]] = [
     ("--max-memory text", lambda f: [*TRAIN, "--max-memory", "lots"], r"Invalid max_memory: 'lots'"),
     ("n-envs above the budget", lambda f: [*TRAIN, "--n-envs", "100000"],
      r"Invalid n_envs: 100000; expected at most the 100 steps of the budget"),
+    ("n-envs x nproc above the budget", lambda f: [*TRAIN, "--n-envs", "60", "--nproc", "2"],
+     r"Invalid n_envs: 60 per process x 2 processes = 120 environments; expected at most the 100 steps"),
     ("compare n_envs above the budget", lambda f: ["compare", "--algos", "trpo", "--envs", "CartPole-v1", "--seeds", "1",
                                                    "--steps", "4", "--quiet"],
      r"CartPole-v1.*: Invalid n_envs: \d+; expected at most the 4 steps of the budget"),

@@ -169,6 +169,9 @@ def _check_budget(algo: str, hyperparameters: dict[str, Any], n_envs: int, steps
 
     check_int("n_envs", n_envs, minimum=1)
     n_steps = config_class(algo).from_dict(hyperparameters).n_steps
+    if n_envs * world_size > steps and world_size > 1:
+        raise CLIError(f"Invalid n_envs: {n_envs} per process x {world_size} processes = {n_envs * world_size} "
+                       f"environments; expected at most the {steps} steps of the budget (--steps)")
     return rollout_budget_note(steps, n_envs * world_size, n_steps)
 
 
@@ -213,10 +216,11 @@ def _launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     rest = _without_option(list(argv), "--nproc")
     if args.resume is None:
-        hyperparameters, _, n_envs, _ = _settings(args)
+        hyperparameters, _, n_envs, steps = _settings(args)
         config_class(args.algo).from_dict(hyperparameters)
         if n_envs < 1:
             raise CLIError(f"Invalid n_envs: {n_envs}; expected >= 1")
+        _check_budget(args.algo, hyperparameters, n_envs, steps, args.nproc)  # errors here, once; rank 0 warns
         if not args.run_dir:  # every rank must write (rank 0) and checkpoint into the same folder
             rest += ["--run-dir", str(_default_run_dir(args))]
     elif not Path(args.resume).is_dir():
