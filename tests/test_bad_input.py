@@ -179,8 +179,33 @@ PYTHON_CASES: list[tuple[str, Callable[[dict[str, Path]], Any], str]] = [
     ("ppo n_epochs = 0", lambda f: PPOConfig(n_epochs=0), r"Invalid n_epochs: 0; expected >= 1"),
     ("acktr kl_clip = 0", lambda f: ACKTRConfig(kl_clip=0), r"Invalid kl_clip: 0.0; expected > 0"),
     ("acktr momentum = 1", lambda f: ACKTRConfig(momentum=1.0), r"Invalid momentum: 1.0; expected in \[0, 1\)"),
-    ("n_steps beyond memory", trpo(n_steps=10**13), r"Invalid n_steps: 10000000000000; a rollout buffer of n_steps x "
-                                                    r"n_envs = 10000000000000 x 1 does not fit in memory"),
+    ("n_steps beyond memory", trpo(n_steps=10**13), r"Invalid n_steps: 10000000000000; this trpo with n_envs 1 \(.*"
+                                                    r"rollout buffer .*\) needs an estimated .* TiB, more than the .* of "
+                                                    r"available memory .*; n_steps \d+ would fit"),
+    # memory estimates, checked before anything is allocated (issue #18)
+    ("net_arch beyond memory", trpo(policy_kwargs={"net_arch": [100_000, 100_000]}),
+     r"Invalid policy_kwargs.net_arch: \[100000, 100000\]; this trpo with n_envs 1 \(.*parameters 74.5 GiB.*\) needs "
+     r"an estimated .* GiB, more than the .* of available memory .*; net_arch \[\d+, \d+\] would fit"),
+    ("net_arch beyond max_memory", trpo(policy_kwargs={"net_arch": [256, 256]}, max_memory="1MB"),
+     r"Invalid policy_kwargs.net_arch: \[256, 256\]; this trpo .* needs an estimated .*, more than the max_memory "
+     r"limit of 976.6 KiB; net_arch \[\d+, \d+\] would fit$"),
+    ("n_steps beyond max_memory", trpo(n_steps=4096, max_memory="2MB"),
+     r"Invalid n_steps: 4096; .* more than the max_memory limit of 1.9 MiB; n_steps \d+ would fit$"),
+    ("K-FAC factors beyond max_memory", lambda f: agent_class("acktr")("CartPole-v1", n_envs=1, n_steps=1,
+                                                                       policy_kwargs={"net_arch": [2048]}, max_memory="40MB"),
+     r"Invalid policy_kwargs.net_arch: \[2048\]; this acktr .*K-FAC factors .* MiB.* more than the max_memory limit"),
+    ("Shampoo beyond max_memory", trpo(curvature="shampoo", n_steps=1, policy_kwargs={"net_arch": [1024, 1024]},
+                                       max_memory="40MB"),
+     r"Invalid policy_kwargs.net_arch: \[1024, 1024\]; .*Shampoo preconditioners .* MiB"),
+    ("exact Fisher beyond max_memory", trpo(curvature="exact", n_steps=1, policy_kwargs={"net_arch": [32]},
+                                            max_memory="200KB"),
+     r"Invalid policy_kwargs.net_arch: \[32\]; .*exact Fisher .* KiB"),
+    ("image buffer beyond max_memory", trpo(env=spaces(gym.spaces.Box(0, 255, (84, 84, 4), np.uint8), gym.spaces.Discrete(2)),
+                                            n_steps=2048, policy_kwargs={"net_arch": [8]}, max_memory="100MB"),
+     r"Invalid n_steps: 2048; this trpo with n_envs 1 \(.*rollout buffer 110.3 MiB.*\) .* n_steps \d+ would fit"),
+    ("max_memory text", lambda f: TRPOConfig(max_memory="lots"),
+     r"Invalid max_memory: 'lots'; expected a positive number of bytes or a size such as '8GB'"),
+    ("max_memory 0", lambda f: TRPOConfig(max_memory=0), r"Invalid max_memory: 0; expected a positive number of bytes"),
     # policy_kwargs (validated with the config, before any network is built)
     ("policy_kwargs key", lambda f: TRPOConfig(policy_kwargs={"net_arc": [8]}),
      r"Invalid policy_kwargs key\(s\) \['net_arc'\]; expected some of \['net_arch', 'activation_fn', 'log_std_init'"),
@@ -315,7 +340,7 @@ def _resume_dir(files: dict[str, Path], checkpoint: str, config: str = 'algo = "
     return str(folder)
 
 
-TRAIN = ["train", "trpo", "CartPole-v1", "--steps", "100"]
+TRAIN = ["train", "trpo", "CartPole-v1", "--steps", "100", "--set", "n_steps=8"]  # a whole rollout: no budget warning
 CLI_CASES: list[tuple[str, Callable[[dict[str, Path]], list[str]], str]] = [
     ("unknown algorithm", lambda f: ["train", "sac", "CartPole-v1"], r"Unknown algorithm 'sac'"),
     ("unknown env", lambda f: ["train", "trpo", "CartPol-v1"], r"Unknown environment id 'CartPol-v1'; did you mean"),
@@ -401,7 +426,35 @@ CLI_CASES: list[tuple[str, Callable[[dict[str, Path]], list[str]], str]] = [
      r"Invalid ONNX output: '.*' is a folder; expected a file path such as policy.onnx"),
     ("export corrupt checkpoint", lambda f: ["export", _resume_dir(f, "truncated"), "--onnx", "p.onnx"],
      r"truncated or corrupt"),
+    # resources and budgets (issue #18): refused before any environment or network is built
+    ("net_arch beyond memory", lambda f: [*TRAIN, "--set", "policy_kwargs.net_arch=[100000,100000]"],
+     r"Invalid policy_kwargs.net_arch: \[100000, 100000\]; this trpo with n_envs 8 .* needs an estimated"),
+    ("--max-memory too small", lambda f: [*TRAIN, "--max-memory", "100KB"],
+     r"Invalid n_steps: 8; this trpo .* more than the max_memory limit of 97.7 KiB"),
+    ("--max-memory text", lambda f: [*TRAIN, "--max-memory", "lots"], r"Invalid max_memory: 'lots'"),
+    ("n-envs above the budget", lambda f: [*TRAIN, "--n-envs", "100000"],
+     r"Invalid n_envs: 100000; expected at most the 100 steps of the budget"),
+    ("n-envs x nproc above the budget", lambda f: [*TRAIN, "--n-envs", "60", "--nproc", "2"],
+     r"Invalid n_envs: 60 per process x 2 processes = 120 environments; expected at most the 100 steps"),
+    ("compare n_envs above the budget", lambda f: ["compare", "--algos", "trpo", "--envs", "CartPole-v1", "--seeds", "1",
+                                                   "--steps", "4", "--quiet"],
+     r"CartPole-v1.*: Invalid n_envs: \d+; expected at most the 4 steps of the budget"),
+    ("--max-memory with --resume", lambda f: ["train", "--resume", _resume_dir(f, "good"), "--max-memory", "1GB"],
+     r"--max-memory applies to new runs"),
+    ("resume config.toml unknown key", lambda f: ["train", "--resume", _resume_dir(f, "good", config=_config_with("colour = 1"))],
+     r"Invalid .*config.toml: unknown key 'colour'; expected some of"),
+    ("resume config.toml unknown hyperparameter",
+     lambda f: ["train", "--resume", _resume_dir(f, "good", config=_config_with("[hyperparameters]\ngama = 0.9"))],
+     r"Invalid .*config.toml: Unknown hyperparameter 'gama' for trpo; did you mean gamma"),
+    ("resume config.toml bad budget", lambda f: ["train", "--resume", _resume_dir(f, "good", config='total_timesteps = "x"\n')],
+     r"Invalid total_timesteps in .*config.toml: 'x'; expected an integer >= 1"),
 ]
+
+
+def _config_with(extra: str) -> str:
+    """A run's config.toml, edited by hand."""
+    return f'algo = "trpo"\ntotal_timesteps = 100\n{extra}\n'
+
 
 
 @pytest.mark.parametrize(("argv", "message"), [pytest.param(a, m, id=i) for i, a, m in CLI_CASES])
@@ -427,8 +480,10 @@ def test_cli_exits_2_with_one_line(
         (lambda f: ["train", "trpo", "CartPole-v1", "--steps", "50"], "presets_code", r"Invalid preset .*activation_fn"),
         (lambda f: ["train", "trpo", "CartPole-v1"], "presets_syntax", r"Unreadable TOML in"),
         (lambda f: ["eval", _resume_dir(f, "evil")], None, r"refused, it refers to Python code"),
+        (lambda f: ["train", "trpo", "CartPole-v1", "--set", "policy_kwargs.net_arch=[100000,100000]", "--steps", "100"],
+         None, r"^trpo-lab: error: Invalid policy_kwargs.net_arch: \[100000, 100000\]; .* needs an estimated 322.5 GiB"),
     ],
-    ids=["preset with code", "preset syntax", "checkpoint with code"],
+    ids=["preset with code", "preset syntax", "checkpoint with code", "networks beyond memory (issue 18)"],
 )
 def test_cli_as_a_process_prints_no_traceback(
     files: dict[str, Path], argv: Callable[[dict[str, Path]], list[str]], env: str | None, message: str, tmp_path: Path

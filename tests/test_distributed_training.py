@@ -238,7 +238,7 @@ def test_train_nproc_2_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("trpo on CartPole-v1:") == 1  # rank 0 reports, rank 1 is silent
     assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("events.")) == [
-        "checkpoint.pt", "config.toml", "final.pt", "progress.csv"]
+        ".trpo_lab.lock", "checkpoint.pt", "config.toml", "final.pt", "progress.csv"]  # the lock: rank 0's, released
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1  # only rank 0 writes
     rows = list(csv.DictReader((run_dir / "progress.csv").open(newline="")))
     assert float(rows[0]["timesteps"]) > 2 * 128  # both ranks' steps: 2 ranks x 2 envs x 128, less resets

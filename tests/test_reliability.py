@@ -42,7 +42,15 @@ from trpo_lab.envs import (
     make_vec_env,
     vector_env_state,
 )
-from trpo_lab.logging import TIMING_COLUMNS, RunLogger, atomic_write_bytes
+from trpo_lab.logging import (
+    LOCK_FILE,
+    TIMING_COLUMNS,
+    FolderLock,
+    FolderLockedError,
+    RunLogger,
+    WriteFailedError,
+    atomic_write_bytes,
+)
 
 
 def _available(algo: str) -> bool:
@@ -595,13 +603,17 @@ def test_every_result_file_of_a_run_is_complete_after_it(tmp_path: Path) -> None
     finally:
         checkpoint.atomic_write_bytes = original  # type: ignore[assignment]
     assert written.count("checkpoint.pt") == 3 and written.count("final.pt") == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "config.toml", "final.pt", "progress.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        LOCK_FILE, "checkpoint.pt", "config.toml", "final.pt", "progress.csv"
+    ]
+    assert (tmp_path / LOCK_FILE).read_text() == ""  # released: no holder recorded
 
 
 def test_progress_rows_past_the_checkpoint_and_a_torn_row_are_dropped_on_resume(tmp_path: Path) -> None:
     header = "timesteps,updates,return_mean\n"
     (tmp_path / "progress.csv").write_text(header + "10,1,1.0\n20,2,2.0\n30,3,3.0\n40,4,4")
-    RunLogger(tmp_path, 100, tensorboard=False, resume=True, start_updates=2).close()
+    with pytest.warns(UserWarning, match=r"dropped 1 damaged row\(s\) \(cut short or with the wrong number of fields\)"):
+        RunLogger(tmp_path, 100, tensorboard=False, resume=True, start_updates=2).close()
     assert (tmp_path / "progress.csv").read_text().replace("\r\n", "\n") == header + "10,1,1.0\n20,2,2.0\n"
 
 
@@ -636,3 +648,301 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path: 
     with pytest.raises(ValueError, match=rf"Cannot load checkpoint .*evil.pt: {expected}.*nothing in the file was run"):
         TRPO.load(path)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------- full disks, read-only places (#18)
+def _failing(errno_code: int) -> Callable[..., Any]:
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno_code, os.strerror(errno_code))
+
+    return fail
+
+
+class _FullFile:
+    """A text file whose writes fail once ``room`` characters are used (a disk filling up)."""
+
+    def __init__(self, file: Any, room: int, errno_code: int) -> None:
+        self.file, self.room, self.errno_code = file, room, errno_code
+
+    def write(self, text: str) -> int:
+        self.room -= len(text)
+        if self.room < 0:
+            raise OSError(self.errno_code, os.strerror(self.errno_code))
+        return int(self.file.write(text))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
+def _tiny_trpo(**kwargs: Any) -> TRPO:
+    return TRPO("CartPole-v1", n_envs=1, seed=0, n_steps=16, n_critic_updates=1, checkpoint_every=1, **kwargs)
+
+
+@pytest.mark.parametrize("errno_code", [28, 13, 30])  # ENOSPC, EACCES, EROFS
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_previous_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, errno_code: int
+) -> None:
+    import trpo_lab.logging as logging_module
+
+    replaced: list[str] = []
+    real_replace = os.replace
+
+    def replace_until_full(src: Any, dst: Any) -> None:
+        if Path(dst).name == "checkpoint.pt" and replaced.count("checkpoint.pt") == 2:
+            raise OSError(errno_code, os.strerror(errno_code))
+        replaced.append(Path(dst).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(logging_module.os, "replace", replace_until_full)
+    with pytest.raises(WriteFailedError) as info:
+        _tiny_trpo().learn(10 * 16, run_dir=tmp_path, tensorboard=False)
+    code = {28: "ENOSPC", 13: "EACCES", 30: "EROFS"}[errno_code]
+    assert str(info.value) == (f"Cannot write {tmp_path / 'checkpoint.pt'}: {os.strerror(errno_code)} ({code}); "
+                               "the previous checkpoint.pt, if any, is unchanged")
+    assert isinstance(info.value, OSError) and info.value.errno == errno_code
+    monkeypatch.setattr(logging_module.os, "replace", real_replace)
+    resumed = TRPO.load(tmp_path / "checkpoint.pt")  # intact and loadable: the checkpoint of update 2
+    assert resumed.num_updates == 2
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    resumed.learn(4 * 16, run_dir=tmp_path, tensorboard=False)  # and the run continues from it (the lock is free)
+    updates = [int(float(row["updates"])) for row in _rows(tmp_path)]
+    assert updates == list(range(1, len(updates) + 1)) and updates[-1] >= 4  # update 3 was redone, no duplicate
+
+
+def test_the_cli_reports_a_full_disk_in_one_line_and_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import trpo_lab.logging as logging_module
+    from trpo_lab.cli import main
+
+    monkeypatch.setattr(logging_module.os, "replace", _failing(28))  # nothing atomic can be written
+    code = main(["train", "trpo", "CartPole-v1", "--steps", "32", "--n-envs", "1", "--set", "n_steps=16", "--quiet",
+                 "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [f"trpo-lab: error: Cannot write {tmp_path / 'run' / 'config.toml'}: No space left on device (ENOSPC); "
+                   "the previous config.toml, if any, is unchanged"]
+
+
+def test_a_budget_below_one_rollout_warns_in_one_line_what_will_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trpo_lab.cli import main
+
+    assert main(["train", "trpo", "CartPole-v1", "--steps", "20", "--n-envs", "2", "--set", "n_steps=16", "--quiet",
+                 "--run-dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["trpo-lab: warning: the budget of 20 steps is less than one rollout (n_envs 2 x n_steps 16 = 32 "
+                   "steps): 1 update of 32 steps will run; lower n_steps to 10 to stay within it"]
+    assert len(_rows(tmp_path)) == 1
+
+
+def test_progress_csv_that_cannot_be_written_stops_the_run_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_open = Path.open
+
+    def open_small_disk(self: Path, *args: Any, **kwargs: Any) -> Any:
+        file = real_open(self, *args, **kwargs)
+        return _FullFile(file, 3000, 28) if self.name == "progress.csv" else file
+
+    monkeypatch.setattr(Path, "open", open_small_disk)
+    agent = _tiny_trpo()
+    with pytest.raises(WriteFailedError, match=rf"^Cannot write {tmp_path / 'progress.csv'}: No space left on device "
+                                               r"\(ENOSPC\)$"):
+        agent.learn(20 * 16, run_dir=tmp_path, tensorboard=False)
+    assert 1 <= agent.num_updates < 20
+    monkeypatch.setattr(Path, "open", real_open)
+    assert TRPO.load(tmp_path / "checkpoint.pt").num_updates >= agent.num_updates - 1  # every update checkpointed
+
+
+def test_tensorboard_events_that_cannot_be_written_stop_the_run_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from tensorboard.compat.tensorflow_stub.io import gfile
+
+    real_write = gfile.GFile.write
+    calls: list[int] = []
+
+    def write_until_full(self: Any, data: Any) -> Any:
+        calls.append(1)
+        if len(calls) > 3:
+            raise OSError(28, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(gfile.GFile, "write", write_until_full)
+    agent = _tiny_trpo()
+    with pytest.raises(WriteFailedError, match=rf"^Cannot write {tmp_path}/events\.out\.tfevents\..*: "
+                                               r"No space left on device \(ENOSPC\)$"):
+        agent.learn(50 * 16, run_dir=tmp_path)
+    assert agent.num_updates < 50
+    assert "Traceback" not in capfd.readouterr().err  # TensorBoard's writer thread printed nothing
+
+
+def test_a_compare_report_that_cannot_be_written_names_it_and_keeps_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trpo_lab.logging as logging_module
+    from trpo_lab.experiments import load_experiment
+    from trpo_lab.experiments.report import write_outputs
+
+    (tmp_path / "summary.csv").write_text("old summary\n")
+    monkeypatch.setattr(logging_module.os, "replace", _failing(30))
+    with pytest.raises(WriteFailedError, match=rf"^Cannot write {tmp_path / 'summary.csv'}: Read-only file system \(EROFS\)"):
+        write_outputs(load_experiment(None), [], [], [], 1.0, 1, tmp_path)
+    assert (tmp_path / "summary.csv").read_text() == "old summary\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.csv"]
+
+
+# ---------------------------------------------------------------------------------- two runs at once (#18)
+def _hold_lock(folder: Path) -> subprocess.Popen[str]:
+    """Another process holding ``folder`` as a run would (a FolderLock), until killed."""
+    code = ("import sys, time; from trpo_lab.logging import FolderLock; "
+            "FolderLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_run_into_a_held_run_dir_exits_2_naming_the_holder_and_a_killed_holder_is_taken_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trpo_lab.cli import main
+
+    run_dir = tmp_path / "run"
+    holder = _hold_lock(run_dir)
+    argv = ["train", "trpo", "CartPole-v1", "--steps", "16", "--n-envs", "1", "--set", "n_steps=16", "--quiet",
+            "--run-dir", str(run_dir)]
+    try:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"trpo-lab: error: The run directory {run_dir} is in use by another trpo-lab process "
+                       f"(pid {holder.pid}, lock file {run_dir / LOCK_FILE}); wait for it to finish or stop it, "
+                       "or use another folder"]
+        assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]  # the second run wrote nothing
+        with pytest.raises(FolderLockedError, match=f"pid {holder.pid}"):  # the Python API alike
+            TRPO("CartPole-v1", n_envs=1, n_steps=8).learn(8, run_dir=run_dir)
+    finally:
+        holder.kill()  # kill -9: the lock file still names it, the kernel has dropped the lock
+        holder.wait()
+    assert (run_dir / LOCK_FILE).read_text().strip() == str(holder.pid)
+    lock = FolderLock(run_dir).acquire()
+    assert lock.taken_over_from == holder.pid
+    assert (run_dir / LOCK_FILE).read_text().strip() == str(os.getpid())
+    lock.release()
+    assert main(argv) == 0 and (run_dir / "final.pt").is_file()
+
+
+def test_a_lock_is_exclusive_within_one_process_too(tmp_path: Path) -> None:
+    with FolderLock(tmp_path, "compare folder"):
+        with pytest.raises(FolderLockedError, match=rf"^The compare folder {tmp_path} is in use .*\(pid {os.getpid()},"):
+            FolderLock(tmp_path, "compare folder").acquire()
+    FolderLock(tmp_path).acquire().release()  # released on exit
+
+
+@pytest.mark.parametrize("executor", ["local", pytest.param("ray", marks=pytest.mark.skipif(
+    __import__("importlib").util.find_spec("ray") is None, reason="ray not installed"))])
+def test_a_second_compare_into_a_held_folder_is_refused_before_running_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], executor: str
+) -> None:
+    from trpo_lab.cli import main
+
+    out = tmp_path / "out"
+    holder = _hold_lock(out)
+    try:
+        code = main(["compare", "--algos", "trpo", "--envs", "CartPole-v1", "--seeds", "1", "--steps", "64",
+                     "--out", str(out), "--executor", executor, "--quiet"])
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and f"The compare folder {out} is in use by another trpo-lab process (pid {holder.pid}" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
+
+
+# ---------------------------------------------------------------------------------- damaged files on resume (#18)
+def _progress_after_two_updates(tmp_path: Path) -> tuple[TRPO, str]:
+    agent = _tiny_trpo()
+    agent.learn(2 * 16, run_dir=tmp_path, tensorboard=False)
+    return agent, (tmp_path / "progress.csv").read_text()
+
+
+@pytest.mark.parametrize(
+    ("damage", "warning"),
+    [
+        (lambda text: text[:-7], r"dropped 1 damaged row\(s\) \(cut short or with the wrong number of fields\); repaired"),
+        (lambda text: text.replace("\n", "\n1,2\n", 1), r"dropped 1 damaged row"),
+        (lambda text: text.splitlines()[0][:10], r"held only part of its header \(10 bytes\); it starts over"),
+        (lambda text: text.split("\n")[0] + "\n" + text.split("\n")[1] + "\n",
+         r"holds rows up to update 1 but the checkpoint is at update 2: the rows of updates 2..2 are missing"),
+        (lambda text: b"\xff\xfe\x00garbage", r"is not readable CSV text .*; kept as progress.csv.damaged"),
+    ],
+    ids=["last row cut short", "a row with too few fields", "header cut short", "rows missing", "not text"],
+)
+def test_a_damaged_progress_csv_is_repaired_with_a_warning_on_resume(
+    tmp_path: Path, damage: Callable[[str], Any], warning: str
+) -> None:
+    agent, text = _progress_after_two_updates(tmp_path)
+    damaged = damage(text)
+    path = tmp_path / "progress.csv"
+    path.write_bytes(damaged if isinstance(damaged, bytes) else damaged.encode())
+    resumed = TRPO.load(tmp_path / "checkpoint.pt")
+    with pytest.warns(UserWarning, match=warning):
+        resumed.learn(3 * 16, run_dir=tmp_path, tensorboard=False)
+    rows = _rows(tmp_path)
+    updates = [int(float(row["updates"])) for row in rows]
+    assert updates[-1] >= 3 and updates == sorted(set(updates))  # no duplicates, in order
+    assert all(None not in row.values() and None not in row for row in rows)  # every row has the header's fields
+
+
+def test_the_cli_resumes_a_truncated_progress_csv_with_a_one_line_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trpo_lab.cli import main
+
+    _progress_after_two_updates(tmp_path)
+    path = tmp_path / "progress.csv"
+    path.write_text(path.read_text()[:-5])
+    assert main(["train", "--resume", str(tmp_path), "--steps", str(3 * 16), "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("trpo-lab: warning: ") for line in err), err
+    assert "dropped 1 damaged row(s)" in err[0] and "rows of updates 2..2 are missing" in err[1]
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5, 0.9, 0.999])
+def test_a_checkpoint_cut_off_by_something_else_gives_one_clear_error(
+    tmp_path: Path, fraction: float, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trpo_lab.cli import main
+
+    _progress_after_two_updates(tmp_path)
+    path = tmp_path / "checkpoint.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(ValueError, match=r"^Cannot load checkpoint .*checkpoint.pt: the file (is empty|is truncated or corrupt)"):
+        TRPO.load(path)
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Cannot load checkpoint" in err[0]
+
+
+def test_a_hand_edited_config_toml_is_checked_on_resume(tmp_path: Path) -> None:
+    from trpo_lab.experiments import resume_run
+
+    _progress_after_two_updates(tmp_path)
+    config = tmp_path / "config.toml"
+    original = config.read_text()
+    config.write_text(original.replace("[hyperparameters]", "learning_rat = 0.1\n\n[hyperparameters]"))
+    with pytest.raises(ValueError, match=r"Invalid .*config.toml: unknown key 'learning_rat'; expected some of \['algo'"):
+        resume_run(tmp_path)
+    config.write_text(original.replace("[hyperparameters]", "[hyperparameters]\nlearning_rat = 0.1"))
+    with pytest.raises(ValueError, match=r"Invalid .*config.toml: Unknown hyperparameter 'learning_rat' for trpo; "
+                                         r"did you mean learning_rate"):
+        resume_run(tmp_path)
+    config.write_text(original.replace("gamma = 0.99", "gamma = 7"))
+    with pytest.raises(ValueError, match=r"Invalid .*config.toml: Invalid gamma: 7.0; expected in \(0, 1\]"):
+        resume_run(tmp_path)
+    config.write_text(original)
+    agent, budget = resume_run(tmp_path)
+    assert budget == 2 * 16 and agent.num_updates == 2
+    agent.close()

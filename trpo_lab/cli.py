@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a hyperparameter (TOML value syntax; dotted keys for policy_kwargs); "
                             "with --resume, only those a resumed run can change")
     train.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its checkpoint.pt")
+    train.add_argument("--max-memory", default=None, metavar="SIZE",
+                       help="memory the agent may use, e.g. 8GB (default: what the device has available); "
+                            "checked before allocating")
     train.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("--nproc", type=int, default=None, metavar="N",
@@ -155,6 +159,8 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if _world_size() > 1:
         return _train_rank(args)
     if args.resume is not None:
+        if args.max_memory is not None:  # the checkpoint's settings are used as they are
+            raise CLIError("--max-memory applies to new runs; a resumed run keeps its checkpoint's max_memory")
         return _resume(args)
     agent, steps, run_dir = _build_agent(args)
     return _run(agent, steps, run_dir, args.quiet)
@@ -183,11 +189,28 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any],
     check_env_id(args.env)
     hyperparameters, run_settings = load_preset(args.algo, args.env)
     hyperparameters = merge_hyperparameters(hyperparameters, _set_options(args.overrides))
+    if args.max_memory is not None:
+        hyperparameters["max_memory"] = args.max_memory
     n_envs = args.n_envs if args.n_envs is not None else int(run_settings.get("n_envs", 8))
     steps = args.steps if args.steps is not None else int(run_settings.get("total_timesteps", DEFAULT_TIMESTEPS))
     if steps < 1:
         raise CLIError(f"Invalid --steps: {steps}; expected >= 1")
     return hyperparameters, run_settings, n_envs, steps
+
+
+def _check_budget(algo: str, hyperparameters: dict[str, Any], n_envs: int, steps: int, world_size: int = 1) -> str | None:
+    """Before any environment is built: refuse more environments than steps; return the warning
+    for a budget less than one rollout (what will run), or ``None``."""
+    from trpo_lab.config import config_class
+    from trpo_lab.resources import rollout_budget_note
+    from trpo_lab.validation import check_int
+
+    check_int("n_envs", n_envs, minimum=1)
+    n_steps = config_class(algo).from_dict(hyperparameters).n_steps
+    if n_envs * world_size > steps and world_size > 1:
+        raise CLIError(f"Invalid n_envs: {n_envs} per process x {world_size} processes = {n_envs * world_size} "
+                       f"environments; expected at most the {steps} steps of the budget (--steps)")
+    return rollout_budget_note(steps, n_envs * world_size, n_steps)
 
 
 def _default_run_dir(args: argparse.Namespace) -> Path:
@@ -198,8 +221,13 @@ def _default_run_dir(args: argparse.Namespace) -> Path:
 
 def _build_agent(args: argparse.Namespace, dist: Any = None, device: Any = None) -> tuple[Any, int, Path]:
     from trpo_lab.agents import agent_class
+    from trpo_lab.validation import check_device
 
     hyperparameters, run_settings, n_envs, steps = _settings(args)
+    check_device(args.device if device is None else device)
+    # every rank checks before building anything (an error stops them all alike); rank 0 warns
+    # once the agent is built, so that a later error is still the only line
+    note = _check_budget(args.algo, hyperparameters, n_envs, steps, 1 if dist is None else dist.world_size)
     run_dir = _default_run_dir(args) if dist is None else Path(dist.run_on_main(lambda: str(_default_run_dir(args))))
     agent = agent_class(args.algo)(
         args.env,
@@ -210,6 +238,8 @@ def _build_agent(args: argparse.Namespace, dist: Any = None, device: Any = None)
         dist=dist,
         **hyperparameters,
     )
+    if note is not None and (dist is None or dist.is_main):
+        print(f"trpo-lab: warning: {note}", file=sys.stderr)
     return agent, steps, run_dir
 
 
@@ -224,10 +254,11 @@ def _launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     rest = _without_option(list(argv), "--nproc")
     if args.resume is None:
-        hyperparameters, _, n_envs, _ = _settings(args)
+        hyperparameters, _, n_envs, steps = _settings(args)
         config_class(args.algo).from_dict(hyperparameters)
         if n_envs < 1:
             raise CLIError(f"Invalid n_envs: {n_envs}; expected >= 1")
+        _check_budget(args.algo, hyperparameters, n_envs, steps, args.nproc)  # errors here, once; rank 0 warns
         if not args.run_dir:  # every rank must write (rank 0) and checkpoint into the same folder
             rest += ["--run-dir", str(_default_run_dir(args))]
     elif not Path(args.resume).is_dir():
@@ -459,7 +490,20 @@ def dist_is_initialized_once() -> bool:
     return distributed.joined_process_group()
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    """Warnings (a repaired progress.csv, a resume without env state...) as one line each, like errors."""
+    text = str(message).strip().splitlines()
+    print(f"trpo-lab: warning: {text[0] if text else category.__name__}", file=sys.stderr if file is None else file)
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        return _run_command(argv)
+
+
+def _run_command(argv: Sequence[str] | None = None) -> int:
     from trpo_lab.agents.base import NonFiniteError
     from trpo_lab.distributed import RankDriftError, RankFailedError
 

@@ -77,6 +77,15 @@ def _unit_open(v: Any) -> bool:
     return bool(0 < v < 1)
 
 
+def _memory_size(v: Any) -> int | None:
+    from trpo_lab.resources import parse_memory
+
+    try:
+        return parse_memory(v)
+    except ValueError:
+        return None
+
+
 def _type_error(name: str, value: Any, expected: str) -> ValueError:
     return ValueError(f"Invalid {name}: {value!r} ({type(value).__name__}); expected {expected}")
 
@@ -149,6 +158,10 @@ class AgentConfig:
         None,
         doc="the device-resident update (no host synchronisation until the metrics are read); "
         "None: on for CUDA devices, off on the CPU",
+    )
+    max_memory: int | str | None = _param(
+        None, lambda v: _memory_size(v) is not None, "a positive number of bytes or a size such as '8GB' or '512MiB'",
+        "memory the agent may use, checked before allocating (default: what the device has available)",
     )
 
     def __post_init__(self) -> None:

@@ -58,8 +58,9 @@ from trpo_lab.envs import (
     with_guard,
 )
 from trpo_lab.envs.torch_vec import is_torch_vector_env
-from trpo_lab.logging import RunLogger, atomic_write_text
+from trpo_lab.logging import RunLogger, WriteFailedError
 from trpo_lab.nn.policy import ActorCritic
+from trpo_lab.resources import check_agent_memory, parse_memory
 from trpo_lab.rollout.buffer import RolloutBatch, RolloutBuffer
 from trpo_lab.rollout.collector import RolloutCollector
 from trpo_lab.schedules import progress_remaining
@@ -183,6 +184,9 @@ class OnPolicyAgent(ABC):
         self.n_envs = self.env.num_envs
         self.observation_space = self.env.single_observation_space
         self.action_space = self.env.single_action_space
+        # Everything sized by the user, estimated before any of it is allocated (a clear error, not an OOM).
+        memory_limit = None if self.config.max_memory is None else parse_memory(self.config.max_memory)
+        check_agent_memory(self.config, self.observation_space, self.action_space, self.n_envs, self.device, memory_limit)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.policy = ActorCritic(self.observation_space, self.action_space, **self.config.policy_kwargs)
@@ -194,7 +198,8 @@ class OnPolicyAgent(ABC):
         # one), so that work every rank repeats on gathered data stays identical.
         self.shuffle_generator = torch.Generator().manual_seed(seed + 1)
         self.buffer = RolloutBuffer.for_spaces(
-            self.observation_space, self.action_space, self.config.n_steps, self.n_envs, self.device
+            self.observation_space, self.action_space, self.config.n_steps, self.n_envs, self.device,
+            max_memory=memory_limit,
         )
         self.collector = RolloutCollector(self)
         """Steps the environments into the buffer (:mod:`trpo_lab.rollout.collector`)."""
@@ -333,6 +338,10 @@ class OnPolicyAgent(ABC):
                 non-finite; the last good parameters are checkpointed first.
             TrainingInterrupted: SIGINT or SIGTERM; the checkpoint has been written.
             ValueError: invalid ``total_timesteps`` or a ``run_dir`` that cannot be written.
+            FolderLockedError: another process trains into ``run_dir`` (its pid is named).
+            WriteFailedError: writing a checkpoint, ``progress.csv`` or TensorBoard events
+                failed (full disk, read-only folder): the run stops there, and the last
+                checkpoint written is intact (checkpoints are replaced atomically).
         """
         check_int("total_timesteps", total_timesteps, minimum=1)
         self.schedule_total_timesteps = total_timesteps
@@ -343,8 +352,7 @@ class OnPolicyAgent(ABC):
         try:
             if log_path is not None:
                 log_path.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(log_path / "config.toml", self.config_toml(total_timesteps))
-            logger = RunLogger(
+            logger = RunLogger(  # holds run_dir (FolderLock) until closed; writes config.toml first
                 log_path,
                 total_timesteps,
                 progress_bar=progress_bar and main,
@@ -352,7 +360,10 @@ class OnPolicyAgent(ABC):
                 resume=resume,
                 start_timesteps=self.num_timesteps,
                 start_updates=self.num_updates,
+                config_toml=self.config_toml(total_timesteps) if log_path is not None else None,
             )
+        except WriteFailedError:
+            raise
         except OSError as exc:
             raise ValueError(f"Invalid run_dir: {run_dir}; cannot write there ({exc.strerror or exc})") from None
         stop = StopRequest()
@@ -378,6 +389,9 @@ class OnPolicyAgent(ABC):
                 interrupted = signum is not None and self.num_timesteps < total_timesteps
                 if interrupted and run_path is not None:
                     self._checkpoint(run_path, logger)
+                elif run_path is not None:  # while run_dir is still held
+                    logger.sync()
+                    self._write_checkpoints(run_path / "checkpoint.pt", run_path / "final.pt")
             finally:
                 logger.close()
         if interrupted and signum is not None:  # a signal during the last update lets the run finish
@@ -387,8 +401,6 @@ class OnPolicyAgent(ABC):
                 f"{name} received: stopped after update {self.num_updates} (timestep {self.num_timesteps}){where}",
                 signum,
             )
-        if run_path is not None:
-            self._write_checkpoints(run_path / "checkpoint.pt", run_path / "final.pt")
         return self
 
     def _checkpoint(self, run_path: Path, logger: RunLogger) -> None:

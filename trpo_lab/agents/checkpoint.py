@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "CONFIG_TOML_KEYS",
+    "check_config_toml",
     "space_signature",
     "read_checkpoint",
     "write_checkpoint",
@@ -239,6 +241,41 @@ def config_toml(agent: OnPolicyAgent, total_timesteps: int | None = None) -> str
         data["total_timesteps"] = total_timesteps
     data["hyperparameters"] = _drop_none(agent.config.to_dict())
     return tomli_w.dumps(data)
+
+
+CONFIG_TOML_KEYS = ("algo", "env", "n_envs", "seed", "device", "vectorization", "total_timesteps", "hyperparameters")
+"""The keys :func:`config_toml` writes (and a resumed run reads)."""
+
+
+def check_config_toml(data: Mapping[str, Any], path: str | Path) -> int | None:
+    """Check a run's ``config.toml`` (perhaps edited by hand) before resuming from it.
+
+    Returns:
+        The recorded budget ``total_timesteps``, or ``None`` when the file has none.
+
+    Raises:
+        ValueError: an unknown key, an unknown or invalid hyperparameter, an unknown algorithm
+            or a bad budget, naming the file.
+    """
+    from trpo_lab.config import config_class
+    from trpo_lab.validation import check_int
+
+    for key in data:
+        if key not in CONFIG_TOML_KEYS:
+            raise ValueError(f"Invalid {path}: unknown key {key!r}; expected some of {list(CONFIG_TOML_KEYS)}")
+    budget = data.get("total_timesteps")
+    if budget is not None:
+        budget = check_int(f"total_timesteps in {path}", budget, minimum=1)
+    try:
+        if "algo" in data:
+            cls = config_class(str(data["algo"]))
+            hyperparameters = data.get("hyperparameters", {})
+            if not isinstance(hyperparameters, Mapping):
+                raise ValueError(f"[hyperparameters] must be a table, got {hyperparameters!r}")
+            cls.from_dict(hyperparameters)
+    except ValueError as exc:
+        raise ValueError(f"Invalid {path}: {first_line(exc)}") from None
+    return budget
 
 
 def _drop_none(data: dict[str, Any]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import numpy as np
 from trpo_lab.experiments.ray_executor import import_ray, run_on_ray
 from trpo_lab.experiments.report import write_outputs
 from trpo_lab.experiments.spec import DEFAULT_TIMESTEPS, Experiment, RunSpec
-from trpo_lab.logging import atomic_write_text
+from trpo_lab.logging import FolderLock, atomic_write_text
 from trpo_lab.validation import check_int
 
 if TYPE_CHECKING:
@@ -78,8 +78,14 @@ def resume_run(
 
     Returns:
         ``(agent, total_timesteps)``, the budget recorded in the run's ``config.toml``.
+
+    Raises:
+        ValueError: no such folder, an unreadable or hand-edited ``config.toml`` with an
+            unknown key or invalid value (:func:`~trpo_lab.agents.checkpoint.check_config_toml`),
+            or a missing, damaged or unsafe ``checkpoint.pt``.
     """
     from trpo_lab.agents.base import OnPolicyAgent
+    from trpo_lab.agents.checkpoint import check_config_toml
     from trpo_lab.config import check_resume_overrides, load_toml
 
     run_dir = Path(run_dir)
@@ -89,7 +95,8 @@ def resume_run(
         if not run_dir.is_dir():
             raise ValueError(f"Run directory not found: {run_dir}")
         data = load_toml(run_dir / "config.toml")
-        return int(data.get("total_timesteps", DEFAULT_TIMESTEPS)), str(data.get("algo", ""))
+        budget = check_config_toml(data, run_dir / "config.toml")
+        return DEFAULT_TIMESTEPS if budget is None else budget, str(data.get("algo", ""))
 
     budget, algo = recorded() if dist is None else dist.run_on_main(recorded)
     if overrides and algo:
@@ -434,6 +441,10 @@ def run_experiment(
         ValueError: bad spec, an algorithm this install cannot run, ``workers < 1``, an
             unknown executor or Ray not installed, or an output folder holding runs with
             other settings.
+        FolderLockedError: another compare (local or Ray) is writing into ``out_dir``; the
+            message names its pid.
+        WriteFailedError: a result file or the report could not be written (full disk,
+            read-only folder), naming the file.
     """
     from trpo_lab.agents import agent_class
 
@@ -449,8 +460,44 @@ def run_experiment(
         agent_class(experiment.algo_of(label))  # fail before starting anything if an algorithm is unavailable
     out = Path(out_dir)
     specs = experiment.runs(out)
+    budget_notes = _budget_notes(specs)
     _check_existing(specs)
-    out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out, "compare folder"):  # one compare (local or Ray) per folder at a time
+        _check_existing(specs)  # again, now that no other compare can write into it
+        return _run_grid(experiment, out, specs, budget_notes, workers, workers_given, progress, log, executor, ray_address)
+
+
+def _budget_notes(specs: Sequence[RunSpec]) -> list[str]:
+    """One line per run whose budget is less than one rollout (what will run instead), before
+    anything starts; more environments than steps is an error naming the run."""
+    from trpo_lab.config import config_class
+    from trpo_lab.resources import rollout_budget_note
+
+    notes = []
+    for spec in specs:
+        n_steps = config_class(spec.algo).from_dict(spec.hyperparameters).n_steps
+        try:
+            note = rollout_budget_note(spec.total_timesteps, spec.n_envs, n_steps)
+        except ValueError as exc:
+            raise ValueError(f"{spec.key}: {exc}") from None
+        if note is not None:
+            notes.append(f"warning {spec.key}: {note}")
+    return notes
+
+
+def _run_grid(
+    experiment: Experiment,
+    out: Path,
+    specs: Sequence[RunSpec],
+    budget_notes: Sequence[str],
+    workers: int,
+    workers_given: int | None,
+    progress: bool,
+    log: Callable[[str], None] | None,
+    executor: str,
+    ray_address: str | None,
+) -> CompareResult:
+    """The body of :func:`run_experiment`, in the held compare folder."""
     atomic_write_text(out / "experiment.toml", experiment.to_toml())
     start = time.perf_counter()
     records: dict[str, dict[str, Any]] = {}
@@ -473,6 +520,8 @@ def run_experiment(
         f"x {len(experiment.seeds)} seeds), {len(skipped)} already finished, {len(pending)} to run "
         f"on {min(workers, max(len(pending), 1))} worker(s); output {out}"
     )
+    for note in budget_notes:
+        say(note)
     for key in skipped:
         say(f"skipped {key}: finished earlier (final return {records[key]['final_return']:.1f})")
 

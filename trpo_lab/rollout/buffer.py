@@ -26,6 +26,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
+from trpo_lab import resources
 from trpo_lab.optim._flat import to_device_async
 from trpo_lab.validation import check_int
 
@@ -164,24 +165,35 @@ class RolloutBuffer:
         n_steps: int,
         n_envs: int,
         device: torch.device | str = "cpu",
+        max_memory: int | None = None,
     ) -> RolloutBuffer:
         """The buffer for one environment's spaces (``Box`` observations as float32, ``Discrete`` as indices).
 
         Raises:
-            ValueError: ``n_steps x n_envs`` slots do not fit in memory.
+            ValueError: ``n_steps x n_envs`` slots do not fit in memory (``max_memory`` bytes,
+                default: what the device has available), estimated before allocating
+                (:func:`trpo_lab.resources.buffer_bytes`).
         """
         is_box = isinstance(observation_space, gym.spaces.Box)
         obs_shape = tuple(observation_space.shape or ()) if is_box else ()
         action_dtype = torch.float32 if isinstance(action_space, gym.spaces.Box) else torch.long
+        what = f"a rollout buffer of n_steps x n_envs = {n_steps} x {n_envs} slots"
+        per_step = resources.buffer_bytes(observation_space, action_space, 1, n_envs)
+
+        def fits(limit: int) -> str | None:
+            return f"n_steps {limit // per_step}" if limit >= per_step else None
+
+        needed = resources.buffer_bytes(observation_space, action_space, n_steps, n_envs)
+        resources.check_memory(needed, what, "n_steps", n_steps, device, max_memory, fits)
         try:
             return cls(
                 n_steps, n_envs, obs_shape, tuple(action_space.shape or ()), action_dtype, device,
                 obs_dtype=torch.float32 if is_box else torch.long,
             )
-        except RuntimeError:  # out of memory
+        except RuntimeError:  # out of memory although the estimate fitted (memory taken meanwhile)
             raise ValueError(
-                f"Invalid n_steps: {n_steps}; a rollout buffer of n_steps x n_envs = "
-                f"{n_steps} x {n_envs} does not fit in memory; lower n_steps or n_envs"
+                f"Invalid n_steps: {n_steps}; {what} (an estimated {resources.format_bytes(needed)}) "
+                f"could not be allocated on {torch.device(device)}; lower n_steps or n_envs"
             ) from None
 
     @property
