@@ -58,6 +58,7 @@ from trpo_lab.envs import (
     with_guard,
 )
 from trpo_lab.logging import RunLogger, atomic_write_text
+from trpo_lab.nn.extractors import is_image_space
 from trpo_lab.nn.policy import ActorCritic
 from trpo_lab.rollout.buffer import RolloutBatch, RolloutBuffer
 from trpo_lab.rollout.collector import RolloutCollector
@@ -392,8 +393,8 @@ class OnPolicyAgent(ABC):
             raise ValueError(
                 f"Invalid observation shape {obs_np.shape}; expected {single_shape} or (batch, *{single_shape})"
             )
-        if isinstance(self.observation_space, gym.spaces.Box):
-            obs_np = normalize_observations(self.env, obs_np.astype(np.float32))
+        if isinstance(self.observation_space, gym.spaces.Box) and not is_image_space(self.observation_space, False):
+            obs_np = normalize_observations(self.env, obs_np.astype(np.float32))  # images are never normalized
         with torch.inference_mode():
             actions, _, _ = self.policy.act(
                 torch.as_tensor(obs_np, device=self.device), self.generator, deterministic=deterministic

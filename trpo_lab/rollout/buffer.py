@@ -26,6 +26,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
+from trpo_lab.nn.extractors import is_image_space
 from trpo_lab.validation import check_int
 
 __all__ = ["RolloutBatch", "RolloutBuffer", "compute_gae", "minibatches"]
@@ -164,18 +165,30 @@ class RolloutBuffer:
         n_envs: int,
         device: torch.device | str = "cpu",
     ) -> RolloutBuffer:
-        """The buffer for one environment's spaces (``Box`` observations as float32, ``Discrete`` as indices).
+        """The buffer for one environment's spaces: ``Box`` observations as float32, except
+        uint8 images (:func:`~trpo_lab.nn.extractors.is_image_space`), kept as uint8 (a
+        quarter of the memory; the network scales them); ``Discrete`` ones as indices.
 
         Raises:
-            ValueError: ``n_steps x n_envs`` slots do not fit in memory.
+            ValueError: ``n_steps x n_envs`` slots do not fit in memory, or an observation
+                space the native agents cannot store (``Dict``: use the SB3 adapters).
         """
+        if not isinstance(observation_space, (gym.spaces.Box, gym.spaces.Discrete)):
+            raise ValueError(
+                f"Unsupported observation space {observation_space} for the native agents' rollout buffer; "
+                "expected a Box (flat or uint8 image) or a Discrete (for Dict observations use the SB3 adapters, "
+                "trpo_lab.sb3 with MultiInputPolicy)"
+            )
         is_box = isinstance(observation_space, gym.spaces.Box)
         obs_shape = tuple(observation_space.shape or ()) if is_box else ()
         action_dtype = torch.float32 if isinstance(action_space, gym.spaces.Box) else torch.long
+        obs_dtype = torch.long
+        if is_box:
+            obs_dtype = torch.uint8 if is_image_space(observation_space, normalize_images=False) else torch.float32
         try:
             return cls(
                 n_steps, n_envs, obs_shape, tuple(action_space.shape or ()), action_dtype, device,
-                obs_dtype=torch.float32 if is_box else torch.long,
+                obs_dtype=obs_dtype,
             )
         except RuntimeError:  # out of memory
             raise ValueError(
