@@ -57,6 +57,7 @@ from trpo_lab.envs import (
     running_statistics,
     with_guard,
 )
+from trpo_lab.envs.atari import frames_per_step
 from trpo_lab.logging import RunLogger, atomic_write_text
 from trpo_lab.nn.extractors import is_image_space
 from trpo_lab.nn.policy import ActorCritic
@@ -186,6 +187,8 @@ class OnPolicyAgent(ABC):
         self._last_obs: np.ndarray | None = None
         self._autoreset = np.zeros(self.n_envs, dtype=bool)
         self._reset_seed = local_seed  # seed of the first env.reset of a rollout (see load_state_dict)
+        self.frames_per_step = frames_per_step(self.env_id, self.env_kwargs)
+        """Emulator frames per agent step (Atari's frame skip; 1 elsewhere): ``time/frames`` is logged when > 1."""
         self._setup()
         self.guard = UpdateGuard(
             self.policy, self._optimizer_states, self._load_optimizer_states, self.max_consecutive_rejections
@@ -365,6 +368,7 @@ class OnPolicyAgent(ABC):
             {
                 "time/timesteps": float(self.num_timesteps),
                 "time/updates": float(self.num_updates),
+                **({"time/frames": float(self.num_timesteps * self.frames_per_step)} if self.frames_per_step > 1 else {}),
                 "rollout/episodes": float(self.num_episodes),
                 **rollout,
                 "rollout/nonfinite_skipped": float(self.num_nonfinite_skipped),

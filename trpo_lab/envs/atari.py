@@ -39,7 +39,15 @@ import gymnasium as gym
 
 from trpo_lab.validation import check_int, require
 
-__all__ = ["ATARI_OPTIONS", "AtariOptions", "atari_env_factory", "is_atari_id", "register_atari", "split_atari_kwargs"]
+__all__ = [
+    "ATARI_OPTIONS",
+    "AtariOptions",
+    "atari_env_factory",
+    "frames_per_step",
+    "is_atari_id",
+    "register_atari",
+    "split_atari_kwargs",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,6 +103,13 @@ def split_atari_kwargs(env_kwargs: Mapping[str, Any]) -> tuple[AtariOptions, dic
     options = {key: value for key, value in env_kwargs.items() if key in ATARI_OPTIONS}
     make_kwargs = {key: value for key, value in env_kwargs.items() if key not in ATARI_OPTIONS}
     return AtariOptions(**options), make_kwargs
+
+
+def frames_per_step(env_id: str | None, env_kwargs: Mapping[str, Any]) -> int:
+    """Emulator frames per agent step: ``frame_skip`` for an Atari id, else 1."""
+    if env_id is None or not is_atari_id(env_id):
+        return 1
+    return split_atari_kwargs(env_kwargs)[0].frame_skip
 
 
 def atari_env_factory(env_id: str, env_kwargs: Mapping[str, Any]) -> tuple[Callable[[], gym.Env], AtariOptions]:

@@ -16,7 +16,7 @@ from gymnasium.wrappers.vector import (
     RecordEpisodeStatistics,
 )
 
-from trpo_lab.envs.atari import AtariOptions, atari_env_factory, is_atari_id
+from trpo_lab.envs.atari import AtariOptions, atari_env_factory, is_atari_id, register_atari
 from trpo_lab.nn.extractors import is_image_space
 from trpo_lab.envs.guard import NanPolicy, NonFiniteGuard, find_wrapper
 from trpo_lab.validation import check_int, first_line, require
@@ -28,6 +28,8 @@ EnvSpec = str | Callable[[], gym.Env]
 def check_env_id(env_id: str) -> None:
     """Raise ``ValueError`` naming ``env_id`` and close registered ids if it is unknown."""
     if env_id in gym.registry:
+        return
+    if (env_id.startswith("ALE/") or "NoFrameskip" in env_id) and register_atari() and env_id in gym.registry:
         return
     close = difflib.get_close_matches(env_id, list(gym.registry.keys()), n=5, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see gymnasium.registry for the registered ids"

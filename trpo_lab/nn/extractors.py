@@ -49,8 +49,8 @@ EXTRACTORS = ("auto", "mlp", "nature_cnn")
 """The names ``policy_kwargs.features_extractor`` accepts (or an ``nn.Module`` class)."""
 
 _ACCEPTED = (
-    "a Box (flat, or a uint8 image H x W x C / C x H x W with values in [0, 255]), "
-    "a Discrete, or a Dict of those"
+    "Box and Discrete (a Box of uint8 images, H x W x C or C x H x W in [0, 255], goes through a CNN), "
+    "or a Dict of those (not nested)"
 )
 
 
@@ -78,9 +78,9 @@ def check_observation_space(space: gym.Space[Any], key: str | None = None) -> No
     where = f" at key {key!r}" if key is not None else ""
     if isinstance(space, gym.spaces.Dict):
         if key is not None:
-            raise ValueError(f"Unsupported observation space{where}: nested Dict {space}; expected {_ACCEPTED}")
+            raise ValueError(f"Unsupported observation space {space}{where}: a nested Dict; supported: {_ACCEPTED}")
         if not space.spaces:
-            raise ValueError(f"Unsupported observation space: empty Dict {space}; expected {_ACCEPTED}")
+            raise ValueError(f"Unsupported observation space {space}: an empty Dict; supported: {_ACCEPTED}")
         for sub_key, sub_space in space.spaces.items():
             check_observation_space(sub_space, str(sub_key))
         return
@@ -89,7 +89,7 @@ def check_observation_space(space: gym.Space[Any], key: str | None = None) -> No
         return
     if isinstance(space, gym.spaces.Box):
         return
-    raise ValueError(f"Unsupported observation space{where}: {space}; expected {_ACCEPTED}")
+    raise ValueError(f"Unsupported observation space {space}{where}; supported: {_ACCEPTED}")
 
 
 def uses_flat_features(space: gym.Space[Any], features_extractor: Any = "auto", normalize_images: bool = True) -> bool:

@@ -176,8 +176,8 @@ class RolloutBuffer:
         if not isinstance(observation_space, (gym.spaces.Box, gym.spaces.Discrete)):
             raise ValueError(
                 f"Unsupported observation space {observation_space} for the native agents' rollout buffer; "
-                "expected a Box (flat or uint8 image) or a Discrete (for Dict observations use the SB3 adapters, "
-                "trpo_lab.sb3 with MultiInputPolicy)"
+                "supported: Box and Discrete (flat, or uint8 images); for Dict observations use the SB3 adapters "
+                "(trpo_lab.sb3 with MultiInputPolicy)"
             )
         is_box = isinstance(observation_space, gym.spaces.Box)
         obs_shape = tuple(observation_space.shape or ()) if is_box else ()
