@@ -96,7 +96,9 @@ def test_nature_cnn_scales_uint8_inside_and_handles_channel_order() -> None:
 def test_nature_cnn_is_the_papers_network() -> None:
     cnn = NatureCNN(gym.spaces.Box(0, 255, (4, 84, 84), np.uint8))
     convs = [m for m in cnn.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert [(c.out_channels, c.kernel_size, c.stride) for c in convs] == [(32, (8, 8), (4, 4)), (64, (4, 4), (2, 2)), (64, (3, 3), (1, 1))]
+    assert [(c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (32, (8, 8), (4, 4)), (64, (4, 4), (2, 2)), (64, (3, 3), (1, 1))
+    ]
     assert cnn.linear[0].in_features == 64 * 7 * 7 and cnn.features_dim == 512
 
 
@@ -132,7 +134,8 @@ def test_an_extractor_class_with_kwargs() -> None:
         (gym.spaces.Box(0, 1, (36, 40, 3), np.float32), "nature_cnn",
          r"Unsupported observation space Box\(0.0, 1.0, \(36, 40, 3\), float32\) for nature_cnn with "
          r"normalize_images=True: expected dtype uint8 with bounds \[0, 255\]"),
-        (gym.spaces.Box(0, 255, (8, 8, 1), np.uint8), "nature_cnn", r"images of 8 x 8 pixels; the network needs at least 36 x 36"),
+        (gym.spaces.Box(0, 255, (8, 8, 1), np.uint8), "nature_cnn",
+         r"images of 8 x 8 pixels; the network needs at least 36 x 36"),
         (gym.spaces.Box(-1, 1, (3,), np.float32), "nature_cnn", r"for nature_cnn; expected a 3-D image Box"),
         (gym.spaces.Dict({"a": gym.spaces.Tuple((gym.spaces.Discrete(2),))}), "auto",
          r"Unsupported observation space Tuple\(Discrete\(2\)\) at key 'a'; supported: Box and Discrete"),
@@ -140,7 +143,8 @@ def test_an_extractor_class_with_kwargs() -> None:
          r"at key 'a': a nested Dict; supported: Box and Discrete"),
         (gym.spaces.Dict({"t": gym.spaces.Text(4)}), "auto", r"Unsupported observation space Text\(1, 4.* at key 't'"),
         (gym.spaces.Graph(gym.spaces.Box(0, 1, (2,)), None), "auto", r"Unsupported observation space Graph\("),
-        (IMAGE_HWC, "resnet", r"Invalid policy_kwargs.features_extractor: 'resnet'; expected one of \['auto', 'mlp', 'nature_cnn'\]"),
+        (IMAGE_HWC, "resnet",
+         r"Invalid policy_kwargs.features_extractor: 'resnet'; expected one of \['auto', 'mlp', 'nature_cnn'\]"),
     ],
 )
 def test_bad_spaces_and_extractors_are_named(space: gym.Space, extractor: str, match: str) -> None:

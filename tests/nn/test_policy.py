@@ -191,7 +191,8 @@ def test_dict_policy_reads_every_key() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"features_extractor": "vit"}, r"Invalid policy_kwargs.features_extractor: 'vit'; expected one of \['auto', 'mlp', 'nature_cnn'\]"),
+        ({"features_extractor": "vit"},
+         r"Invalid policy_kwargs.features_extractor: 'vit'; expected one of \['auto', 'mlp', 'nature_cnn'\]"),
         ({"features_extractor_kwargs": [1]}, r"Invalid policy_kwargs.features_extractor_kwargs: \[1\]; expected a dict"),
         ({"share_features_extractor": "yes"}, r"Invalid policy_kwargs.share_features_extractor: 'yes'; expected true or false"),
         ({"normalize_images": 1}, r"Invalid policy_kwargs.normalize_images: 1; expected true or false"),

@@ -17,8 +17,8 @@ from gymnasium.wrappers.vector import (
 )
 
 from trpo_lab.envs.atari import AtariOptions, atari_env_factory, is_atari_id, register_atari
-from trpo_lab.nn.extractors import is_image_space
 from trpo_lab.envs.guard import NanPolicy, NonFiniteGuard, find_wrapper
+from trpo_lab.nn.extractors import is_image_space
 from trpo_lab.validation import check_int, first_line, require
 
 Vectorization = Literal["sync", "async", "vector_entry_point"]
@@ -118,7 +118,7 @@ def make_vec_env(
             if vectorization == "vector_entry_point":
                 raise ValueError(f"Invalid vectorization: 'vector_entry_point' for {env!r}; use 'sync' or 'async'")
             vector_cls = gym.vector.SyncVectorEnv if vectorization == "sync" else gym.vector.AsyncVectorEnv
-            vec_env = vector_cls([factory] * n_envs, autoreset_mode=AutoresetMode.NEXT_STEP)
+            vec_env: VectorEnv = vector_cls([factory] * n_envs, autoreset_mode=AutoresetMode.NEXT_STEP)
         elif vectorization == "vector_entry_point":
             if not isinstance(env, str):
                 raise ValueError("vectorization='vector_entry_point' needs a registered env id, not a callable")

@@ -183,7 +183,8 @@ class TorchActor:
 
     def _forward(self, obs: Array) -> tuple[Tensor, Tensor]:
         if self._reference is not None:
-            return self._reference(as_tensors(obs, self.device))
+            params, values = self._reference(as_tensors(obs, self.device))
+            return params, values
         x = self.extractor(torch.as_tensor(obs, device=self.device))
         if len(self._passes) == 1:
             out = mlp_forward(self._passes[0], self._activations[0], x)

@@ -39,6 +39,7 @@ __all__ = [
     "FlattenExtractor",
     "NatureCNN",
     "as_tensors",
+    "features_dim",
     "check_observation_space",
     "is_image_space",
     "make_extractor",
@@ -210,7 +211,8 @@ class NatureCNN(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.orthogonal_(module.weight, gain=float(np.sqrt(2.0)))
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     def forward(self, obs: Tensor) -> Tensor:
         """Features ``(batch, features_dim)`` of a batch of raw images (any dtype)."""
@@ -252,11 +254,17 @@ class CombinedExtractor(nn.Module):
                 extractors[key] = FlattenExtractor(space)
         self.extractors = nn.ModuleDict(extractors)
         self.keys = list(extractors)
-        self.features_dim = sum(int(getattr(e, "features_dim")) for e in extractors.values())
+        self.features_dim = sum(features_dim(e) for e in extractors.values())
 
     def forward(self, obs: Mapping[str, Tensor]) -> Tensor:
         """Concatenated features ``(batch, features_dim)`` of a dict of observation batches."""
         return torch.cat([self.extractors[key](obs[key]) for key in self.keys], dim=1)
+
+
+def features_dim(extractor: nn.Module) -> int:
+    """The width of an extractor's output features (its ``features_dim`` attribute)."""
+    dim: Any = getattr(extractor, "features_dim", None)
+    return int(dim)
 
 
 def as_tensors(obs: Any, device: torch.device | str) -> Any:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from trpo_lab.nn.distributions import ActionDistribution, DiagGaussian, make_distribution
-from trpo_lab.nn.extractors import EXTRACTORS, check_observation_space, make_extractor, uses_flat_features
+from trpo_lab.nn.extractors import EXTRACTORS, check_observation_space, features_dim, make_extractor, uses_flat_features
 from trpo_lab.validation import is_number
 
 if TYPE_CHECKING:
@@ -230,12 +230,12 @@ class ActorCritic(nn.Module):
 
         if self.flat_features or self.share_features_extractor:
             self.features_extractor: nn.Module = extractor()
-            self.obs_dim = int(getattr(self.features_extractor, "features_dim"))
+            self.obs_dim = features_dim(self.features_extractor)
         else:
             self.features_extractor = nn.Identity()
             self.pi_features_extractor = extractor()
             self.vf_features_extractor = extractor()
-            self.obs_dim = int(getattr(self.pi_features_extractor, "features_dim"))
+            self.obs_dim = features_dim(self.pi_features_extractor)
         pi_arch, vf_arch = _parse_net_arch(net_arch if net_arch is not None else {"pi": [64, 64], "vf": [64, 64]})
         activation = resolve_activation(activation_fn)
         self.is_gaussian = isinstance(self.distribution, DiagGaussian)
@@ -305,13 +305,15 @@ class ActorCritic(nn.Module):
         if self.pi_features_extractor is not None:
             features: Tensor = self.pi_features_extractor(obs)
             return features
-        return obs if self.flat_features else self.features_extractor(obs)
+        shared: Tensor = obs if self.flat_features else self.features_extractor(obs)
+        return shared
 
     def _critic_features(self, obs: Any) -> Tensor:
         if self.vf_features_extractor is not None:
             features: Tensor = self.vf_features_extractor(obs)
             return features
-        return obs if self.flat_features else self.features_extractor(obs)
+        shared: Tensor = obs if self.flat_features else self.features_extractor(obs)
+        return shared
 
     def head(self, actor_out: Tensor, log_std: Tensor | None) -> Tensor:
         """Distribution parameters from the actor's output: ``[mean, log_std]`` for Gaussians."""
