@@ -22,6 +22,7 @@ This script:
     python benchmarks/acktr_overhead.py --env CartPole-v1 --blocks 15 --loop-steps 30000
     python benchmarks/acktr_overhead.py --env Pendulum-v1
     python benchmarks/acktr_overhead.py --env CartPole-v1 --n-steps 256 --hidden 256 256
+    python benchmarks/acktr_overhead.py --env PongNoFrameskip-v4 --n-envs 8 --blocks 3   # Nature CNN
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class FirstOrderACKTR(ACKTR):
     """ACKTR without K-FAC preconditioning: the forward pass without the Fisher pass."""
 
     def forward_with_fisher_pass(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        return self.policy.dist_params(obs), self.policy.value(obs)
+        return self.policy.dist_params_and_value(obs)
 
 
 def _time_block(agent: ACKTR, batch: RolloutBatch, updates: int) -> float:

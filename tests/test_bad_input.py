@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from trpo_lab import make_vec_env
 from trpo_lab.agents import agent_class
 from trpo_lab.agents.base import OnPolicyAgent
 from trpo_lab.agents.trpo import TRPO
@@ -245,6 +246,21 @@ PYTHON_CASES: list[tuple[str, Callable[[dict[str, Path]], Any], str]] = [
      r"Unsupported observation space MultiBinary\(3\); supported: Box and Discrete"),
     ("Discrete observations from 1", trpo(env=spaces(gym.spaces.Discrete(3, start=1), gym.spaces.Discrete(2))),
      r"Unsupported observation space Discrete\(3, start=1\): start=1; supported: Discrete / MultiDiscrete starting at 0"),
+    ("nested Dict observations", trpo(env=spaces(gym.spaces.Dict({"a": gym.spaces.Dict({"b": BOX})}), gym.spaces.Discrete(2))),
+     r"Unsupported observation space Dict\('b': Box.* at key 'a': a nested Dict; supported: Box and Discrete"),
+    ("Graph observations", trpo(env=spaces(gym.spaces.Graph(BOX, None), gym.spaces.Discrete(2))),
+     r"Unsupported observation space Graph\(.*; supported: Box and Discrete"),
+    ("float images for nature_cnn", trpo(env=spaces(gym.spaces.Box(0, 1, (36, 36, 3), np.float32), gym.spaces.Discrete(2)),
+                                         policy_kwargs={"features_extractor": "nature_cnn"}),
+     r"Unsupported observation space Box\(0.0, 1.0, \(36, 36, 3\), float32\) for nature_cnn with normalize_images=True: "
+     r"expected dtype uint8 with bounds \[0, 255\]"),
+    ("unknown features_extractor", trpo(policy_kwargs={"features_extractor": "resnet"}),
+     r"Invalid policy_kwargs.features_extractor: 'resnet'; expected one of \['auto', 'mlp', 'nature_cnn'\]"),
+    ("shared trunk in TRPO", trpo(env=spaces(gym.spaces.Box(0, 255, (36, 36, 1), np.uint8), gym.spaces.Discrete(2)),
+                                  policy_kwargs={"share_features_extractor": True}),
+     r"Invalid policy_kwargs.share_features_extractor: True for TRPO; its trust region constrains the actor alone"),
+    ("Atari option", lambda f: make_vec_env("ALE/Pong-v5", env_kwargs={"frame_skip": 0}),
+     r"Invalid frame_skip: 0; expected an integer >= 1"),
     ("MultiBinary actions", trpo(env=spaces(BOX, gym.spaces.MultiBinary(3))),
      r"Unsupported action space MultiBinary\(3\); supported: Discrete, Box \(1-D\) and MultiDiscrete"),
     ("Dict actions", trpo(env=spaces(BOX, gym.spaces.Dict({"a": gym.spaces.Discrete(2)}))),

@@ -22,7 +22,7 @@ def _perturbed(policy: ActorCritic) -> ActorCritic:
 
 def test_unsupported_observation_space_raises() -> None:
     with pytest.raises(ValueError, match="Unsupported observation space"):
-        ActorCritic(gym.spaces.Dict({"a": BOX_OBS}), gym.spaces.Discrete(2))
+        ActorCritic(gym.spaces.Dict({"a": gym.spaces.Dict({"b": BOX_OBS})}), gym.spaces.Discrete(2))
 
 
 @pytest.mark.parametrize("action_space", ACTION_SPACES)
@@ -122,3 +122,87 @@ def test_discrete_observations_are_one_hot() -> None:
 def test_validate_policy_kwargs_names_the_bad_key(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         validate_policy_kwargs(kwargs)
+
+
+# ---------------------------------------------------------------------- image and Dict observations
+
+IMAGE_OBS = gym.spaces.Box(0, 255, (1, 36, 36), np.uint8)
+SMALL_CNN = {"features_extractor_kwargs": {"features_dim": 16}, "net_arch": [8]}
+
+
+def _frames(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 1, 36, 36), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_flat_policies_have_no_extractor_parameters_and_keep_their_seeded_init() -> None:
+    torch.manual_seed(3)
+    default = ActorCritic(BOX_OBS, gym.spaces.Discrete(2))
+    torch.manual_seed(3)
+    explicit = ActorCritic(BOX_OBS, gym.spaces.Discrete(2), features_extractor="mlp", share_features_extractor=True)
+    assert default.state_dict().keys() == explicit.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), explicit.state_dict().values()))
+    assert default.flat_features and not explicit.share_features_extractor and default.trunk_parameters() == []
+
+
+@pytest.mark.parametrize("action_space", [gym.spaces.Discrete(3), gym.spaces.Box(-1, 1, (2,), np.float32)])
+def test_image_policy_separate_extractors_in_each_group_and_flat_forward(action_space: gym.Space) -> None:
+    torch.manual_seed(0)
+    policy = _perturbed(ActorCritic(IMAGE_OBS, action_space, **SMALL_CNN))
+    assert policy.pi_features_extractor is not None and policy.vf_features_extractor is not None
+    actor_ids = {id(p) for p in policy.actor_parameters()}
+    assert {id(p) for p in policy.pi_features_extractor.parameters()} <= actor_ids
+    assert {id(p) for p in policy.vf_features_extractor.parameters()} <= {id(p) for p in policy.critic_parameters()}
+    assert len(actor_ids) + len(policy.critic_parameters()) == len(list(policy.parameters()))
+    obs = policy.preprocess(_frames(4))
+    assert obs.dtype == torch.uint8  # the networks scale the frames, the batch stays uint8
+    flat = torch.nn.utils.parameters_to_vector(policy.actor_parameters())
+    torch.testing.assert_close(policy.dist_params_from_flat(flat, obs), policy.dist_params(obs), rtol=0, atol=0)
+    batched = torch.func.vmap(policy.dist_params_from_flat, in_dims=(0, None))(torch.stack([flat, 0.5 * flat]), obs)
+    torch.testing.assert_close(batched[1], policy.dist_params_from_flat(0.5 * flat, obs))
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_image_traced_forward_records_every_conv_and_linear_layer(share: bool) -> None:
+    policy = ActorCritic(IMAGE_OBS, gym.spaces.Discrete(3), share_features_extractor=share, **SMALL_CNN)
+    obs = _frames(3)
+    params, values, trace = policy.traced_forward(obs)
+    reference_params, reference_values = policy.dist_params_and_value(obs)
+    torch.testing.assert_close(params, reference_params, rtol=0, atol=0)
+    torch.testing.assert_close(values, reference_values, rtol=0, atol=0)
+    torch.testing.assert_close(params, policy.dist_params(obs), rtol=0, atol=0)
+    layers = [m for m in policy.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert sorted(id(layer) for layer, _, _ in trace) == sorted(id(m) for m in layers)
+    assert len(layers) == (4 if share else 8) + 4
+    for layer, inputs, outputs in trace:
+        torch.testing.assert_close(layer(inputs), outputs, rtol=0, atol=0)
+    assert policy.trunk_parameters() == (list(policy.features_extractor.parameters()) if share else [])
+
+
+def test_dict_policy_reads_every_key() -> None:
+    space = gym.spaces.Dict({"image": IMAGE_OBS, "x": gym.spaces.Box(-1, 1, (2,), np.float32)})
+    policy = ActorCritic(space, gym.spaces.Discrete(2), features_extractor_kwargs={"cnn_output_dim": 8}, net_arch=[4])
+    obs = {"image": _frames(5), "x": torch.randn(5, 2)}
+    params, values = policy(obs)
+    assert params.shape == (5, 2) and values.shape == (5,)
+    changed = {"image": obs["image"], "x": obs["x"] + 1.0}
+    assert not torch.equal(policy(changed)[1], values)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"features_extractor": "vit"},
+         r"Invalid policy_kwargs.features_extractor: 'vit'; expected one of \['auto', 'mlp', 'nature_cnn'\]"),
+        ({"features_extractor_kwargs": [1]}, r"Invalid policy_kwargs.features_extractor_kwargs: \[1\]; expected a dict"),
+        ({"share_features_extractor": "yes"}, r"Invalid policy_kwargs.share_features_extractor: 'yes'; expected true or false"),
+        ({"normalize_images": 1}, r"Invalid policy_kwargs.normalize_images: 1; expected true or false"),
+    ],
+)
+def test_extractor_policy_kwargs_are_validated(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        validate_policy_kwargs(kwargs)
+
+
+def test_extractor_kwargs_the_extractor_does_not_take_are_named() -> None:
+    with pytest.raises(ValueError, match=r"Invalid policy_kwargs.features_extractor_kwargs \{'width': 3\}: .*'width'"):
+        ActorCritic(IMAGE_OBS, gym.spaces.Discrete(2), features_extractor_kwargs={"width": 3})

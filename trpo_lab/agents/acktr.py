@@ -35,6 +35,20 @@ Design:
       by about √κ / 2 (RMS) per update, 0.16 for the default 0.1. With one joint optimizer,
       as in the reference Atari code, the value gradient spends the policy's KL budget;
       ``benchmarks/acktr_joint_vs_separate.py`` compares the two forms.
+    - Images: every Conv2d and Linear layer is preconditioned, the extractors' included
+      (K-FAC for convolutions, Grosse & Martens 2016). With separate extractors
+      (``share_features_extractor = False``, the default) each belongs to its network's KFAC.
+      With a shared trunk (the paper's Atari network) the trunk's layers join the actor's
+      KFAC, and their Kronecker factors are those of the *joint* Fisher of the reference code
+      (OpenAI baselines ``acktr``: ``joint_fisher_loss = pg_fisher_loss + vf_fisher_coef ·
+      vf_fisher_loss``, ``vf_fisher_coef = 1``): the output gradients of the trunk's layers
+      come from the whole :func:`sampled_fisher_loss`, policy term plus the value's
+      Gauss–Newton term with weight 1, the same sum that this module's critic statistics use.
+      The trunk's step then shares the actor's KL clip, with the loss gradient of both terms
+      (``vf_coef`` weighting the value's), as the reference code's single optimizer does; the
+      critic's head keeps its own KFAC and ``vf_kl_clip``. This is the paper's form for the
+      part of the network both terms touch, and keeps the separate trust regions above for
+      the heads.
     - The Gaussian log-std is a free parameter, not a Linear layer, so it falls back to the
       plain gradient inside the actor's KFAC (K-FAC's convention), still under the actor's
       KL clip and momentum. Its exact Fisher block is 2·I per action dimension (it is state
@@ -188,16 +202,20 @@ class ActorCriticKFAC:
 
 
 class _ActorModule(nn.Module):
-    """The actor network and, for Box actions, the free log-std: one module for one KFAC.
+    """The actor's layers and, for Box actions, the free log-std: one module for one KFAC.
 
-    It only holds references, so the KFAC over it updates the policy's own parameters, in
-    ``ActorCritic.actor_parameters()`` order (the log-std sits in a submodule registered
-    after the network, since a module lists its own parameters before its children's).
+    It only holds references, so the KFAC over it updates the policy's own parameters: a
+    shared trunk's (``share_features_extractor``, see the module docstring), then
+    ``ActorCritic.actor_parameters()`` in order (the actor's own extractor and MLP; the
+    log-std sits in a submodule registered after the networks, since a module lists its own
+    parameters before its children's).
     """
 
     def __init__(self, policy: ActorCritic) -> None:
         super().__init__()
-        self.actor = policy.actor
+        if policy.trunk_parameters():
+            self.trunk = policy.features_extractor
+        self.networks = nn.ModuleList(policy.actor_modules())
         if policy.log_std is not None:
             self.log_std = nn.ParameterList([policy.log_std])
 
@@ -235,7 +253,7 @@ class ACKTR(OnPolicyAgent):
         cfg = self.config
         self.optimizer = ActorCriticKFAC(
             _ActorModule(self.policy),
-            self.policy.critic,
+            nn.ModuleList(self.policy.critic_modules()),
             lr=self.current_values["learning_rate"],
             momentum=cfg.momentum,
             damping=cfg.damping,
@@ -273,7 +291,7 @@ class ACKTR(OnPolicyAgent):
     def forward_with_fisher_pass(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         """One forward of actor and critic, and the Fisher pass's backward on it.
 
-        Statistics are recorded only here: every Linear layer's inputs from the forward and
+        Statistics are recorded only here: every Linear and Conv2d layer's inputs from the forward and
         the gradients of :func:`sampled_fisher_loss` with respect to its outputs, taken by
         ``torch.autograd.grad`` straight into the two K-FACs (``record_statistics``; no
         module hooks, and no weight gradients for the Fisher pass). The returned
@@ -304,7 +322,7 @@ class ACKTR(OnPolicyAgent):
         value_loss = nn.functional.mse_loss(values, batch.returns)
         loss = policy_loss - self.current_values["ent_coef"] * entropy + cfg.vf_coef * value_loss
         torch.autograd.backward(loss)
-        self.reducer.grads([*policy.actor_parameters(), *policy.critic_parameters()])  # one bucket
+        self.reducer.grads([*policy.trunk_parameters(), *policy.actor_parameters(), *policy.critic_parameters()])  # one bucket
         self.optimizer.step()
 
         with torch.no_grad():

@@ -57,8 +57,10 @@ from trpo_lab.envs import (
     running_statistics,
     with_guard,
 )
+from trpo_lab.envs.atari import frames_per_step
 from trpo_lab.envs.torch_vec import is_torch_vector_env
 from trpo_lab.logging import RunLogger, WriteFailedError
+from trpo_lab.nn.extractors import is_image_space
 from trpo_lab.nn.policy import ActorCritic
 from trpo_lab.resources import check_agent_memory, parse_memory
 from trpo_lab.rollout.buffer import RolloutBatch, RolloutBuffer
@@ -219,6 +221,8 @@ class OnPolicyAgent(ABC):
         self.current_values: dict[str, float] = self.config.scheduled_values(1.0)
         """The scheduled hyperparameters' values for the current update (``learning_rate``,
         ``ent_coef``, PPO's ``clip_range``), set by the loop after each rollout."""
+        self.frames_per_step = frames_per_step(self.env_id, self.env_kwargs)
+        """Emulator frames per agent step (Atari's frame skip; 1 elsewhere): ``time/frames`` is logged when > 1."""
         self._setup()
         self.guard = UpdateGuard(
             self.policy, self._optimizer_states, self._load_optimizer_states, self.max_consecutive_rejections
@@ -443,6 +447,7 @@ class OnPolicyAgent(ABC):
             {
                 "time/timesteps": float(self.num_timesteps),
                 "time/updates": float(self.num_updates),
+                **({"time/frames": float(self.num_timesteps * self.frames_per_step)} if self.frames_per_step > 1 else {}),
                 "rollout/episodes": float(self.num_episodes),
                 **rollout,
                 "rollout/nonfinite_skipped": float(self.num_nonfinite_skipped),
@@ -472,8 +477,8 @@ class OnPolicyAgent(ABC):
             raise ValueError(
                 f"Invalid observation shape {obs_np.shape}; expected {single_shape} or (batch, *{single_shape})"
             )
-        if isinstance(self.observation_space, gym.spaces.Box):
-            obs_np = normalize_observations(self.env, obs_np.astype(np.float32))
+        if isinstance(self.observation_space, gym.spaces.Box) and not is_image_space(self.observation_space, False):
+            obs_np = normalize_observations(self.env, obs_np.astype(np.float32))  # images are never normalized
         with torch.inference_mode():
             actions, _, _ = self.policy.act(
                 torch.as_tensor(obs_np, device=self.device), self.generator, deterministic=deterministic

@@ -101,7 +101,7 @@ def actor_fisher_loss(policy: ActorCritic, obs: Tensor, generator: torch.Generat
     and the actor's layer trace of that forward (:attr:`CurvatureProblem.fisher_trace`)."""
     dist = policy.distribution
     dist_params, _, trace = policy.traced_forward(obs)
-    actor_layers = {id(module) for module in policy.actor.modules()}
+    actor_layers = {id(module) for network in policy.actor_modules() for module in network.modules()}
     sampled = dist.sample(dist_params.detach(), generator)
     loss = sampled_fisher_loss(lambda a: dist.log_prob(dist_params, a), sampled).policy
     return loss, [entry for entry in trace if id(entry[0]) in actor_layers]

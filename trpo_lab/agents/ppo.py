@@ -188,7 +188,7 @@ class PPO(OnPolicyAgent):
     def _minibatch_loss(self, minibatch: RolloutBatch) -> PPOLoss:
         cfg, policy = self.config, self.policy
         obs = policy.preprocess(minibatch.observations)
-        params = policy.dist_params(obs)
+        params, values = policy.dist_params_and_value(obs)
         advantages = minibatch.advantages
         if cfg.normalize_advantage:
             advantages = self.reducer.normalize_advantages(advantages)
@@ -196,7 +196,7 @@ class PPO(OnPolicyAgent):
             policy.distribution.log_prob(params, minibatch.actions),
             minibatch.log_probs,
             advantages,
-            policy.value(obs),
+            values,
             minibatch.values,
             minibatch.returns,
             policy.distribution.entropy(params),

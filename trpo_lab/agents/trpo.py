@@ -92,9 +92,14 @@ class TrustRegionAgent(OnPolicyAgent):
                 "Fisher reference runs in one process only; use curvature 'cg', 'kfac' or 'shampoo' and "
                 "exact_every 0 in data-parallel runs"
             )
+        if self.policy.trunk_parameters():
+            raise ValueError(
+                f"Invalid policy_kwargs.share_features_extractor: True for {self.algo.upper()}; its trust region "
+                "constrains the actor alone, so actor and critic need their own extractors (set it to false)"
+            )
         # K-FAC's factors come from each rank's own states: the reducer combines them.
         self.curvature: Curvature = make_curvature(
-            cfg, self.policy.actor_parameters(), self.policy.actor, self.reducer.weighted_means
+            cfg, self.policy.actor_parameters(), nn.ModuleList(self.policy.actor_modules()), self.reducer.weighted_means
         )
         if cfg.exact_every:
             check_exact_size(total_numel(self.policy.actor_parameters()), "diagnostics.exact_every")

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import gymnasium as gym
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.wrappers.vector import (
+    ClipReward,
     NormalizeObservation,
     NormalizeReward,
     RecordEpisodeStatistics,
 )
 
+from trpo_lab.envs.atari import AtariOptions, atari_env_factory, is_atari_id, register_atari
 from trpo_lab.envs.guard import NanPolicy, NonFiniteGuard, find_wrapper
+from trpo_lab.nn.extractors import is_image_space
 from trpo_lab.validation import check_int, first_line, require
 
 Vectorization = Literal["sync", "async", "vector_entry_point"]
@@ -24,6 +28,8 @@ EnvSpec = str | Callable[[], gym.Env]
 def check_env_id(env_id: str) -> None:
     """Raise ``ValueError`` naming ``env_id`` and close registered ids if it is unknown."""
     if env_id in gym.registry:
+        return
+    if (env_id.startswith("ALE/") or "NoFrameskip" in env_id) and register_atari() and env_id in gym.registry:
         return
     close = difflib.get_close_matches(env_id, list(gym.registry.keys()), n=5, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see gymnasium.registry for the registered ids"
@@ -63,13 +69,16 @@ def make_vec_env(
 
     Args:
         env: A registered Gymnasium id (``"CartPole-v1"``) or a callable returning an env.
+            Atari ids (``"ALE/Pong-v5"``, ``"PongNoFrameskip-v4"``) get the standard
+            preprocessing of :mod:`trpo_lab.envs.atari` (its options are ``env_kwargs`` keys).
         n_envs: Number of sub-environments (>= 1).
         seed: Sub-environment ``i`` is reset with ``seed + i`` (and its action space seeded
             the same way); ``None`` leaves them unseeded.
         vectorization: ``"sync"`` (one process, default), ``"async"`` (one process per env,
             worth it for heavy physics) or ``"vector_entry_point"`` (the env's own batched
             implementation, e.g. Gymnasium's numpy CartPole; only for ids that have one).
-        normalize_obs: Wrap with Gymnasium's ``NormalizeObservation`` (running mean/std).
+        normalize_obs: Wrap with Gymnasium's ``NormalizeObservation`` (running mean/std);
+            ignored, with a warning, for uint8 image observations, which the network scales.
         normalize_reward: Wrap with Gymnasium's ``NormalizeReward`` (scales by the std of
             the discounted return, using ``gamma``).
         gamma: Discount used by reward normalization.
@@ -101,8 +110,16 @@ def make_vec_env(
     ):
         raise ValueError(f"Invalid env_kwargs: {env_kwargs!r}; expected a dict of keyword arguments for gym.make")
     env_kwargs = dict(env_kwargs or {})
+    atari: AtariOptions | None = None
     try:
-        if vectorization == "vector_entry_point":
+        if isinstance(env, str) and is_atari_id(env):
+            factory, atari = atari_env_factory(env, env_kwargs)
+            check_env_id(env)
+            if vectorization == "vector_entry_point":
+                raise ValueError(f"Invalid vectorization: 'vector_entry_point' for {env!r}; use 'sync' or 'async'")
+            vector_cls = gym.vector.SyncVectorEnv if vectorization == "sync" else gym.vector.AsyncVectorEnv
+            vec_env: VectorEnv = vector_cls([factory] * n_envs, autoreset_mode=AutoresetMode.NEXT_STEP)
+        elif vectorization == "vector_entry_point":
             if not isinstance(env, str):
                 raise ValueError("vectorization='vector_entry_point' needs a registered env id, not a callable")
             check_env_id(env)
@@ -118,7 +135,8 @@ def make_vec_env(
             vec_env = vector_cls([factory] * n_envs, autoreset_mode=AutoresetMode.NEXT_STEP)
     except gym.error.DependencyNotInstalled as exc:
         raise ValueError(
-            f"Environment {env!r} needs an optional dependency ({exc}); install it with: pip install 'trpo-lab[mujoco]'"
+            f"Environment {env!r} needs an optional dependency ({exc}); install it with: "
+            f"pip install 'trpo-lab[{'atari' if atari is not None else 'mujoco'}]'"
         ) from exc
     except TypeError as exc:
         if not env_kwargs:
@@ -130,8 +148,16 @@ def make_vec_env(
         raise ValueError(f"Environment {env!r} uses autoreset mode {mode}; trpo_lab needs AutoresetMode.NEXT_STEP")
     vec_env.metadata["autoreset_mode"] = AutoresetMode.NEXT_STEP
     vec_env = RecordEpisodeStatistics(vec_env)
+    if atari is not None and atari.clip_reward:
+        vec_env = ClipReward(vec_env, min_reward=-1.0, max_reward=1.0)  # training only: episodes record raw scores
     if nan_policy is not None:
         vec_env = NonFiniteGuard(vec_env, nan_policy)
+    if normalize_obs and is_image_space(vec_env.single_observation_space, normalize_images=False):
+        warnings.warn(
+            f"normalize_obs ignored for {env!r}: its observations are uint8 images, which the network scales by 1/255",
+            stacklevel=2,
+        )
+        normalize_obs = False
     if normalize_obs:
         vec_env = NormalizeObservation(vec_env)
     if normalize_reward:

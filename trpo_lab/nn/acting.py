@@ -30,7 +30,7 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from trpo_lab.nn.distributions import ActionDistribution
-from trpo_lab.nn.extractors import FlattenExtractor
+from trpo_lab.nn.extractors import FlattenExtractor, as_tensors
 from trpo_lab.nn.policy import ActorCritic, Layer, mlp_forward
 from trpo_lab.optim._flat import to_device_async
 from trpo_lab.validation import check_int
@@ -166,9 +166,14 @@ def _block_diag(a: Tensor, b: Tensor) -> Tensor:
 
 class TorchActor:
     """The rollout's torch acting path (any device): :func:`stacked_layers` through
-    :func:`~trpo_lab.nn.policy.mlp_forward`, sampling with :meth:`ActionDistribution.sample_from_noise`."""
+    :func:`~trpo_lab.nn.policy.mlp_forward`, sampling with :meth:`ActionDistribution.sample_from_noise`.
+
+    A policy whose extractors have parameters (images, Dict observations) acts through its
+    reference :meth:`~trpo_lab.nn.policy.ActorCritic.forward` instead: the convolutions,
+    not the per-call overhead, set the cost there."""
 
     def __init__(self, policy: ActorCritic, noise: NoiseStream) -> None:
+        self._reference: ActorCritic | None = None if policy.flat_features else policy
         self.extractor = policy.features_extractor
         self.distribution = policy.distribution
         self.noise = noise
@@ -178,6 +183,9 @@ class TorchActor:
         self._activations = [policy.actor_activations, policy.critic_activations][: len(self._passes)]
 
     def _forward(self, obs: Array) -> tuple[Tensor, Tensor]:
+        if self._reference is not None:
+            params, values = self._reference(as_tensors(obs, self.device))
+            return params, values
         x = self.extractor(torch.as_tensor(obs, device=self.device))
         if len(self._passes) == 1:
             out = mlp_forward(self._passes[0], self._activations[0], x)

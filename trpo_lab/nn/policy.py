@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from trpo_lab.nn.distributions import ActionDistribution, DiagGaussian, make_distribution
-from trpo_lab.nn.extractors import make_extractor
+from trpo_lab.nn.extractors import EXTRACTORS, check_observation_space, features_dim, make_extractor, uses_flat_features
 from trpo_lab.validation import is_number
 
 if TYPE_CHECKING:
@@ -51,7 +51,16 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "leaky_relu": nn.LeakyReLU,
 }
 
-POLICY_KWARGS = ("net_arch", "activation_fn", "log_std_init", "ortho_init")
+POLICY_KWARGS = (
+    "net_arch",
+    "activation_fn",
+    "log_std_init",
+    "ortho_init",
+    "features_extractor",
+    "features_extractor_kwargs",
+    "share_features_extractor",
+    "normalize_images",
+)
 
 Layer = tuple[Tensor, Tensor]
 """``(weight, bias)`` of one linear layer, ``weight`` of shape ``(out, in)`` as in ``nn.Linear``."""
@@ -113,8 +122,22 @@ def validate_policy_kwargs(policy_kwargs: Mapping[str, Any]) -> None:
         resolve_activation(policy_kwargs["activation_fn"])
     if "log_std_init" in policy_kwargs and not is_number(policy_kwargs["log_std_init"]):
         raise ValueError(f"Invalid policy_kwargs.log_std_init: {policy_kwargs['log_std_init']!r}; expected a finite number")
-    if "ortho_init" in policy_kwargs and not isinstance(policy_kwargs["ortho_init"], bool):
-        raise ValueError(f"Invalid policy_kwargs.ortho_init: {policy_kwargs['ortho_init']!r}; expected true or false")
+    for flag in ("ortho_init", "share_features_extractor", "normalize_images"):
+        if flag in policy_kwargs and not isinstance(policy_kwargs[flag], bool):
+            raise ValueError(f"Invalid policy_kwargs.{flag}: {policy_kwargs[flag]!r}; expected true or false")
+    if "features_extractor" in policy_kwargs:
+        extractor = policy_kwargs["features_extractor"]
+        is_class = isinstance(extractor, type) and issubclass(extractor, nn.Module)
+        if not is_class and extractor not in EXTRACTORS:
+            raise ValueError(
+                f"Invalid policy_kwargs.features_extractor: {extractor!r}; expected one of {list(EXTRACTORS)} "
+                "or an nn.Module class"
+            )
+    kwargs = policy_kwargs.get("features_extractor_kwargs", {})
+    if not (isinstance(kwargs, Mapping) and all(isinstance(key, str) for key in kwargs)):
+        raise ValueError(
+            f"Invalid policy_kwargs.features_extractor_kwargs: {kwargs!r}; expected a dict of keyword arguments"
+        )
 
 
 def _parse_net_arch(net_arch: Any) -> tuple[list[int], list[int]]:
@@ -151,20 +174,30 @@ def resolve_activation(activation_fn: str | type[nn.Module]) -> type[nn.Module]:
 
 
 class ActorCritic(nn.Module):
-    """Separate MLP actor and critic with orthogonal initialisation.
+    """Actor and critic MLPs over the features of an observation, with orthogonal initialisation.
 
     Args:
-        observation_space: ``Box`` (flattened) or ``Discrete`` (one-hot).
+        observation_space: ``Box`` (flat or image), ``Discrete`` (one-hot) or a ``Dict`` of
+            those (see :mod:`trpo_lab.nn.extractors`).
         action_space: ``Discrete``, 1-D ``Box`` or ``MultiDiscrete``.
         net_arch: Hidden sizes, shared by both networks, or ``dict(pi=[...], vf=[...])``.
             Default ``dict(pi=[64, 64], vf=[64, 64])``.
         activation_fn: ``"tanh"`` (default), ``"relu"``, ... or an ``nn.Module`` class.
         log_std_init: Initial state-independent log standard deviation (Box actions).
         ortho_init: Orthogonal init (gain sqrt(2) hidden, 0.01 policy head, 1 value head).
+        features_extractor: ``"auto"`` (default: from the observation space), ``"mlp"``,
+            ``"nature_cnn"`` or an ``nn.Module`` class (see :func:`~trpo_lab.nn.extractors.make_extractor`).
+        features_extractor_kwargs: Keyword arguments of the extractor (``features_dim``, ...).
+        share_features_extractor: With an extractor that has parameters (a CNN), one trunk
+            for actor and critic (the A2C / ACKTR Atari network) instead of one each
+            (default ``False``). Flat features have no parameters, so it changes nothing there.
+        normalize_images: Divide uint8 images by 255 inside the network (default ``True``).
 
     The actor's and critic's parameters are the explicit groups :meth:`actor_parameters`
-    and :meth:`critic_parameters`. Every method that takes ``obs`` except :meth:`act` and
-    :meth:`forward` takes *features* (:meth:`preprocess` of raw observations).
+    and :meth:`critic_parameters` (each network's own extractor first); a shared trunk's
+    are :meth:`trunk_parameters`. Every method that takes ``obs`` except :meth:`act` and
+    :meth:`forward` takes :meth:`preprocess` of raw observations: the flat features for flat
+    spaces, the raw (uint8) tensors otherwise, which the extractors read inside the networks.
     """
 
     def __init__(
@@ -175,11 +208,34 @@ class ActorCritic(nn.Module):
         activation_fn: str | type[nn.Module] = "tanh",
         log_std_init: float = 0.0,
         ortho_init: bool = True,
+        features_extractor: Any = "auto",
+        features_extractor_kwargs: Mapping[str, Any] | None = None,
+        share_features_extractor: bool = False,
+        normalize_images: bool = True,
     ) -> None:
         super().__init__()
+        check_observation_space(observation_space)
         self.distribution: ActionDistribution = make_distribution(action_space)
-        self.features_extractor = make_extractor(observation_space)
-        self.obs_dim = self.features_extractor.features_dim
+        self.flat_features = uses_flat_features(observation_space, features_extractor, normalize_images)
+        """Whether the MLPs read :class:`FlattenExtractor` features (no extractor parameters)."""
+        self.share_features_extractor = bool(share_features_extractor) and not self.flat_features
+        self.pi_features_extractor: nn.Module | None = None
+        self.vf_features_extractor: nn.Module | None = None
+
+        def extractor() -> nn.Module:
+            try:
+                return make_extractor(observation_space, features_extractor, features_extractor_kwargs, normalize_images)
+            except TypeError as exc:
+                raise ValueError(f"Invalid policy_kwargs.features_extractor_kwargs {features_extractor_kwargs}: {exc}") from None
+
+        if self.flat_features or self.share_features_extractor:
+            self.features_extractor: nn.Module = extractor()
+            self.obs_dim = features_dim(self.features_extractor)
+        else:
+            self.features_extractor = nn.Identity()
+            self.pi_features_extractor = extractor()
+            self.vf_features_extractor = extractor()
+            self.obs_dim = features_dim(self.pi_features_extractor)
         pi_arch, vf_arch = _parse_net_arch(net_arch if net_arch is not None else {"pi": [64, 64], "vf": [64, 64]})
         activation = resolve_activation(activation_fn)
         self.is_gaussian = isinstance(self.distribution, DiagGaussian)
@@ -195,18 +251,34 @@ class ActorCritic(nn.Module):
         self.critic_linears: list[nn.Linear] = [m for m in self.critic if isinstance(m, nn.Linear)]
         self.actor_activations = [_functional(m) for m in self.actor if not isinstance(m, nn.Linear)]
         self.critic_activations = [_functional(m) for m in self.critic if not isinstance(m, nn.Linear)]
+        self._pi_extractor_names = (
+            [name for name, _ in self.pi_features_extractor.named_parameters()] if self.pi_features_extractor else []
+        )
 
     # ------------------------------------------------------------------ parameters
+    def actor_modules(self) -> list[nn.Module]:
+        """The modules of the actor's own layers: its extractor (if it has one), then its MLP."""
+        return [m for m in (self.pi_features_extractor, self.actor) if m is not None]
+
+    def critic_modules(self) -> list[nn.Module]:
+        """The modules of the critic's own layers: its extractor (if it has one), then its MLP."""
+        return [m for m in (self.vf_features_extractor, self.critic) if m is not None]
+
     def actor_parameters(self) -> list[nn.Parameter]:
-        """Every parameter of the action distribution: the actor's layers, then ``log_std``."""
-        params = list(self.actor.parameters())
+        """Every parameter of the action distribution (a shared trunk aside): the actor's
+        extractor and layers, then ``log_std``."""
+        params = [p for module in self.actor_modules() for p in module.parameters()]
         if self.log_std is not None:
             params.append(self.log_std)
         return params
 
     def critic_parameters(self) -> list[nn.Parameter]:
-        """The critic's parameters."""
-        return list(self.critic.parameters())
+        """The critic's parameters (its extractor's, then its layers')."""
+        return [p for module in self.critic_modules() for p in module.parameters()]
+
+    def trunk_parameters(self) -> list[nn.Parameter]:
+        """The shared extractor's parameters (empty unless ``share_features_extractor`` with a CNN)."""
+        return list(self.features_extractor.parameters()) if self.share_features_extractor else []
 
     def actor_shapes(self) -> list[torch.Size]:
         """Shapes of :meth:`actor_parameters`, the layout of a flat actor vector."""
@@ -221,10 +293,27 @@ class ActorCritic(nn.Module):
         return [(m.weight, m.bias) for m in self.critic_linears]
 
     # ------------------------------------------------------------------ the reference forward
-    def preprocess(self, obs: Tensor) -> Tensor:
-        """Features of raw observations (see :mod:`trpo_lab.nn.extractors`)."""
-        features: Tensor = self.features_extractor(obs)
-        return features
+    def preprocess(self, obs: Any) -> Any:
+        """Network inputs of raw observations: flat features (see :mod:`trpo_lab.nn.extractors`),
+        or the raw tensors for image and Dict spaces, which the extractors read inside the networks."""
+        if self.flat_features:
+            features: Tensor = self.features_extractor(obs)
+            return features
+        return obs
+
+    def _actor_features(self, obs: Any) -> Tensor:
+        if self.pi_features_extractor is not None:
+            features: Tensor = self.pi_features_extractor(obs)
+            return features
+        shared: Tensor = obs if self.flat_features else self.features_extractor(obs)
+        return shared
+
+    def _critic_features(self, obs: Any) -> Tensor:
+        if self.vf_features_extractor is not None:
+            features: Tensor = self.vf_features_extractor(obs)
+            return features
+        shared: Tensor = obs if self.flat_features else self.features_extractor(obs)
+        return shared
 
     def head(self, actor_out: Tensor, log_std: Tensor | None) -> Tensor:
         """Distribution parameters from the actor's output: ``[mean, log_std]`` for Gaussians."""
@@ -232,20 +321,29 @@ class ActorCritic(nn.Module):
             return actor_out
         return torch.cat([actor_out, log_std.expand_as(actor_out)], dim=-1)
 
-    def dist_params(self, obs: Tensor) -> Tensor:
-        """Distribution parameters ``(batch, param_dim)`` for features ``obs``."""
-        return self.head(mlp_forward(self.actor_layers(), self.actor_activations, obs), self.log_std)
+    def dist_params(self, obs: Any) -> Tensor:
+        """Distribution parameters ``(batch, param_dim)`` for preprocessed ``obs``."""
+        return self.head(mlp_forward(self.actor_layers(), self.actor_activations, self._actor_features(obs)), self.log_std)
 
-    def value(self, obs: Tensor) -> Tensor:
-        """State values ``(batch,)`` for features ``obs``."""
-        return mlp_forward(self.critic_layers(), self.critic_activations, obs).squeeze(-1)
+    def value(self, obs: Any) -> Tensor:
+        """State values ``(batch,)`` for preprocessed ``obs``."""
+        return mlp_forward(self.critic_layers(), self.critic_activations, self._critic_features(obs)).squeeze(-1)
 
-    def dist_params_from_flat(self, flat_actor: Tensor, obs: Tensor) -> Tensor:
+    def dist_params_and_value(self, obs: Any) -> tuple[Tensor, Tensor]:
+        """:meth:`dist_params` and :meth:`value` of preprocessed ``obs`` (a shared trunk runs once)."""
+        if not self.share_features_extractor:
+            return self.dist_params(obs), self.value(obs)
+        features = self.features_extractor(obs)
+        params = self.head(mlp_forward(self.actor_layers(), self.actor_activations, features), self.log_std)
+        return params, mlp_forward(self.critic_layers(), self.critic_activations, features).squeeze(-1)
+
+    def dist_params_from_flat(self, flat_actor: Tensor, obs: Any) -> Tensor:
         """:meth:`dist_params` with the actor's parameters replaced by a flat vector.
 
         ``flat_actor`` is laid out like ``parameters_to_vector(actor_parameters())``. This is
-        a pure function of its inputs, so it can be vmapped over many candidate vectors, as
-        the batched line search does.
+        a pure function of its inputs (the actor's extractor runs through
+        ``torch.func.functional_call``), so it can be vmapped over many candidate vectors, as
+        the batched line search does. A shared trunk is held fixed.
         """
         tensors: list[Tensor] = []
         offset = 0
@@ -253,22 +351,52 @@ class ActorCritic(nn.Module):
             numel = math.prod(shape)
             tensors.append(flat_actor[offset : offset + numel].view(shape))
             offset += numel
+        n_extractor = len(self._pi_extractor_names)
+        if self.pi_features_extractor is not None:
+            weights = dict(zip(self._pi_extractor_names, tensors[:n_extractor], strict=True))
+            x = torch.func.functional_call(self.pi_features_extractor, weights, (obs,))
+        else:
+            x = self._actor_features(obs)
         n_layer_tensors = 2 * len(self.actor_linears)
-        layers = [(tensors[i], tensors[i + 1]) for i in range(0, n_layer_tensors, 2)]
+        layers = [(tensors[i], tensors[i + 1]) for i in range(n_extractor, n_extractor + n_layer_tensors, 2)]
         log_std = tensors[-1] if self.log_std is not None else None
-        return self.head(mlp_forward(layers, self.actor_activations, obs), log_std)
+        return self.head(mlp_forward(layers, self.actor_activations, x), log_std)
 
-    def traced_forward(self, obs: Tensor) -> tuple[Tensor, Tensor, list[tuple[nn.Linear, Tensor, Tensor]]]:
-        """:meth:`dist_params` and :meth:`value` of features ``obs``, the same computation, plus
-        ``(layer, input, output)`` of every ``nn.Linear`` (actor's, then critic's): what K-FAC
-        needs to record its statistics without module hooks."""
+    def traced_forward(self, obs: Any) -> tuple[Tensor, Tensor, list[tuple[nn.Module, Tensor, Tensor]]]:
+        """:meth:`dist_params` and :meth:`value` of preprocessed ``obs``, the same computation,
+        plus ``(layer, input, output)`` of every ``nn.Linear`` and ``nn.Conv2d`` (extractors'
+        first, then the actor's and critic's MLP layers): what K-FAC needs to record its
+        statistics. The MLPs are traced by :func:`mlp_forward`, the extractors (any module)
+        by forward hooks that live only for this call."""
+        extractor_trace: list[tuple[nn.Module, Tensor, Tensor]] = []
+
+        def record(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
+            extractor_trace.append((module, inputs[0], output))
+
+        handles = [
+            module.register_forward_hook(record)
+            for extractor in (self.features_extractor, self.pi_features_extractor, self.vf_features_extractor)
+            if extractor is not None and not self.flat_features
+            for module in extractor.modules()
+            if isinstance(module, (nn.Linear, nn.Conv2d))
+        ]
+        try:
+            if self.share_features_extractor:
+                actor_in = critic_in = self.features_extractor(obs)
+            else:
+                actor_in, critic_in = self._actor_features(obs), self._critic_features(obs)
+        finally:
+            for handle in handles:
+                handle.remove()
         actor_trace: list[tuple[Tensor, Tensor]] = []
         critic_trace: list[tuple[Tensor, Tensor]] = []
-        params = self.head(mlp_forward(self.actor_layers(), self.actor_activations, obs, actor_trace), self.log_std)
-        values = mlp_forward(self.critic_layers(), self.critic_activations, obs, critic_trace).squeeze(-1)
+        params = self.head(mlp_forward(self.actor_layers(), self.actor_activations, actor_in, actor_trace), self.log_std)
+        values = mlp_forward(self.critic_layers(), self.critic_activations, critic_in, critic_trace).squeeze(-1)
         linears = [*self.actor_linears, *self.critic_linears]
-        trace = [(layer, x, y) for layer, (x, y) in zip(linears, [*actor_trace, *critic_trace], strict=True)]
-        return params, values, trace
+        trace: list[tuple[nn.Module, Tensor, Tensor]] = [
+            (layer, x, y) for layer, (x, y) in zip(linears, [*actor_trace, *critic_trace], strict=True)
+        ]
+        return params, values, [*extractor_trace, *trace]
 
     def act(
         self, obs: Tensor, generator: torch.Generator | None = None, deterministic: bool = False
@@ -277,19 +405,17 @@ class ActorCritic(nn.Module):
 
         The rollout acts through :meth:`rollout_actor` instead, the same computation.
         """
-        x = self.preprocess(obs)
-        params = self.dist_params(x)
+        params, values = self.dist_params_and_value(self.preprocess(obs))
         dist = self.distribution
         if deterministic:
             actions = dist.mode(params)
-            return actions, dist.log_prob(params, actions), self.value(x)
+            return actions, dist.log_prob(params, actions), values
         actions, log_probs = dist.sample_with_log_prob(params, generator)
-        return actions, log_probs, self.value(x)
+        return actions, log_probs, values
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         """``(dist_params, values)`` of raw observations."""
-        x = self.preprocess(obs)
-        return self.dist_params(x), self.value(x)
+        return self.dist_params_and_value(self.preprocess(obs))
 
     # ------------------------------------------------------------------ acting
     def rollout_actor(self, noise: NoiseStream, backend: str = "auto") -> RolloutActor:

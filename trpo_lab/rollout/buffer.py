@@ -27,6 +27,7 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from trpo_lab import resources
+from trpo_lab.nn.extractors import is_image_space
 from trpo_lab.optim._flat import to_device_async
 from trpo_lab.validation import check_int
 
@@ -167,13 +168,22 @@ class RolloutBuffer:
         device: torch.device | str = "cpu",
         max_memory: int | None = None,
     ) -> RolloutBuffer:
-        """The buffer for one environment's spaces (``Box`` observations as float32, ``Discrete`` as indices).
+        """The buffer for one environment's spaces: ``Box`` observations as float32, except
+        uint8 images (:func:`~trpo_lab.nn.extractors.is_image_space`), kept as uint8 (a
+        quarter of the memory; the network scales them); ``Discrete`` ones as indices.
 
         Raises:
             ValueError: ``n_steps x n_envs`` slots do not fit in memory (``max_memory`` bytes,
                 default: what the device has available), estimated before allocating
-                (:func:`trpo_lab.resources.buffer_bytes`).
+                (:func:`trpo_lab.resources.buffer_bytes`), or an observation space the
+                native agents cannot store (``Dict``: use the SB3 adapters).
         """
+        if not isinstance(observation_space, (gym.spaces.Box, gym.spaces.Discrete)):
+            raise ValueError(
+                f"Unsupported observation space {observation_space} for the native agents' rollout buffer; "
+                "supported: Box and Discrete (flat, or uint8 images); for Dict observations use the SB3 adapters "
+                "(trpo_lab.sb3 with MultiInputPolicy)"
+            )
         is_box = isinstance(observation_space, gym.spaces.Box)
         obs_shape = tuple(observation_space.shape or ()) if is_box else ()
         action_dtype = torch.float32 if isinstance(action_space, gym.spaces.Box) else torch.long
@@ -185,10 +195,13 @@ class RolloutBuffer:
 
         needed = resources.buffer_bytes(observation_space, action_space, n_steps, n_envs)
         resources.check_memory(needed, what, "n_steps", n_steps, device, max_memory, fits)
+        obs_dtype = torch.long
+        if is_box:
+            obs_dtype = torch.uint8 if is_image_space(observation_space, normalize_images=False) else torch.float32
         try:
             return cls(
                 n_steps, n_envs, obs_shape, tuple(action_space.shape or ()), action_dtype, device,
-                obs_dtype=torch.float32 if is_box else torch.long,
+                obs_dtype=obs_dtype,
             )
         except RuntimeError:  # out of memory although the estimate fitted (memory taken meanwhile)
             raise ValueError(
