@@ -130,21 +130,16 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any],
     from trpo_lab.config import config_class, parse_set_option
     from trpo_lab.envs import check_env_id
     from trpo_lab.experiments import DEFAULT_TIMESTEPS
-    from trpo_lab.presets import load_preset
+    from trpo_lab.presets import agent_settings
 
     if not args.algo or not args.env:
         raise CLIError("trpo-lab train: ALGO and ENV are required (or --resume RUN_DIR)")
     config_class(args.algo)  # unknown algorithm -> ValueError
     check_env_id(args.env)
-    hyperparameters, run_settings = load_preset(args.algo, args.env)
     overrides: dict[str, Any] = {}
     for option in args.overrides:
         parse_set_option(option, overrides)
-    for key, value in overrides.items():
-        if key == "policy_kwargs" and isinstance(value, dict):
-            hyperparameters.setdefault("policy_kwargs", {}).update(value)
-        else:
-            hyperparameters[key] = value
+    hyperparameters, run_settings = agent_settings(args.algo, args.env, overrides)
     n_envs = args.n_envs if args.n_envs is not None else int(run_settings.get("n_envs", 8))
     steps = args.steps if args.steps is not None else int(run_settings.get("total_timesteps", DEFAULT_TIMESTEPS))
     if steps < 1:

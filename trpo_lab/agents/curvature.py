@@ -296,6 +296,8 @@ class ShampooCurvature(Curvature):
     name = "shampoo"
     BETA2: ClassVar[float] = 0.9
     EPSILON: ClassVar[float] = 1e-8
+    RELATIVE_EPSILON: ClassVar[bool] = False
+    GRAFTING: ClassVar[str] = "none"
 
     def __init__(
         self,
@@ -310,9 +312,10 @@ class ShampooCurvature(Curvature):
             lr=1.0,
             betas=(0.0, self.BETA2),
             epsilon=self.EPSILON,
+            relative_epsilon=self.RELATIVE_EPSILON,
             precondition_every=1,
             start_preconditioning_step=1,
-            grafting="none",
+            grafting=self.GRAFTING,  # type: ignore[arg-type]
         )
 
     def direction(self, grad: Tensor, fvp: FisherVectorProduct, problem: CurvatureProblem) -> Direction:
