@@ -20,6 +20,7 @@ from trpo_lab.agents.curvature import (
     CGCurvature,
     Curvature,
     CurvatureProblem,
+    ShampooCurvature,
     make_curvature,
 )
 from trpo_lab.agents.npg import NPG
@@ -275,3 +276,45 @@ def test_trpo_solves_cartpole_within_150k_steps(case: str) -> None:
     steps, best = evaluations[-1]
     assert best >= 475, evaluations
     assert steps <= 150_000 + agent.n_envs * agent.config.n_steps
+
+
+def _shampoo_directions(overrides: dict[str, object], scale: float, monkeypatch: pytest.MonkeyPatch) -> list[Tensor]:
+    """Shampoo directions for 6 successive gradients of the default [64, 64] actor whose
+    layers' gradients differ by orders of magnitude (as a policy gradient's do)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 2))
+    params = list(net.parameters())
+    with monkeypatch.context() as patch:
+        for name, value in overrides.items():
+            patch.setattr(ShampooCurvature, name, value)
+        backend = ShampooCurvature(params, TRPOConfig(curvature="shampoo"))
+    layer_scales = [1e-4, 1e-4, 1e-3, 1e-3, 1e-1, 1e-1]
+    directions = []
+    for _ in range(6):
+        grad = torch.cat([torch.randn(p.numel()) * s * scale for p, s in zip(params, layer_scales)])
+        directions.append(backend.direction(grad, lambda v: v, CurvatureProblem(theta=grad)).direction)
+    return directions
+
+
+def test_shampoo_direction_keeps_each_layers_share_and_ignores_the_gradient_scale(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Why ``curvature="shampoo"`` failed on CartPole-v1 with the default actor: without
+    grafting, L^(-1/4) G R^(-1/4) has about the same norm for every layer whatever its
+    gradient, so layers with 1000x smaller (noisier) gradients take as large a share of the
+    KL-scaled step as the informative ones; and the absolute ε = 1e-8 made the amplification
+    of unseen directions depend on the gradients' scale. With per-layer SGD grafting each
+    layer keeps its gradient's norm, and the relative ε makes the direction scale-free."""
+    def output_share(directions: list[Tensor]) -> float:
+        last = directions[-1]
+        return float(last[-130:].square().sum() / last.square().sum())  # the output layer: 64 * 2 + 2
+
+    fixed = _shampoo_directions({}, 1.0, monkeypatch)
+    old = _shampoo_directions(
+        {"BETA2": 0.9, "EPSILON": 1e-8, "RELATIVE_EPSILON": False, "GRAFTING": "none"}, 1.0, monkeypatch
+    )
+    assert output_share(fixed) > 0.99  # as in the gradient (its output layer holds > 99% of the norm)
+    assert output_share(old) < 0.5  # the cause: the tiny-gradient layers dominate the step
+    rescaled = _shampoo_directions({}, 1e-3, monkeypatch)
+    for a, b in zip(fixed, rescaled, strict=True):
+        torch.testing.assert_close(b / b.norm(), a / a.norm(), rtol=1e-3, atol=1e-5)
