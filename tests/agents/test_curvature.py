@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -21,13 +22,15 @@ from trpo_lab.agents.curvature import (
     Curvature,
     CurvatureProblem,
     ShampooCurvature,
+    exact_cost,
+    exact_parameter_limit,
     make_curvature,
 )
 from trpo_lab.agents.npg import NPG
 from trpo_lab.agents.trpo import TRPO
 from trpo_lab.config import TRPOConfig, parse_set_option
 from trpo_lab.optim._flat import flat_params, total_numel
-from trpo_lab.optim.exact import cosine_similarity, newton_step
+from trpo_lab.optim.exact import cosine_similarity, explicit_fisher, newton_step, output_space_fisher
 from trpo_lab.optim.trust_region import Direction, FisherVectorProduct
 from trpo_lab.presets import load_preset
 
@@ -191,13 +194,48 @@ def test_diagnostics_from_the_cli_set_option() -> None:
     assert TRPOConfig().exact_every == 0
 
 
-def test_dense_fisher_refuses_large_policies() -> None:
-    agent = TRPO("CartPole-v1", n_envs=1, seed=0, n_steps=8)
+def test_dense_fisher_refuses_policies_beyond_its_memory_and_time_limits() -> None:
+    big = {"policy_kwargs": {"net_arch": {"pi": [128, 64], "vf": [16]}}}
+    agent = TRPO("CartPole-v1", n_envs=1, seed=0, n_steps=8, **big)
     size = total_numel(agent.policy.actor_parameters())
-    assert size > EXACT_MAX_PARAMETERS
+    assert size > EXACT_MAX_PARAMETERS == exact_parameter_limit()
+    memory, seconds = exact_cost(size)
     for hyperparameters in ({"curvature": "exact"}, {"diagnostics": {"exact_every": 1}}):
-        with pytest.raises(ValueError, match=rf"at most {EXACT_MAX_PARAMETERS} parameters.*has {size}"):
-            TRPO("CartPole-v1", n_envs=1, seed=0, n_steps=8, **hyperparameters)
+        with pytest.raises(
+            ValueError,
+            match=rf"at most {EXACT_MAX_PARAMETERS} parameters, this one has {size} "
+            rf"\(about {memory / 2**20:.0f} MB and {seconds:.0f} s per update",
+        ):
+            TRPO("CartPole-v1", n_envs=1, seed=0, n_steps=8, **big, **hyperparameters)
+
+
+def test_exact_limit_follows_memory_and_time() -> None:
+    assert exact_parameter_limit(memory_bytes=16 * 100**2, max_seconds=1e9) == 100  # 4 float32 P x P matrices
+    assert exact_parameter_limit(memory_bytes=1e18, max_seconds=1e-4) == round((1e-4 * 1e10) ** (1 / 3))
+    memory, _ = exact_cost(4_610)
+    assert memory == 16 * 4_610**2 and EXACT_MAX_PARAMETERS >= 4_610
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_exact_curvature_runs_with_the_default_actor(env_id: str) -> None:
+    """The default [64, 64] actor (4,610 / 4,545 parameters) is within the limit, and the
+    output-space Fisher the update uses equals the Hessian of the mean KL."""
+    agent = TRPO(env_id, n_envs=1, seed=0, n_steps=16, curvature="exact")
+    agent.learn(32)
+    assert agent.num_updates == 2 and np.isfinite(flat_params(agent.policy.actor_parameters()).detach().numpy()).all()
+    small = TRPO(env_id, n_envs=1, seed=0, n_steps=8, policy_kwargs={"net_arch": [8]})
+    obs = torch.randn(6, small.observation_space.shape[0])
+    policy, dist = small.policy, small.policy.distribution
+    theta = flat_params(policy.actor_parameters()).detach()
+    old = policy.dist_params(obs).detach()
+    dense = output_space_fisher(
+        lambda flat, x: policy.dist_params_from_flat(flat, x.unsqueeze(0)).squeeze(0),
+        lambda a, b: dist.kl(a.unsqueeze(0), b.unsqueeze(0)).squeeze(0),
+        theta,
+        obs,
+    )
+    reference = explicit_fisher(lambda flat: dist.kl(old, policy.dist_params_from_flat(flat, obs)).mean(), theta)
+    torch.testing.assert_close(dense, reference, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(

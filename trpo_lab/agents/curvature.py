@@ -19,7 +19,7 @@ whichever backend produced s:
             scaling and the line search still keep the step inside the trust region.
 ``exact``   the dense solve (F + γI)⁻¹ g with the explicit KL Hessian
             (:func:`trpo_lab.optim.exact.natural_gradient_step`): P backward passes and an O(P³)
-            solve, so only for actors of at most :data:`EXACT_MAX_PARAMETERS` parameters.
+            solve, so only for actors within :func:`exact_parameter_limit` (memory and time).
 ==========  =====================================================================================
 
 Backends see parameters, modules and closures only (a :class:`CurvatureProblem` per update),
@@ -30,6 +30,7 @@ adapters of :mod:`trpo_lab.sb3.trpo`; the numerics they call live in :mod:`trpo_
 from __future__ import annotations
 
 import functools
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from torch import Tensor, nn
 from trpo_lab.config import TrustRegionConfig
 from trpo_lab.nn.policy import ActorCritic
 from trpo_lab.optim._flat import total_numel, unflatten
-from trpo_lab.optim.exact import natural_gradient_step
+from trpo_lab.optim.exact import natural_gradient_step, solve_damped
 from trpo_lab.optim.fisher import sampled_fisher_loss
 from trpo_lab.optim.kfac import KFAC, StatisticsReducer
 from trpo_lab.optim.shampoo import Shampoo
@@ -59,15 +60,53 @@ __all__ = [
     "actor_fisher_loss",
     "check_exact_size",
     "exact_natural_gradient",
+    "exact_cost",
+    "exact_parameter_limit",
     "make_curvature",
 ]
 
-#: Largest actor (in parameters) for which the dense Fisher is formed, by ``curvature="exact"``
-#: and by ``diagnostics.exact_every``. The explicit KL Hessian costs one backward pass over the
-#: Fisher batch per parameter, plus an O(P³) solve: about 0.2 s per update for P ≈ 100 and 4 s
-#: for P ≈ 2,000 on one CPU core with 2,048 states. ``net_arch=[16]`` gives 114 parameters on
-#: CartPole-v1 and 82 on Pendulum-v1; the default ``[64, 64]`` gives 4,610 and 4,545.
-EXACT_MAX_PARAMETERS = 2_000
+#: Memory the dense references may take for their P × P matrices (bytes), and the time one
+#: update's dense solve may take (seconds), at the CPU rate below. ``curvature="exact"`` and
+#: ``diagnostics.exact_every`` refuse actors whose :func:`exact_cost` exceeds either.
+EXACT_MEMORY_BYTES = 1 << 30
+EXACT_MAX_SECONDS = 30.0
+#: One CPU core's dense linear-algebra rate assumed by :func:`exact_cost` (flop/s).
+EXACT_FLOPS_PER_SECOND = 1e10
+#: Dense P × P float32 matrices alive at once: the Fisher, its damped copy and the solver's workspace.
+_EXACT_MATRICES = 4
+
+
+def exact_cost(num_parameters: int) -> tuple[float, float]:
+    """``(bytes, seconds)`` of one dense natural-gradient solve for an actor of P parameters.
+
+    Memory: :data:`_EXACT_MATRICES` float32 P × P matrices. Time: the symmetric rank check
+    and solve, about P³ floating-point operations, at :data:`EXACT_FLOPS_PER_SECOND`. Forming
+    the Fisher from the outputs (:func:`trpo_lab.optim.exact.output_space_fisher`) adds
+    2 N D P² for N states and D distribution parameters, less than the solve on classic
+    control. The default [64, 64] actor (4,610 parameters on CartPole-v1) needs 340 MB and
+    about 10 s at that rate.
+    """
+    p = float(num_parameters)
+    return _EXACT_MATRICES * 4.0 * p * p, p**3 / EXACT_FLOPS_PER_SECOND
+
+
+def exact_parameter_limit(memory_bytes: float | None = None, max_seconds: float | None = None) -> int:
+    """The largest P whose :func:`exact_cost` fits ``memory_bytes`` and ``max_seconds``
+    (default :data:`EXACT_MEMORY_BYTES`, :data:`EXACT_MAX_SECONDS`)."""
+    memory = EXACT_MEMORY_BYTES if memory_bytes is None else memory_bytes
+    seconds = EXACT_MAX_SECONDS if max_seconds is None else max_seconds
+    by_memory = math.isqrt(int(memory // (_EXACT_MATRICES * 4)))
+    budget = seconds * EXACT_FLOPS_PER_SECOND
+    by_time = round(budget ** (1.0 / 3.0))  # the integer cube root, exact despite rounding
+    while by_time > 0 and by_time**3 > budget:
+        by_time -= 1
+    while (by_time + 1) ** 3 <= budget:
+        by_time += 1
+    return max(1, min(by_memory, by_time))
+
+
+#: :func:`exact_parameter_limit` with the defaults (6,694 parameters: the time bound).
+EXACT_MAX_PARAMETERS = exact_parameter_limit()
 
 
 @dataclass(frozen=True)
@@ -84,12 +123,16 @@ class CurvatureProblem:
         fisher_trace: The same loss from a hook-free forward, with ``(layer, input, output)``
             of each of the actor's layers (:meth:`ActorCritic.traced_forward`); K-FAC records
             its statistics from the gradients at those outputs. Used when given.
+        dense_fisher: ``() ↦`` the dense Fisher (P, P) at θ_old on the Fisher states, formed
+            from the outputs (:func:`trpo_lab.optim.exact.output_space_fisher`); the dense
+            references use it instead of the Hessian of ``kl_of_flat`` (P backward passes).
     """
 
     theta: Tensor
     kl_of_flat: Callable[[Tensor], Tensor] | None = None
     fisher_loss: Callable[[], Tensor] | None = None
     fisher_trace: Callable[[], tuple[Tensor, list[LayerTrace]]] | None = None
+    dense_fisher: Callable[[], Tensor] | None = None
 
 
 LayerTrace = tuple[nn.Module, Tensor, Tensor]
@@ -108,20 +151,28 @@ def actor_fisher_loss(policy: ActorCritic, obs: Tensor, generator: torch.Generat
 
 
 def check_exact_size(num_parameters: int, what: str) -> None:
-    """Refuse a dense Fisher for actors above :data:`EXACT_MAX_PARAMETERS` parameters.
+    """Refuse a dense Fisher whose :func:`exact_cost` exceeds the memory or time limit.
 
     Raises:
-        ValueError: naming ``what``, the parameter count and the limit.
+        ValueError: naming ``what``, the parameter count, its estimated memory and time, and
+            the limits.
     """
     if num_parameters > EXACT_MAX_PARAMETERS:
+        memory, seconds = exact_cost(num_parameters)
         raise ValueError(
             f"Invalid {what}: the dense Fisher needs an actor of at most {EXACT_MAX_PARAMETERS} parameters, "
-            f"this one has {num_parameters}; use a smaller policy_kwargs.net_arch (e.g. [16])"
+            f"this one has {num_parameters} (about {memory / 2**20:.0f} MB and {seconds:.0f} s per update, "
+            f"limits {EXACT_MEMORY_BYTES / 2**20:.0f} MB and {EXACT_MAX_SECONDS:.0f} s); use a smaller "
+            "policy_kwargs.net_arch (e.g. [64, 32])"
         )
 
 
 def exact_natural_gradient(grad: Tensor, problem: CurvatureProblem, damping: float) -> Tensor:
-    """(F + damping·I)⁻¹ g with F the explicit Hessian of ``problem.kl_of_flat`` at θ_old."""
+    """(F + damping·I)⁻¹ g with F ``problem.dense_fisher()`` if given, else the explicit
+    Hessian of ``problem.kl_of_flat`` at θ_old."""
+    if problem.dense_fisher is not None:
+        fisher = problem.dense_fisher()
+        return solve_damped(fisher, grad.detach().to(fisher.dtype), damping)
     if problem.kl_of_flat is None:
         raise ValueError("Invalid problem: the dense natural gradient needs kl_of_flat; the caller gave None")
     return natural_gradient_step(problem.kl_of_flat, grad, problem.theta, damping=damping)
