@@ -126,7 +126,9 @@ def output_space_fisher(
 def solve_damped(matrix: Tensor, vector: Tensor, damping: float = 0.0) -> Tensor:
     r"""Returns ``(A + damping·I)^{-1} v``, or the minimum-norm solution if that matrix is singular.
 
-    The system is solved with ``torch.linalg.solve`` when ``A + damping·I`` has
+    With ``damping > 0`` the system is solved by a Cholesky factorisation when it succeeds
+    (``A + damping·I`` is then positive definite). Otherwise it is solved with
+    ``torch.linalg.solve`` when ``A + damping·I`` has
     full numerical rank (``torch.linalg.matrix_rank`` with its default
     tolerance). Otherwise, which happens for the Fisher of an over-parameterised
     model without damping (a softmax is invariant to adding a constant to all
@@ -151,6 +153,10 @@ def solve_damped(matrix: Tensor, vector: Tensor, damping: float = 0.0) -> Tensor
         )
     damped = matrix + damping * torch.eye(size, dtype=matrix.dtype, device=matrix.device)
     solution: Tensor
+    if damping > 0.0:  # positive definite for a PSD matrix: one Cholesky (P³/3), no rank check
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            return torch.cholesky_solve(vector.unsqueeze(1), factor).squeeze(1)
     if int(torch.linalg.matrix_rank(damped, hermitian=True)) == size:
         solution = torch.linalg.solve(damped, vector)
     else:
