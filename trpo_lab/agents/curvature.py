@@ -97,7 +97,7 @@ def exact_parameter_limit(memory_bytes: float | None = None, max_seconds: float 
     seconds = EXACT_MAX_SECONDS if max_seconds is None else max_seconds
     by_memory = math.isqrt(int(memory // (_EXACT_MATRICES * 4)))
     budget = seconds * EXACT_FLOPS_PER_SECOND
-    by_time = round(budget ** (1.0 / 3.0))  # the integer cube root, exact despite rounding
+    by_time = int(round(budget ** (1.0 / 3.0)))  # the integer cube root, exact despite rounding
     while by_time > 0 and by_time**3 > budget:
         by_time -= 1
     while (by_time + 1) ** 3 <= budget:

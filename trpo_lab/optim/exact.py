@@ -17,8 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 from torch.autograd.functional import hessian
-from torch.func import jacrev, vmap
 from torch.func import hessian as func_hessian
+from torch.func import jacrev, vmap
 
 from trpo_lab.optim._flat import flat_params, unflatten, validate_damping
 
@@ -115,12 +115,13 @@ def output_space_fisher(
     """
     _validate_theta(theta)
     point = theta.detach()
-    jacobians = vmap(jacrev(outputs_of_flat), in_dims=(None, 0))(point, inputs)  # (N, D, P)
+    jacobians: Tensor = vmap(jacrev(outputs_of_flat), in_dims=(None, 0))(point, inputs)  # (N, D, P)
     outputs = vmap(outputs_of_flat, in_dims=(None, 0))(point, inputs).detach()  # (N, D)
-    curvatures = vmap(func_hessian(divergence, argnums=1))(outputs, outputs)  # (N, D, D)
+    curvatures: Tensor = vmap(func_hessian(divergence, argnums=1))(outputs, outputs)  # (N, D, D)
     count = inputs.shape[0]
     rows = jacobians.reshape(-1, point.numel())
-    return rows.mT @ torch.bmm(curvatures, jacobians).reshape(-1, point.numel()) / count
+    fisher: Tensor = rows.mT @ torch.bmm(curvatures, jacobians).reshape(-1, point.numel()) / count
+    return fisher
 
 
 def solve_damped(matrix: Tensor, vector: Tensor, damping: float = 0.0) -> Tensor:
