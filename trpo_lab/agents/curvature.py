@@ -49,6 +49,7 @@ from trpo_lab.optim.shampoo import Shampoo
 from trpo_lab.optim.trust_region import Direction, FisherVectorProduct, Solve, cg_solve
 
 __all__ = [
+    "EXACT_HESSIAN_MAX_PARAMETERS",
     "EXACT_MAX_PARAMETERS",
     "CGCurvature",
     "Curvature",
@@ -107,6 +108,10 @@ def exact_parameter_limit(memory_bytes: float | None = None, max_seconds: float 
 
 #: :func:`exact_parameter_limit` with the defaults (6,694 parameters: the time bound).
 EXACT_MAX_PARAMETERS = exact_parameter_limit()
+#: The limit where F can only be formed as the Hessian of ``kl_of_flat`` (P backward passes
+#: over the Fisher batch, about 4 s for P = 2,000 and 2,048 states on one core, minutes for
+#: the default actors): a problem without ``dense_fisher``, as the SB3 adapters build.
+EXACT_HESSIAN_MAX_PARAMETERS = 2_000
 
 
 @dataclass(frozen=True)
@@ -150,13 +155,25 @@ def actor_fisher_loss(policy: ActorCritic, obs: Tensor, generator: torch.Generat
     return loss, [entry for entry in trace if id(entry[0]) in actor_layers]
 
 
-def check_exact_size(num_parameters: int, what: str) -> None:
+def check_exact_size(num_parameters: int, what: str, hessian_only: bool = False) -> None:
     """Refuse a dense Fisher whose :func:`exact_cost` exceeds the memory or time limit.
+
+    Args:
+        num_parameters: The actor's size P.
+        what: The setting that asked for the dense Fisher, for the message.
+        hessian_only: F will be formed as the Hessian of the KL (no ``dense_fisher``): the
+            limit is :data:`EXACT_HESSIAN_MAX_PARAMETERS`.
 
     Raises:
         ValueError: naming ``what``, the parameter count, its estimated memory and time, and
             the limits.
     """
+    if hessian_only and num_parameters > EXACT_HESSIAN_MAX_PARAMETERS:
+        raise ValueError(
+            f"Invalid {what}: the dense Fisher needs an actor of at most {EXACT_HESSIAN_MAX_PARAMETERS} "
+            f"parameters when formed as the Hessian of the KL (one backward pass per parameter), this one "
+            f"has {num_parameters}; use a smaller policy_kwargs.net_arch (e.g. [16])"
+        )
     if num_parameters > EXACT_MAX_PARAMETERS:
         memory, seconds = exact_cost(num_parameters)
         raise ValueError(
