@@ -179,6 +179,9 @@ PYTHON_CASES: list[tuple[str, Callable[[dict[str, Path]], Any], str]] = [
     ("ppo clip_range = 0", lambda f: PPOConfig(clip_range=0), r"Invalid clip_range: 0.0; expected > 0"),
     ("ppo n_epochs = 0", lambda f: PPOConfig(n_epochs=0), r"Invalid n_epochs: 0; expected >= 1"),
     ("acktr kl_clip = 0", lambda f: ACKTRConfig(kl_clip=0), r"Invalid kl_clip: 0.0; expected > 0"),
+    ("acktr target_kl = 0", lambda f: ACKTRConfig(target_kl=0), r"Invalid target_kl: 0.0; expected > 0 or none"),
+    ("from_preset unknown env", lambda f: TRPO.from_preset("Pendulum-v0"), r"Unknown environment id 'Pendulum-v0'"),
+    ("from_preset bad override", lambda f: TRPO.from_preset("CartPole-v1", n_steps=0), r"Invalid n_steps: 0; expected >= 1"),
     ("acktr momentum = 1", lambda f: ACKTRConfig(momentum=1.0), r"Invalid momentum: 1.0; expected in \[0, 1\)"),
     ("n_steps beyond memory", trpo(n_steps=10**13), r"Invalid n_steps: 10000000000000; this trpo with n_envs 1 \(.*"
                                                     r"rollout buffer .*\) needs an estimated .* TiB, more than the .* of "

@@ -189,3 +189,47 @@ def test_configs_are_frozen_and_replace_returns_a_validated_copy(algo: str) -> N
         config.replace(gamma=1.5)
     with pytest.raises(ValueError, match=r"Invalid n_steps: 1.5 \(float\); expected an integer"):
         config.replace(n_steps=1.5)
+
+
+@pytest.mark.parametrize("algo", sorted(CONFIGS))
+def test_from_preset_builds_what_trpo_lab_train_builds(algo: str) -> None:
+    """``ALGO.from_preset(env)`` gets the CLI's hyperparameters, n_envs and budget."""
+    from trpo_lab.agents import agent_class
+    from trpo_lab.cli import _settings, build_parser
+
+    for env_id in ("CartPole-v1", "Pendulum-v1"):
+        args = build_parser().parse_args(["train", algo, env_id, "--set", "gamma=0.97"])
+        hyperparameters, run, n_envs, steps = _settings(args)
+        agent = agent_class(algo).from_preset(env_id, seed=3, gamma=0.97)
+        try:
+            assert agent.config == config_class(algo).from_dict(hyperparameters)
+            assert agent.config.gamma == 0.97
+            assert agent.n_envs == n_envs and agent.seed == 3
+            assert agent.preset_timesteps == steps == run["total_timesteps"]
+        finally:
+            agent.env.close()
+
+
+def test_from_preset_merges_policy_kwargs_and_covers_unlisted_envs() -> None:
+    from trpo_lab.agents.trpo import TRPO
+
+    agent = TRPO.from_preset("Acrobot-v1", n_envs=2, policy_kwargs={"net_arch": {"pi": [16], "vf": [16]}})
+    hyperparameters, _ = load_preset("trpo", "Acrobot-v1")
+    assert agent.config.policy_kwargs["net_arch"] == {"pi": [16], "vf": [16]}
+    assert agent.config.n_steps == hyperparameters["n_steps"] and agent.n_envs == 2
+    agent.env.close()
+
+
+@pytest.mark.parametrize(
+    ("env_id", "overrides", "message"),
+    [
+        ("CartPol-v1", {}, r"Unknown environment id 'CartPol-v1'; did you mean CartPole-v1"),
+        ("CartPole-v1", {"gamma": 2.0}, r"Invalid gamma: 2.0"),
+        ("CartPole-v1", {"gama": 0.9}, r"Unknown hyperparameter 'gama' for trpo"),
+    ],
+)
+def test_from_preset_bad_input_is_named(env_id: str, overrides: dict[str, object], message: str) -> None:
+    from trpo_lab.agents.trpo import TRPO
+
+    with pytest.raises(ValueError, match=message):
+        TRPO.from_preset(env_id, **overrides)

@@ -178,19 +178,19 @@ def _set_options(options: Sequence[str]) -> dict[str, Any]:
 
 def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], int, int]:
     """Validated ``(hyperparameters, run settings, n_envs, steps)`` of ``train ALGO ENV``."""
-    from trpo_lab.config import config_class, merge_hyperparameters
+    from trpo_lab.config import config_class
     from trpo_lab.envs import check_env_id
     from trpo_lab.experiments import DEFAULT_TIMESTEPS
-    from trpo_lab.presets import load_preset
+    from trpo_lab.presets import agent_settings
 
     if not args.algo or not args.env:
         raise CLIError("trpo-lab train: ALGO and ENV are required (or --resume RUN_DIR)")
     config_class(args.algo)  # unknown algorithm -> ValueError
     check_env_id(args.env)
-    hyperparameters, run_settings = load_preset(args.algo, args.env)
-    hyperparameters = merge_hyperparameters(hyperparameters, _set_options(args.overrides))
+    overrides = _set_options(args.overrides)
     if args.max_memory is not None:
-        hyperparameters["max_memory"] = args.max_memory
+        overrides["max_memory"] = args.max_memory
+    hyperparameters, run_settings = agent_settings(args.algo, args.env, overrides)
     n_envs = args.n_envs if args.n_envs is not None else int(run_settings.get("n_envs", 8))
     steps = args.steps if args.steps is not None else int(run_settings.get("total_timesteps", DEFAULT_TIMESTEPS))
     if steps < 1:

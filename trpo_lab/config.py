@@ -441,7 +441,10 @@ class ACKTRConfig(AgentConfig):
     (``η² ν² gᵀ F̂⁻¹ g ≤ kl_clip``, twice the predicted KL; for the critic about
     ``4 E[(ΔV)²]``); ``learning_rate`` η and the other K-FAC settings are shared by both.
     Defaults are the ACKTR paper's, except ``vf_kl_clip`` and ``ent_coef = 0`` (tuned on
-    CartPole-v1 and Pendulum-v1). See :mod:`trpo_lab.agents.acktr`.
+    CartPole-v1 and Pendulum-v1). ``target_kl`` turns on the adaptive step size of the
+    continuous-control ACKTR (OpenAI baselines' ``acktr_cont``, desired KL 0.002): the actor's
+    learning rate follows the KL measured after each update, and ``kl_clip`` becomes a safety
+    cap. See :mod:`trpo_lab.agents.acktr`.
     """
 
     algo: ClassVar[str] = "acktr"
@@ -467,6 +470,13 @@ class ACKTRConfig(AgentConfig):
     stat_decay: float = _param(0.99, _unit_open, "in (0, 1)", "running-average decay of the factors")
     inverse_every: int = _param(10, _positive, ">= 1", "updates between eigendecompositions")
     normalize_advantage: bool = _param(False, doc="standardise advantages per batch")
+    target_kl: float | None = _param(
+        None,
+        _positive,
+        "> 0 or none",
+        "adaptive actor step size: divide it by 1.5 when the measured KL exceeds 2 * target_kl, "
+        "multiply it by 1.5 below target_kl / 2 (None: off)",
+    )
 
     @classmethod
     def from_dict(cls: type[C], values: Mapping[str, Any]) -> C:

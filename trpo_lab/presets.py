@@ -43,6 +43,7 @@ __all__ = [
     "preset_file",
     "agent_tables",
     "load_preset",
+    "agent_settings",
     "resolve_preset",
     "load_suite",
     "suite_entry",
@@ -87,7 +88,7 @@ BUILTIN_AGENTS: dict[str, dict[str, dict[str, Any]]] = {
         "Acrobot-v1": {"total_timesteps": 200_000, "ent_coef": 0.01, "normalize_obs": True},
         "Pendulum-v1": {
             "total_timesteps": 200_000, "n_steps": 64, "gamma": 0.9, "gae_lambda": 0.95, "normalize_advantage": True,
-            "normalize_obs": True, "normalize_reward": True,
+            "normalize_obs": True, "normalize_reward": True, "learning_rate": 0.03, "kl_clip": 0.01, "target_kl": 0.002,
         },
     },
 }
@@ -252,3 +253,22 @@ def load_preset(
     if suite is None and env_id is not None:
         suite = suite_entry(env_id)
     return resolve_preset(algo, env_id, tables, suite, origin)
+
+
+def agent_settings(
+    algo: str, env_id: str, overrides: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(hyperparameters, run_settings)`` of ``trpo-lab train ALGO ENV [--set ...]``.
+
+    :func:`load_preset`, then ``overrides`` on top (``--set`` in the CLI, keyword arguments
+    of :meth:`OnPolicyAgent.from_preset`) through :func:`~trpo_lab.config.merge_hyperparameters`. The CLI and the Python API both
+    build their agents from this, so they run with the same settings.
+
+    Raises:
+        ValueError: an invalid preset (naming its file), or an override that is not a field
+            of the algorithm's config or that the config rejects.
+    """
+    hyperparameters, run = load_preset(algo, env_id)
+    hyperparameters = merge_hyperparameters(hyperparameters, overrides or {})
+    config_class(algo).from_dict(hyperparameters)
+    return hyperparameters, run

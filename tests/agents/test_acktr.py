@@ -264,6 +264,8 @@ def test_action_spaces_update_without_nan(env: Any) -> None:
         ({"vf_coef": -1}, r"Invalid vf_coef: -1.0; expected >= 0"),
         ({"lr_schedule": "cosine"}, r"Invalid lr_schedule: 'cosine'; lr_schedule is retired, write learning_rate = 'linear'"),
         ({"learning_rate": "cosine"}, r"Invalid learning_rate: 'cosine'; expected a number, 'linear', 'linear:<final>'"),
+        ({"target_kl": 0}, r"Invalid target_kl: 0.0; expected > 0 or none"),
+        ({"target_kl": -0.002}, r"Invalid target_kl: -0.002; expected > 0 or none"),
         ({"kl_clp": 1e-3}, r"Unknown hyperparameter 'kl_clp' for acktr; did you mean kl_clip"),
     ],
 )
@@ -289,6 +291,55 @@ def test_retired_lr_schedule_key_reads_as_a_learning_rate_schedule() -> None:
     assert old.config == ACKTR("CartPole-v1", n_envs=2, seed=0, n_steps=16, learning_rate="linear:0.2:0").config
     with pytest.warns(FutureWarning, match="lr_schedule = 'constant' is retired; write nothing"):
         assert ACKTR("CartPole-v1", n_envs=1, lr_schedule="constant").config.learning_rate == 0.25
+
+
+# ---------------------------------------------------------------------- adaptive step size
+
+
+def test_adaptive_step_size_follows_the_measured_kl_of_the_previous_update() -> None:
+    """target_kl: the actor's step size is divided by 1.5 after an update whose exact KL
+    exceeded 2 * target_kl, multiplied by 1.5 after one below target_kl / 2, else kept; the
+    critic keeps the base learning rate."""
+    target = 2e-3
+    agent = ACKTR("Pendulum-v1", n_envs=2, seed=0, n_steps=32, learning_rate=0.03, kl_clip=0.01, target_kl=target)
+    seen: list[dict[str, float]] = []
+    agent.learn(32 * 2 * 12, callback=lambda a, m: seen.append(m) or None)
+    assert seen[0]["train/actor_learning_rate"] == pytest.approx(0.03)
+    moves = set()
+    for before, after in zip(seen, seen[1:]):
+        ratio = after["train/actor_learning_rate"] / before["train/actor_learning_rate"]
+        kl = before["train/kl"]
+        expected = 1 / 1.5 if kl > 2 * target else 1.5 if kl < target / 2 else 1.0
+        assert ratio == pytest.approx(expected, rel=1e-9), (kl, ratio)
+        moves.add(expected)
+        assert after["kfac/critic/lr"] == 0.03
+        assert after["kfac/actor/lr"] == after["train/actor_learning_rate"]
+    assert len(moves) >= 2  # the rule acted, in more than one direction
+
+
+def test_adaptive_step_size_is_bounded_and_shrinks_on_a_non_finite_kl() -> None:
+    agent = ACKTR("Pendulum-v1", n_envs=1, seed=0, target_kl=2e-3, learning_rate=0.5)
+    agent._last_kl = torch.tensor(1e-9)
+    assert agent._adapt_actor_step(0.5) == pytest.approx(0.75)
+    agent._last_kl = torch.tensor(1e-9)
+    assert agent._adapt_actor_step(0.5) == pytest.approx(1.0)  # 1.125 capped at 1
+    agent._last_kl = torch.tensor(float("nan"))
+    assert agent._adapt_actor_step(0.5) == pytest.approx(1.0 / 1.5)
+    assert agent._adapt_actor_step(0.5) == pytest.approx(1.0 / 1.5)  # no new KL: unchanged
+    off = ACKTR("Pendulum-v1", n_envs=1, seed=0)
+    off._last_kl = torch.tensor(1.0)
+    assert off._adapt_actor_step(0.25) == 0.25  # target_kl None: the rule is off
+
+
+def test_adaptive_step_size_state_survives_save_and_load(tmp_path: Path) -> None:
+    agent = ACKTR("Pendulum-v1", n_envs=2, seed=1, n_steps=16, learning_rate=0.03, kl_clip=0.01, target_kl=2e-3)
+    agent.learn(16 * 2 * 6)
+    assert agent.actor_lr_scale != 1.0 and agent._last_kl is not None
+    agent.save(tmp_path / "a.pt")
+    loaded = ACKTR.load(tmp_path / "a.pt")
+    assert loaded.actor_lr_scale == agent.actor_lr_scale
+    assert loaded._last_kl is not None and float(loaded._last_kl) == float(agent._last_kl)
+    assert loaded._adapt_actor_step(0.03) == agent._adapt_actor_step(0.03)
 
 
 # ---------------------------------------------------------------------- CLI

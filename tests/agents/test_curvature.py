@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -20,13 +21,16 @@ from trpo_lab.agents.curvature import (
     CGCurvature,
     Curvature,
     CurvatureProblem,
+    ShampooCurvature,
+    exact_cost,
+    exact_parameter_limit,
     make_curvature,
 )
 from trpo_lab.agents.npg import NPG
 from trpo_lab.agents.trpo import TRPO
 from trpo_lab.config import TRPOConfig, parse_set_option
 from trpo_lab.optim._flat import flat_params, total_numel
-from trpo_lab.optim.exact import cosine_similarity, newton_step
+from trpo_lab.optim.exact import cosine_similarity, explicit_fisher, newton_step, output_space_fisher
 from trpo_lab.optim.trust_region import Direction, FisherVectorProduct
 from trpo_lab.presets import load_preset
 
@@ -190,13 +194,48 @@ def test_diagnostics_from_the_cli_set_option() -> None:
     assert TRPOConfig().exact_every == 0
 
 
-def test_dense_fisher_refuses_large_policies() -> None:
-    agent = TRPO("CartPole-v1", n_envs=1, seed=0, n_steps=8)
+def test_dense_fisher_refuses_policies_beyond_its_memory_and_time_limits() -> None:
+    big = {"policy_kwargs": {"net_arch": {"pi": [128, 64], "vf": [16]}}}
+    agent = TRPO("CartPole-v1", n_envs=1, seed=0, n_steps=8, **big)
     size = total_numel(agent.policy.actor_parameters())
-    assert size > EXACT_MAX_PARAMETERS
+    assert size > EXACT_MAX_PARAMETERS == exact_parameter_limit()
+    memory, seconds = exact_cost(size)
     for hyperparameters in ({"curvature": "exact"}, {"diagnostics": {"exact_every": 1}}):
-        with pytest.raises(ValueError, match=rf"at most {EXACT_MAX_PARAMETERS} parameters.*has {size}"):
-            TRPO("CartPole-v1", n_envs=1, seed=0, n_steps=8, **hyperparameters)
+        with pytest.raises(
+            ValueError,
+            match=rf"at most {EXACT_MAX_PARAMETERS} parameters, this one has {size} "
+            rf"\(about {memory / 2**20:.0f} MB and {seconds:.0f} s per update",
+        ):
+            TRPO("CartPole-v1", n_envs=1, seed=0, n_steps=8, **big, **hyperparameters)
+
+
+def test_exact_limit_follows_memory_and_time() -> None:
+    assert exact_parameter_limit(memory_bytes=16 * 100**2, max_seconds=1e9) == 100  # 4 float32 P x P matrices
+    assert exact_parameter_limit(memory_bytes=1e18, max_seconds=1e-4) == round((1e-4 * 1e10) ** (1 / 3))
+    memory, _ = exact_cost(4_610)
+    assert memory == 16 * 4_610**2 and EXACT_MAX_PARAMETERS >= 4_610
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_exact_curvature_runs_with_the_default_actor(env_id: str) -> None:
+    """The default [64, 64] actor (4,610 / 4,545 parameters) is within the limit, and the
+    output-space Fisher the update uses equals the Hessian of the mean KL."""
+    agent = TRPO(env_id, n_envs=1, seed=0, n_steps=16, curvature="exact")
+    agent.learn(16)
+    assert agent.num_updates == 1 and np.isfinite(flat_params(agent.policy.actor_parameters()).detach().numpy()).all()
+    small = TRPO(env_id, n_envs=1, seed=0, n_steps=8, policy_kwargs={"net_arch": [8]})
+    obs = torch.randn(6, small.observation_space.shape[0])
+    policy, dist = small.policy, small.policy.distribution
+    theta = flat_params(policy.actor_parameters()).detach()
+    old = policy.dist_params(obs).detach()
+    dense = output_space_fisher(
+        lambda flat, x: policy.dist_params_from_flat(flat, x.unsqueeze(0)).squeeze(0),
+        lambda a, b: dist.kl(a.unsqueeze(0), b.unsqueeze(0)).squeeze(0),
+        theta,
+        obs,
+    )
+    reference = explicit_fisher(lambda flat: dist.kl(old, policy.dist_params_from_flat(flat, obs)).mean(), theta)
+    torch.testing.assert_close(dense, reference, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -275,3 +314,45 @@ def test_trpo_solves_cartpole_within_150k_steps(case: str) -> None:
     steps, best = evaluations[-1]
     assert best >= 475, evaluations
     assert steps <= 150_000 + agent.n_envs * agent.config.n_steps
+
+
+def _shampoo_directions(overrides: dict[str, object], scale: float, monkeypatch: pytest.MonkeyPatch) -> list[Tensor]:
+    """Shampoo directions for 6 successive gradients of the default [64, 64] actor whose
+    layers' gradients differ by orders of magnitude (as a policy gradient's do)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 2))
+    params = list(net.parameters())
+    with monkeypatch.context() as patch:
+        for name, value in overrides.items():
+            patch.setattr(ShampooCurvature, name, value)
+        backend = ShampooCurvature(params, TRPOConfig(curvature="shampoo"))
+    layer_scales = [1e-4, 1e-4, 1e-3, 1e-3, 1e-1, 1e-1]
+    directions = []
+    for _ in range(6):
+        grad = torch.cat([torch.randn(p.numel()) * s * scale for p, s in zip(params, layer_scales)])
+        directions.append(backend.direction(grad, lambda v: v, CurvatureProblem(theta=grad)).direction)
+    return directions
+
+
+def test_shampoo_direction_keeps_each_layers_share_and_ignores_the_gradient_scale(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Why ``curvature="shampoo"`` failed on CartPole-v1 with the default actor: without
+    grafting, L^(-1/4) G R^(-1/4) has about the same norm for every layer whatever its
+    gradient, so layers with 1000x smaller (noisier) gradients take as large a share of the
+    KL-scaled step as the informative ones; and the absolute ε = 1e-8 made the amplification
+    of unseen directions depend on the gradients' scale. With per-layer SGD grafting each
+    layer keeps its gradient's norm, and the relative ε makes the direction scale-free."""
+    def output_share(directions: list[Tensor]) -> float:
+        last = directions[-1]
+        return float(last[-130:].square().sum() / last.square().sum())  # the output layer: 64 * 2 + 2
+
+    fixed = _shampoo_directions({}, 1.0, monkeypatch)
+    old = _shampoo_directions(
+        {"BETA2": 0.9, "EPSILON": 1e-8, "RELATIVE_EPSILON": False, "GRAFTING": "none"}, 1.0, monkeypatch
+    )
+    assert output_share(fixed) > 0.99  # as in the gradient (its output layer holds > 99% of the norm)
+    assert output_share(old) < 0.5  # the cause: the tiny-gradient layers dominate the step
+    rescaled = _shampoo_directions({}, 1e-3, monkeypatch)
+    for a, b in zip(fixed, rescaled, strict=True):
+        torch.testing.assert_close(b / b.norm(), a / a.norm(), rtol=1e-3, atol=1e-5)

@@ -604,6 +604,7 @@ def test_step_runs_the_closure_with_gradients_enabled() -> None:
         (dict(max_preconditioner_dim=0), "max_preconditioner_dim"),
         (dict(exponent_override=0), "exponent_override"),
         (dict(grafting="adagrad"), "grafting"),
+        (dict(relative_epsilon=1), "relative_epsilon"),
         (dict(grafting_beta2=1.0), "grafting_beta2"),
         (dict(grafting_epsilon=-1.0), "grafting_epsilon"),
     ],
@@ -653,3 +654,24 @@ def test_works_as_stable_baselines3_policy_optimizer() -> None:
     assert optimizer.stats["skipped_nonfinite_steps"] == 0
     assert all(torch.isfinite(p).all() for p in model.policy.parameters())
     assert max(state["step"] for state in optimizer.state.values()) == 4
+
+
+def test_relative_epsilon_makes_the_direction_independent_of_the_gradient_scale() -> None:
+    """(S + ε τ I)^(-1/4) with τ = tr(S)/d: scaling every gradient by c scales D_t by c^0 for
+    a matrix (c · c^(-1/2) · c^(-1/2)); with an absolute ε the tiny-gradient run differs."""
+    torch.manual_seed(0)
+    grads = [torch.randn(6, 4) for _ in range(3)]
+
+    def last_direction(scale: float, relative: bool) -> Tensor:
+        param = nn.Parameter(torch.zeros(6, 4))
+        optimizer = Shampoo(
+            [param], betas=(0.0, 0.99), epsilon=1e-4, relative_epsilon=relative,
+            precondition_every=1, start_preconditioning_step=1, grafting="none",
+        )
+        for grad in grads:
+            param.grad = grad * scale
+            (direction,) = optimizer.preconditioned_direction()
+        return direction
+
+    torch.testing.assert_close(last_direction(1e-4, True), last_direction(1.0, True), rtol=1e-3, atol=1e-5)
+    assert not torch.allclose(last_direction(1e-4, False), last_direction(1.0, False), rtol=1e-2)

@@ -56,10 +56,24 @@ Design:
     - The gradient-norm clip acts before preconditioning. Whenever the KL clip is active
       (ν < 1) the step ν V does not depend on the scale of g, so the clip only matters for
       steps the KL clip leaves alone.
+    - ``target_kl`` (None: off) is the adaptive step size of the continuous-control ACKTR
+      (OpenAI baselines' ``acktr_cont``, desired KL 0.002): after each update the exact mean
+      KL(π_before ‖ π_after) on the batch is measured and the actor's step size η_a = η · c is
+      adjusted, c ← c / 1.5 when KL > 2 · target_kl, c ← c · 1.5 when KL < target_kl / 2
+      (η_a kept in [1e-8, 1]). The KL clip alone cannot hold the KL: it bounds the *predicted*
+      KL ½ΔᵀF̂Δ of the damped Kronecker-factored Fisher, and on Pendulum-v1 the measured KL
+      is 2-7x that prediction and drifts by an order of magnitude between updates
+      (``benchmarks/results/acktr_kl.md``). With ``target_kl`` the measured KL sets the step
+      and ``kl_clip`` is a safety cap above it. The rule reads the KL of the previous update
+      at the start of the next one (the metrics have been read by then), so the update makes
+      no extra host synchronisation; c and that KL are in the checkpoint. Data-parallel: the
+      KL is averaged over ranks first, so every rank keeps the same c. The critic's step is
+      not adapted (its trust region ``vf_kl_clip`` bounds the change of the values).
     - ``learning_rate = "linear"`` decays η linearly to 0 over the ``total_timesteps`` given to
       :meth:`ACKTR.learn` (the reference Atari setting); the shared loop evaluates it
-      (:mod:`trpo_lab.schedules`) and sets both KFACs' ``lr``. The retired ``lr_schedule`` key
-      still reads (see :meth:`ACKTRConfig.from_dict`).
+      (:mod:`trpo_lab.schedules`) and sets both KFACs' ``lr``, and η · c then replaces the
+      actor's when ``target_kl`` is set. The retired ``lr_schedule`` key still reads (see
+      :meth:`ACKTRConfig.from_dict`).
     - Data-parallel: the loss gradients of actor and critic are averaged over ranks in one
       bucket before clipping (``reducer.grads``), and both KFACs fold in the factors of every
       rank's Fisher pass (``statistics_reducer=reducer.weighted_means``), so every rank takes
@@ -266,6 +280,9 @@ class ACKTR(OnPolicyAgent):
         )
         self.fisher_generator = torch.Generator(device=self.device)
         self.fisher_generator.manual_seed(self.seed + 2)
+        self.actor_lr_scale = 1.0
+        """c of the adaptive step size (``target_kl``): the actor's step size is η · c."""
+        self._last_kl: Tensor | None = None
 
     @property
     def actor_optimizer(self) -> KFAC:
@@ -278,14 +295,47 @@ class ACKTR(OnPolicyAgent):
         return self.optimizer.critic
 
     def _optimizer_states(self) -> dict[str, Any]:
-        return {**self.optimizer.state_dict(), "fisher_rng": self.fisher_generator.get_state()}
+        return {
+            **self.optimizer.state_dict(),
+            "fisher_rng": self.fisher_generator.get_state(),
+            "adaptive_step": {
+                "actor_lr_scale": self.actor_lr_scale,
+                "last_kl": None if self._last_kl is None else self._last_kl.clone(),
+            },
+        }
 
     def _load_optimizer_states(self, states: Mapping[str, Any]) -> None:
         self.optimizer.load_state_dict(states)
         self.fisher_generator.set_state(states["fisher_rng"])
+        adaptive = states.get("adaptive_step", {"actor_lr_scale": 1.0, "last_kl": None})  # older checkpoints
+        self.actor_lr_scale = float(adaptive["actor_lr_scale"])
+        last_kl = adaptive["last_kl"]
+        self._last_kl = None if last_kl is None else last_kl.to(self.device)
 
     def _learning_rate_optimizers(self) -> list[Any]:
         return [self.optimizer]
+
+    #: c's factor per update and η · c's bounds (OpenAI baselines' ``acktr_cont``).
+    ADAPTIVE_FACTOR: ClassVar[float] = 1.5
+    ADAPTIVE_LR_BOUNDS: ClassVar[tuple[float, float]] = (1e-8, 1.0)
+
+    def _adapt_actor_step(self, lr: float) -> float:
+        """The actor's step size η · c for this update, after applying the rule of ``target_kl``
+        to the previous update's measured KL (see the module docstring)."""
+        target = self.config.target_kl
+        if target is None:
+            return lr
+        if self._last_kl is not None:
+            kl = float(self._last_kl)  # computed and read with the previous update's metrics
+            self._last_kl = None
+            if not math.isfinite(kl) or kl > 2.0 * target:
+                self.actor_lr_scale /= self.ADAPTIVE_FACTOR
+            elif kl < 0.5 * target:
+                self.actor_lr_scale *= self.ADAPTIVE_FACTOR
+        low, high = self.ADAPTIVE_LR_BOUNDS
+        if lr > 0.0:  # keep c where η · c stays inside the bounds
+            self.actor_lr_scale = min(max(self.actor_lr_scale, low / lr), high / lr)
+        return lr * self.actor_lr_scale
 
     # ------------------------------------------------------------------ update
     def forward_with_fisher_pass(self, obs: Tensor) -> tuple[Tensor, Tensor]:
@@ -314,6 +364,10 @@ class ACKTR(OnPolicyAgent):
         advantages = batch.advantages
         if cfg.normalize_advantage:
             advantages = self.reducer.normalize_advantages(advantages)
+        lr = self.current_values["learning_rate"]  # the schedule's η, set on both KFACs by the loop
+        actor_lr = self._adapt_actor_step(lr)
+        self.actor_optimizer.param_groups[0]["lr"] = actor_lr
+
         dist_params, values = self.forward_with_fisher_pass(obs)
         self.optimizer.zero_grad(set_to_none=True)
         log_probs = dist.log_prob(dist_params, batch.actions)
@@ -327,6 +381,8 @@ class ACKTR(OnPolicyAgent):
 
         with torch.no_grad():
             kl = dist.kl(dist_params.detach(), policy.dist_params(obs)).mean()
+        if cfg.target_kl is not None:
+            self._last_kl = self.reducer.mean(kl.detach())
         metrics: dict[str, Tensor | float] = {
             "train/policy_loss": policy_loss.detach(),
             "train/value_loss": value_loss.detach(),
@@ -338,6 +394,7 @@ class ACKTR(OnPolicyAgent):
         }
         if policy.log_std is not None:
             metrics["train/std"] = policy.log_std.detach().exp().mean()
+        metrics["train/actor_learning_rate"] = actor_lr
         metrics.update(self.optimizer.last_stats)
         return metrics
 

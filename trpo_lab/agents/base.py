@@ -130,6 +130,8 @@ class OnPolicyAgent(ABC):
         if env_kwargs is not None and not isinstance(env_kwargs, Mapping):
             raise ValueError(f"Invalid env_kwargs: {env_kwargs!r}; expected a dict of keyword arguments for gym.make")
         self.seed = seed
+        self.preset_timesteps: int | None = None
+        """The budget of the preset the agent was built from (:meth:`from_preset`), else None."""
         self.device = check_device(device)
         self.vectorization = vectorization
         self.env_kwargs = dict(env_kwargs or {})
@@ -569,6 +571,54 @@ class OnPolicyAgent(ABC):
         if self.data_parallel.world_size > 1:
             checkpoint.load_local_state(self, data, self.data_parallel.rank, self.data_parallel.world_size)
             self.data_parallel.mark_synced(running_statistics(self.env))
+
+    @classmethod
+    def from_preset(
+        cls: type[A],
+        env_id: str,
+        *,
+        seed: int = 0,
+        n_envs: int | None = None,
+        device: str | torch.device = "cpu",
+        vectorization: str | None = None,
+        env_kwargs: dict[str, Any] | None = None,
+        dist: DistributedContext | None = None,
+        **overrides: Any,
+    ) -> A:
+        """The agent ``trpo-lab train ALGO ENV_ID`` trains, with the same settings.
+
+        The hyperparameters are the preset's (:func:`trpo_lab.presets.agent_settings`: the
+        config defaults, the agent's ``[default]`` table, the env's suite entry, the agent's
+        table for ``env_id``), with ``overrides`` on top (``--set``: a ``policy_kwargs``
+        mapping is merged into the preset's). ``n_envs`` and ``vectorization`` default to the
+        preset's run settings (8 and ``"sync"`` without one). An env id no preset lists gets
+        the ``[default]`` table. The budget the preset was tuned for is
+        :attr:`preset_timesteps` (``None`` without one)::
+
+            agent = TRPO.from_preset("InvertedPendulum-v5", seed=0)
+            agent.learn(agent.preset_timesteps)
+
+        Raises:
+            ValueError: an invalid env id, preset or override (naming it).
+        """
+        from trpo_lab.envs import check_env_id
+        from trpo_lab.presets import agent_settings
+
+        check_env_id(env_id)
+        hyperparameters, run = agent_settings(cls.algo, env_id, overrides)
+        agent = cls(
+            env_id,
+            n_envs=int(run.get("n_envs", 8)) if n_envs is None else n_envs,
+            seed=seed,
+            device=device,
+            vectorization=str(run.get("vectorization", "sync")) if vectorization is None else vectorization,
+            env_kwargs=env_kwargs,
+            dist=dist,
+            **hyperparameters,
+        )
+        total = run.get("total_timesteps")
+        agent.preset_timesteps = None if total is None else int(total)
+        return agent
 
     @classmethod
     def load(

@@ -46,7 +46,7 @@ from trpo_lab.agents.curvature import (
 from trpo_lab.agents.metrics import explained_variance
 from trpo_lab.config import TRPOConfig, TrustRegionConfig
 from trpo_lab.optim._flat import clip_grad_norm_, flat_params, to_device_async, total_numel
-from trpo_lab.optim.exact import cosine_similarity
+from trpo_lab.optim.exact import cosine_similarity, output_space_fisher
 from trpo_lab.optim.fisher import fisher_vector_product, fisher_vector_product_func, flat_grad
 from trpo_lab.optim.lbfgs import lbfgs_fixed
 from trpo_lab.optim.trust_region import Evaluate, NaturalStep, natural_step, trust_region_line_search
@@ -174,7 +174,20 @@ class TrustRegionAgent(OnPolicyAgent):
         def fisher_trace() -> tuple[Tensor, list[LayerTrace]]:
             return actor_fisher_loss(policy, obs_sub, self.generator)
 
-        return CurvatureProblem(theta=flat_params(actor_params), kl_of_flat=kl_of_flat, fisher_trace=fisher_trace)
+        def outputs_of_flat(flat: Tensor, one_obs: Tensor) -> Tensor:
+            return policy.dist_params_from_flat(flat, one_obs.unsqueeze(0)).squeeze(0)
+
+        def divergence(old: Tensor, new: Tensor) -> Tensor:
+            return dist.kl(old.unsqueeze(0), new.unsqueeze(0)).squeeze(0)
+
+        theta = flat_params(actor_params)
+
+        def dense_fisher() -> Tensor:
+            return output_space_fisher(outputs_of_flat, divergence, theta, obs_sub)
+
+        return CurvatureProblem(
+            theta=theta, kl_of_flat=kl_of_flat, fisher_trace=fisher_trace, dense_fisher=dense_fisher
+        )
 
     def _candidate_evaluator(
         self, obs: Tensor, batch: RolloutBatch, advantages: Tensor, old_params: Tensor, old_log_probs: Tensor

@@ -17,12 +17,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 from torch.autograd.functional import hessian
+from torch.func import hessian as func_hessian
+from torch.func import jacrev, vmap
 
 from trpo_lab.optim._flat import flat_params, unflatten, validate_damping
 
 __all__ = [
     "cosine_similarity",
     "explicit_fisher",
+    "output_space_fisher",
     "explicit_hessian",
     "flat_params",
     "natural_gradient_step",
@@ -83,10 +86,50 @@ def explicit_fisher(kl_fn_of_flat: Callable[[Tensor], Tensor], theta: Tensor) ->
     return explicit_hessian(kl_fn_of_flat, theta)
 
 
+def output_space_fisher(
+    outputs_of_flat: Callable[[Tensor, Tensor], Tensor],
+    divergence: Callable[[Tensor, Tensor], Tensor],
+    theta: Tensor,
+    inputs: Tensor,
+) -> Tensor:
+    r"""Returns the dense Fisher ``F = 1/N Σ_s J_sᵀ H_s J_s`` from the model's outputs, ``(P, P)``.
+
+    ``J_s = ∂z(θ, x_s)/∂θ`` is the Jacobian of the distribution parameters ``z`` (logits, or
+    mean and log-std) for one input, and ``H_s = ∇²_z' D(z_s, z')`` at ``z' = z_s`` the
+    Hessian of the divergence in output space. At ``φ = θ`` this *is* the Hessian of the
+    mean KL (:func:`explicit_fisher`), since the KL's gradient in ``z'`` vanishes there;
+    but it costs D backward passes per input (vmapped) and one ``(N·D) × P`` product
+    instead of P backward passes over the batch: about a second for the default 4,610-
+    parameter actor on 2,048 states, against minutes.
+
+    Args:
+        outputs_of_flat: ``(flat parameters (P,), one input) ↦ outputs (D,)``, a pure
+            function (``torch.func`` transforms it).
+        divergence: ``(old outputs (D,), new outputs (D,)) ↦`` the scalar divergence of one
+            input (the KL of the distributions they parameterise).
+        theta: The point ``θ``, a 1-D tensor of length ``P``.
+        inputs: The ``N`` inputs, stacked along the first axis.
+
+    Raises:
+        ValueError: If ``theta`` is not a 1-D floating-point tensor.
+    """
+    _validate_theta(theta)
+    point = theta.detach()
+    jacobians: Tensor = vmap(jacrev(outputs_of_flat), in_dims=(None, 0))(point, inputs)  # (N, D, P)
+    outputs = vmap(outputs_of_flat, in_dims=(None, 0))(point, inputs).detach()  # (N, D)
+    curvatures: Tensor = vmap(func_hessian(divergence, argnums=1))(outputs, outputs)  # (N, D, D)
+    count = inputs.shape[0]
+    rows = jacobians.reshape(-1, point.numel())
+    fisher: Tensor = rows.mT @ torch.bmm(curvatures, jacobians).reshape(-1, point.numel()) / count
+    return fisher
+
+
 def solve_damped(matrix: Tensor, vector: Tensor, damping: float = 0.0) -> Tensor:
     r"""Returns ``(A + damping·I)^{-1} v``, or the minimum-norm solution if that matrix is singular.
 
-    The system is solved with ``torch.linalg.solve`` when ``A + damping·I`` has
+    With ``damping > 0`` the system is solved by a Cholesky factorisation when it succeeds
+    (``A + damping·I`` is then positive definite). Otherwise it is solved with
+    ``torch.linalg.solve`` when ``A + damping·I`` has
     full numerical rank (``torch.linalg.matrix_rank`` with its default
     tolerance). Otherwise, which happens for the Fisher of an over-parameterised
     model without damping (a softmax is invariant to adding a constant to all
@@ -111,6 +154,10 @@ def solve_damped(matrix: Tensor, vector: Tensor, damping: float = 0.0) -> Tensor
         )
     damped = matrix + damping * torch.eye(size, dtype=matrix.dtype, device=matrix.device)
     solution: Tensor
+    if damping > 0.0:  # positive definite for a PSD matrix: one Cholesky (P³/3), no rank check
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            return torch.cholesky_solve(vector.unsqueeze(1), factor).squeeze(1)
     if int(torch.linalg.matrix_rank(damped, hermitian=True)) == size:
         solution = torch.linalg.solve(damped, vector)
     else:

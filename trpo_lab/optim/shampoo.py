@@ -38,6 +38,13 @@ def _diagonal_inverse_root(statistics: Tensor, root: int, epsilon: float) -> Ten
     return (statistics.clamp(min=0.0) + epsilon).pow(-1.0 / root)
 
 
+def _mean_eigenvalue(statistics: Tensor) -> Tensor:
+    """``τ = tr(S) / d`` (the mean entry of a diagonal statistic), floored at the dtype's
+    smallest normal number so that an all-zero statistic divides safely; a device tensor."""
+    trace = statistics.mean() if statistics.ndim == 1 else statistics.diagonal().mean()
+    return trace.clamp(min=torch.finfo(statistics.dtype).tiny)
+
+
 def _axis_statistics(gradient: Tensor, axis: int, diagonal: bool) -> Tensor:
     """``G⁽ⁱ⁾ G⁽ⁱ⁾ᵀ`` (or only its diagonal), contracting ``gradient`` over all axes but one."""
     unfolded = gradient.movedim(axis, 0).reshape(gradient.shape[axis], -1)
@@ -71,12 +78,22 @@ class Shampoo(Optimizer):
         m_t &= \beta_1 m_{t-1} + (1 - \beta_1) G_t, \qquad \hat m_t = m_t / (1 - \beta_1^t) \\
         S^{(i)}_t &= \beta_2 S^{(i)}_{t-1} + (1 - \beta_2)\, G^{(i)}_t G^{(i)\top}_t
             \quad (\beta_2 = 1:\ S^{(i)}_t = S^{(i)}_{t-1} + G^{(i)}_t G^{(i)\top}_t) \\
-        P^{(i)} &= \big(\hat S^{(i)} + \epsilon I\big)^{-1/p}, \qquad p = 2k,
+        P^{(i)} &= \big(\hat S^{(i)} + \epsilon_i I\big)^{-1/p}, \qquad p = 2k,
             \qquad \hat S^{(i)} = S^{(i)} / (1 - \beta_2^t) \text{ if } \beta_2 < 1 \\
         D_t &= \hat m_t \times_1 P^{(1)} \times_2 P^{(2)} \cdots \times_k P^{(k)} \\
         U_t &= D_t \, \lVert A_t \rVert_F / \lVert D_t \rVert_F
             \ \text{ if } t \ge t_0, \text{ else } U_t = A_t \\
         \theta_t &= \theta_{t-1} - \eta \lambda \theta_{t-1} - \eta U_t
+
+    with ``εᵢ = ε`` (absolute, the default) or, with ``relative_epsilon=True``,
+    ``εᵢ = ε · τᵢ``, ``τᵢ = tr(Ŝ⁽ⁱ⁾) / dᵢ`` the statistic's mean eigenvalue. An absolute ε
+    is tied to the gradients' scale: while the statistics have low rank (the first steps,
+    or an EMA over few gradients, ``β₂ < 1``), every direction they have not seen is
+    multiplied by ``ε^{-1/p}`` (100 for ε = 1e-8, p = 4, per side of a matrix) against
+    ``λ^{-1/p}`` for the seen ones, so a new gradient's unseen component dominates ``D_t``.
+    The relative ε bounds that amplification by ``ε^{-1/p}`` against a direction of average
+    curvature whatever the gradients' scale (it is computed as ``τ^{-1/p} (Ŝ/τ + εI)^{-1/p}``,
+    with no host synchronisation).
 
     where ``G⁽ⁱ⁾`` is ``G`` with axis ``i`` moved first and the other axes flattened (so
     ``S⁽ⁱ⁾`` contracts over all other axes), ``×ᵢ`` is the mode-``i`` product, and ``A_t`` is
@@ -140,8 +157,10 @@ class Shampoo(Optimizer):
             gradient; Adam's ``beta1``), ``0 ≤ β₁ < 1``. ``β₂`` is the EMA of the Shampoo
             statistics, ``0 < β₂ ≤ 1``; ``1.0`` sums them as in the paper. Default
             ``(0.9, 1.0)``.
-        epsilon: Absolute regulariser ``ε`` added to every eigenvalue (diagonal entry) of the
+        epsilon: Regulariser ``ε`` added to every eigenvalue (diagonal entry) of the
             statistics before the inverse root, ``> 0``. Default ``1e-12``.
+        relative_epsilon: Scale ``ε`` by each statistic's mean eigenvalue (see above).
+            Default ``False`` (absolute).
         weight_decay: Decoupled (AdamW-style) weight decay ``λ``: ``θ ← θ - η λ θ``, not added
             to the gradient, ``≥ 0``. Default ``0.0``.
         precondition_every: Steps between recomputations of the matrix roots, ``≥ 1``.
@@ -171,6 +190,7 @@ class Shampoo(Optimizer):
         start_preconditioning_step: int = 10,
         max_preconditioner_dim: int = 1024,
         exponent_override: int | None = None,
+        relative_epsilon: bool = False,
         grafting: Grafting = "adam",
         grafting_beta2: float = 0.999,
         grafting_epsilon: float = 1e-8,
@@ -190,6 +210,7 @@ class Shampoo(Optimizer):
             exponent_override is None or (is_int(exponent_override) and exponent_override >= 1),
             "exponent_override", exponent_override, "None or an integer >= 1",
         )
+        require(isinstance(relative_epsilon, bool), "relative_epsilon", relative_epsilon, "True or False")
         require(grafting in _GRAFTING_CHOICES, "grafting", grafting, f"one of {_GRAFTING_CHOICES}")
         check_number("grafting_beta2", grafting_beta2, minimum=0.0, expected="0 <= beta < 1")
         require(grafting_beta2 < 1.0, "grafting_beta2", grafting_beta2, "0 <= beta < 1")
@@ -203,6 +224,7 @@ class Shampoo(Optimizer):
             start_preconditioning_step=start_preconditioning_step,
             max_preconditioner_dim=max_preconditioner_dim,
             exponent_override=exponent_override,
+            relative_epsilon=relative_epsilon,
             grafting=grafting,
             grafting_beta2=grafting_beta2,
             grafting_epsilon=grafting_epsilon,
@@ -362,18 +384,24 @@ class Shampoo(Optimizer):
         beta2 = group["betas"][1]
         bias_correction = 1.0 if beta2 == 1.0 else 1.0 - beta2 ** state["step"]
         epsilon = group["epsilon"]
+        relative = group.get("relative_epsilon", False)  # absent in state saved before it existed
         for axis, statistics in enumerate(state["statistics"]):
+            if statistics.ndim > 1 and not refresh_matrices:
+                continue
+            scaled = statistics / bias_correction
+            # (S + ε τ I)^(-1/p) = τ^(-1/p) (S/τ + ε I)^(-1/p): the relative ε without a host read of τ.
+            tau = _mean_eigenvalue(scaled) if relative else None
+            if tau is not None:
+                scaled = scaled / tau
             if statistics.ndim == 1:
-                state["inverse_roots"][axis] = _diagonal_inverse_root(
-                    statistics / bias_correction, root, epsilon
-                )
-            elif refresh_matrices:
+                inverse_root = _diagonal_inverse_root(scaled, root, epsilon)
+            else:
                 try:
-                    inverse_root, retried = matrix_inverse_root(
-                        statistics / bias_correction, root, epsilon
-                    )
+                    inverse_root, retried = matrix_inverse_root(scaled, root, epsilon)
                 except InverseRootError:
                     state["root_fallbacks"] += 1
                     continue
                 state["root_float64_retries"] += int(retried)
-                state["inverse_roots"][axis] = inverse_root
+            if tau is not None:
+                inverse_root = inverse_root * tau.pow(-1.0 / root)
+            state["inverse_roots"][axis] = inverse_root

@@ -53,7 +53,7 @@ from stable_baselines3.common.utils import explained_variance
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from trpo_lab.agents.curvature import Curvature, CurvatureProblem, make_curvature
+from trpo_lab.agents.curvature import Curvature, CurvatureProblem, check_exact_size, make_curvature
 from trpo_lab.agents.metrics import to_host
 from trpo_lab.config import NPGConfig, TRPOConfig, TrustRegionConfig
 from trpo_lab.optim._flat import flat_params
@@ -211,6 +211,8 @@ class NaturalGradientAlgorithm(OnPolicyAlgorithm):
             for module in self.policy.modules()
             if isinstance(module, nn.Linear | nn.Conv2d) and id(module.weight) in actor_ids
         ]
+        if self.config.curvature == "exact":  # no output-space Fisher here: F is the KL's Hessian
+            check_exact_size(sum(p.numel() for p in self.actor_params), "curvature 'exact'", hessian_only=True)
         self._curvature: Curvature = make_curvature(self.config, self.actor_params, nn.ModuleList(layers))
 
     def _find_actor_parameters(self) -> list[nn.Parameter]:
