@@ -72,7 +72,7 @@ def test_the_suite_and_presets_resolve() -> None:
         assert run["total_timesteps"] == 2_500_000 and hyper["policy_kwargs"]["net_arch"] == []
     hyper, run = load_preset("acktr", "PongNoFrameskip-v4")
     assert hyper["policy_kwargs"]["share_features_extractor"] is True and run["n_envs"] == 16
-    assert hyper["lr_schedule"] == "linear" and hyper["kl_clip"] == 0.001
+    assert hyper["learning_rate"] == "linear:0.25:0" and hyper["kl_clip"] == 0.001
 
 
 def test_ppo_smoke_run_on_pong_logs_frames_and_agent_steps(tmp_path: Path) -> None:

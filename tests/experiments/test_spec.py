@@ -80,7 +80,7 @@ def test_variants_and_overrides_layer_most_specific_last(tmp_path: Path) -> None
         "algos": ["ppo", "ppo-small", "acktr"],
         "envs": ["CartPole-v1"],
         "seeds": 1,
-        "hyperparameters": {"gamma": 0.97, "target_kl": 0.05, "ppo-small": {"gamma": 0.95}},
+        "hyperparameters": {"gamma": 0.97, "clip_range_vf": 0.5, "ppo-small": {"gamma": 0.95}},
         "variants": {"ppo-small": {"algo": "ppo", "n_epochs": 3, "gamma": 0.9, "learning_rate": "linear"}},
     }
     experiment = experiment_from_dict(data, name="v", origin="test").with_overrides(
@@ -94,8 +94,8 @@ def test_variants_and_overrides_layer_most_specific_last(tmp_path: Path) -> None
     # preset < variant < shared keys < the name's table < --set
     assert small["gamma"] == 0.95 and small["n_epochs"] == 4 and small["ent_coef"] == 0.01
     assert small["learning_rate"] == "linear:0.00025:0.0"  # "linear" starts from the preset's 2.5e-4
-    assert ppo["gamma"] == 0.97 and ppo["target_kl"] == 0.05 and ppo["n_epochs"] == 20  # the CartPole preset's
-    assert acktr["gamma"] == 0.97 and "target_kl" not in acktr  # ACKTR has no target_kl: not applied
+    assert ppo["gamma"] == 0.97 and ppo["clip_range_vf"] == 0.5 and ppo["n_epochs"] == 20  # the CartPole preset's
+    assert acktr["gamma"] == 0.97 and "clip_range_vf" not in acktr  # ACKTR has no clip_range_vf: not applied
     assert "label" not in runs["ppo"].settings() and runs["ppo-small"].settings()["label"] == "ppo-small"
     (tmp_path / "resolved.toml").write_text(experiment.to_toml())
     data = load_toml(tmp_path / "resolved.toml")
