@@ -258,16 +258,25 @@ class PPO(OnPolicyAgent):
                                 ("train/approx_kl", "approx_kl"), ("train/clip_fraction", "clip_fraction"))
         }
         metrics["train/grad_norm"] = mean_of(grad_norms)
-        with torch.no_grad():
-            new_params = policy.dist_params(obs)
-            metrics["train/kl"] = policy.distribution.kl(old_params, new_params).mean()
-            metrics["train/entropy"] = policy.distribution.entropy(new_params).mean()
-            metrics["train/explained_variance"] = explained_variance(batch.values, batch.returns)
-            if policy.log_std is not None:
-                metrics["train/std"] = policy.log_std.exp().mean()
+        metrics.update(self._policy_change_metrics(obs, old_params, batch))
         metrics["train/n_updates"] = count
         metrics["train/epochs"] = epochs_done
         metrics["train/early_stop"] = stopped.to(obs.dtype)
+        return metrics
+
+    def _policy_change_metrics(self, obs: Tensor, old_params: Tensor, batch: RolloutBatch) -> dict[str, Tensor]:
+        """What the update did to the policy: exact mean KL(old ‖ new), entropy, the critic's
+        explained variance before the update, and the Gaussian's mean std (device tensors)."""
+        policy = self.policy
+        with torch.no_grad():
+            new_params = policy.dist_params(obs)
+            metrics = {
+                "train/kl": policy.distribution.kl(old_params, new_params).mean(),
+                "train/entropy": policy.distribution.entropy(new_params).mean(),
+                "train/explained_variance": explained_variance(batch.values, batch.returns),
+            }
+            if policy.log_std is not None:
+                metrics["train/std"] = policy.log_std.exp().mean()
         return metrics
 
     def _step_state(self, parameters: Sequence[Tensor]) -> list[Tensor]:
@@ -322,13 +331,7 @@ class PPO(OnPolicyAgent):
                 "train/clip_fraction": mean_of("clip_fraction"),
                 "train/grad_norm": torch.stack(grad_norms).mean(),
             }
-        with torch.no_grad():
-            new_params = policy.dist_params(obs)
-            metrics["train/kl"] = policy.distribution.kl(old_params, new_params).mean()
-            metrics["train/entropy"] = policy.distribution.entropy(new_params).mean()
-            metrics["train/explained_variance"] = explained_variance(batch.values, batch.returns)
-            if policy.log_std is not None:
-                metrics["train/std"] = policy.log_std.exp().mean()
+        metrics.update(self._policy_change_metrics(obs, old_params, batch))
         metrics["train/n_updates"] = float(len(losses))
         metrics["train/epochs"] = float(epochs_done)
         metrics["train/early_stop"] = float(early_stop)
