@@ -1001,6 +1001,13 @@ class KFAC(torch.optim.Optimizer):
         counters = state_dict.pop("kfac_counters", {})
         super().load_state_dict(state_dict)
         self._eigh_generation += 1
+        # torch.optim casts every tensor in the state to its parameter's dtype; restore the
+        # device-resident path's bookkeeping dtypes.
+        for param_state in self.state.values():
+            if isinstance(param_state.get("stat_updates"), Tensor):
+                param_state["stat_updates"] = param_state["stat_updates"].to(torch.int64)
+            if "momentum_started" in param_state:
+                param_state["momentum_started"] = param_state["momentum_started"].to(torch.bool)
         unknown = set(counters) - set(_COUNTER_NAMES)
         if unknown:
             raise ValueError(f"Invalid kfac_counters: unknown names {sorted(unknown)}")
