@@ -724,9 +724,9 @@ class KFAC(torch.optim.Optimizer):
                 if direction is None:
                     masked.append(torch.zeros_like(param))
                     continue
-                finite = torch.isfinite(direction).all()
-                masked.append(torch.where(finite, direction, torch.zeros_like(direction)))
-                self._count("nonfinite_directions", ~finite)
+                usable = torch.isfinite(direction).all()
+                masked.append(torch.where(usable, direction, torch.zeros_like(direction)))
+                self._count("nonfinite_directions", ~usable)
             return masked
         present = [(i, d) for i, d in enumerate(directions) if d is not None]
         flags = [torch.isfinite(direction).all() for _, direction in present]
@@ -973,14 +973,14 @@ class KFAC(torch.optim.Optimizer):
             if "eigenvalues_A" not in state:
                 continue
             for factor in ("A", "G"):
-                pieces[factor].append(state[f"eigenvalues_{factor}"].double().aminmax())
+                pieces[factor].append(torch.stack(state[f"eigenvalues_{factor}"].double().aminmax()))
             smallest, largest = self._denominator(state).double().aminmax()
             pieces["cond"].append(torch.where(smallest > 0, largest / smallest, math.inf))
         if not pieces["cond"]:
             return {f"kfac/{key}": math.nan for key in ("eig_A_min", "eig_A_max", "eig_G_min", "eig_G_max", "cond_max")}
         stats: dict[str, float | Tensor] = {}
         for factor in ("A", "G"):
-            extremes = torch.stack([torch.stack(pair) for pair in pieces[factor]])
+            extremes = torch.stack(pieces[factor])
             stats[f"kfac/eig_{factor}_min"] = extremes[:, 0].min()
             stats[f"kfac/eig_{factor}_max"] = extremes[:, 1].max()
         stats["kfac/cond_max"] = torch.stack(pieces["cond"]).max()
