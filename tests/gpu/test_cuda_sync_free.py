@@ -86,3 +86,25 @@ def test_trpo_trains_on_cuda() -> None:
     agent = _agent()
     agent.learn(2_000)
     assert all(torch.isfinite(p).all() for p in agent.policy.parameters())
+
+
+@pytest.mark.parametrize("target_kl", [None, 0.002])
+def test_acktr_update_makes_no_host_sync(target_kl: float | None) -> None:
+    """ACKTR's K-FAC on the device: no sync the counter sees in any update, and none at all in CUDA's
+    sync-debug mode when no eigendecomposition is due (``torch.linalg.eigh`` reads its cuSOLVER error
+    code on the host, the one sync a refresh makes and the dispatch-mode counter cannot see)."""
+    from trpo_lab.agents.acktr import ACKTR
+
+    env = lambda: gym.make("Pendulum-v1")  # noqa: E731
+    agent = ACKTR(env, n_envs=4, seed=0, device="cuda", n_steps=16, inverse_every=10, target_kl=target_kl)  # type: ignore[arg-type]
+    assert agent.sync_free and agent.actor_optimizer.sync_free
+    agent.collect_rollout()
+    batch = agent.buffer.batch()
+    with HostSyncCounter() as counter:
+        agent.update(batch)  # refreshes the eigendecompositions
+    assert counter.count == 0, counter.report()
+    agent.update(batch)  # warm-up of the non-refreshing path (lazy momentum buffers)
+    with HostSyncCounter() as counter, cuda_syncs_are_errors():
+        metrics = agent.update(batch)
+    assert counter.count == 0, counter.report()
+    assert all(torch.isfinite(torch.as_tensor(value)).all() for value in metrics.values())

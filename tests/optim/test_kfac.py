@@ -704,6 +704,7 @@ def test_state_dict_round_trip_continues_bit_identically() -> None:
         ("inverse_every", 0),
         ("weight_decay", -1.0),
         ("damping_mode", "diagonal"),
+        ("sync_free", "yes"),
     ],
 )
 def test_invalid_hyperparameters_are_named(name: str, value: object) -> None:

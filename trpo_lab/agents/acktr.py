@@ -128,6 +128,7 @@ class ActorCriticKFAC:
         vf_kl_clip: The critic's trust region κ, or None for no clip.
         max_grad_norm: Per-network gradient-norm clip before preconditioning, or None.
         statistics_reducer: Folds every rank's factors in (data-parallel), for both KFACs.
+        sync_free: Both KFACs run device-resident (see :class:`~trpo_lab.optim.KFAC`).
     """
 
     def __init__(
@@ -144,6 +145,7 @@ class ActorCriticKFAC:
         vf_kl_clip: float | None,
         max_grad_norm: float | None,
         statistics_reducer: StatisticsReducer | None = None,
+        sync_free: bool = False,
     ) -> None:
         common: dict[str, Any] = {
             "lr": lr,
@@ -152,6 +154,7 @@ class ActorCriticKFAC:
             "stat_decay": stat_decay,
             "inverse_every": inverse_every,
             "statistics_reducer": statistics_reducer,
+            "sync_free": sync_free,
         }
         self.actor = KFAC(actor, kl_clip=kl_clip, **common)
         self.critic = KFAC(critic, kl_clip=vf_kl_clip, **common)
@@ -198,7 +201,7 @@ class ActorCriticKFAC:
             optimizer.step()
 
     @property
-    def last_stats(self) -> dict[str, float]:
+    def last_stats(self) -> dict[str, float | Tensor]:
         """Both :attr:`KFAC.last_stats`, as ``kfac/actor/...`` and ``kfac/critic/...``."""
         return {
             f"kfac/{name}/{key.removeprefix('kfac/')}": value
@@ -277,11 +280,15 @@ class ACKTR(OnPolicyAgent):
             vf_kl_clip=cfg.vf_kl_clip,
             max_grad_norm=cfg.max_grad_norm,
             statistics_reducer=self.reducer.weighted_means,
+            sync_free=self.sync_free,
         )
         self.fisher_generator = torch.Generator(device=self.device)
         self.fisher_generator.manual_seed(self.seed + 2)
-        self.actor_lr_scale = 1.0
-        """c of the adaptive step size (``target_kl``): the actor's step size is η · c."""
+        self.actor_lr_scale: float | Tensor = (
+            torch.ones((), dtype=torch.float64, device=self.device) if self.sync_free else 1.0
+        )
+        """c of the adaptive step size (``target_kl``): the actor's step size is η · c (a 0-d
+        float64 device tensor with ``sync_free``, decided there without a host read)."""
         self._last_kl: Tensor | None = None
 
     @property
@@ -308,7 +315,10 @@ class ACKTR(OnPolicyAgent):
         self.optimizer.load_state_dict(states)
         self.fisher_generator.set_state(states["fisher_rng"])
         adaptive = states.get("adaptive_step", {"actor_lr_scale": 1.0, "last_kl": None})  # older checkpoints
-        self.actor_lr_scale = float(adaptive["actor_lr_scale"])
+        scale = float(adaptive["actor_lr_scale"])
+        self.actor_lr_scale = (
+            torch.tensor(scale, dtype=torch.float64, device=self.device) if self.sync_free else scale
+        )
         last_kl = adaptive["last_kl"]
         self._last_kl = None if last_kl is None else last_kl.to(self.device)
 
@@ -319,12 +329,15 @@ class ACKTR(OnPolicyAgent):
     ADAPTIVE_FACTOR: ClassVar[float] = 1.5
     ADAPTIVE_LR_BOUNDS: ClassVar[tuple[float, float]] = (1e-8, 1.0)
 
-    def _adapt_actor_step(self, lr: float) -> float:
+    def _adapt_actor_step(self, lr: float) -> float | Tensor:
         """The actor's step size η · c for this update, after applying the rule of ``target_kl``
-        to the previous update's measured KL (see the module docstring)."""
+        to the previous update's measured KL (see the module docstring); with ``sync_free``,
+        c and η · c are device tensors and the rule is decided by ``torch.where``."""
         target = self.config.target_kl
         if target is None:
             return lr
+        if isinstance(self.actor_lr_scale, Tensor):
+            return self._adapt_actor_step_on_device(lr, target, self.actor_lr_scale)
         if self._last_kl is not None:
             kl = float(self._last_kl)  # computed and read with the previous update's metrics
             self._last_kl = None
@@ -336,6 +349,20 @@ class ACKTR(OnPolicyAgent):
         if lr > 0.0:  # keep c where η · c stays inside the bounds
             self.actor_lr_scale = min(max(self.actor_lr_scale, low / lr), high / lr)
         return lr * self.actor_lr_scale
+
+    def _adapt_actor_step_on_device(self, lr: float, target: float, scale: Tensor) -> Tensor:
+        if self._last_kl is not None:
+            kl = self._last_kl.to(scale.dtype)
+            self._last_kl = None
+            shrink = ~torch.isfinite(kl) | (kl > 2.0 * target)
+            scale = torch.where(
+                shrink, scale / self.ADAPTIVE_FACTOR, torch.where(kl < 0.5 * target, scale * self.ADAPTIVE_FACTOR, scale)
+            )
+        low, high = self.ADAPTIVE_LR_BOUNDS
+        if lr > 0.0:
+            scale = scale.clamp(min=low / lr, max=high / lr)
+        self.actor_lr_scale = scale
+        return lr * scale
 
     # ------------------------------------------------------------------ update
     def forward_with_fisher_pass(self, obs: Tensor) -> tuple[Tensor, Tensor]:

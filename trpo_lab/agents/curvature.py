@@ -312,6 +312,8 @@ class KFACCurvature(Curvature):
             stat_decay=self.STAT_DECAY,
             inverse_every=1,
             statistics_reducer=statistics_reducer,
+            # sync_free unset: on for CUDA (the agents' rule, OnPolicyAgent.sync_free).
+            sync_free=self.params[0].device.type == "cuda" if config.sync_free is None else config.sync_free,
         )
         self.layer_params: list[Tensor] = list(self.kfac.param_groups[0]["params"])
         position = {id(param): index for index, param in enumerate(self.params)}

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from trpo_lab.optim._flat import all_finite, any_nonfinite
-from trpo_lab.optim.linalg import EigendecompositionError, symmetric_eigh
+from trpo_lab.optim.linalg import EigendecompositionError, symmetric_eigh, symmetric_eigh_on_device
 from trpo_lab.validation import check_int, check_number, require
 
 __all__ = ["KFAC"]
@@ -43,6 +43,8 @@ _COUNTER_NAMES: tuple[str, ...] = (
     "nonfinite_directions",
     "skipped_steps",
 )
+#: Counters that the device-resident path (``sync_free``) keeps as device tensors (0-d int64).
+_DEVICE_COUNTER_NAMES: tuple[str, ...] = ("eigh_fallbacks", "stats_rejected", "nonfinite_directions", "skipped_steps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +154,17 @@ def _precondition_matrix(
     """V = Q_G [(Q_G^T ∇W Q_A) / denominator] Q_A^T for the (out, fan_in) gradient ∇W."""
     rotated = eigenvectors_g.mT @ grad @ eigenvectors_a
     return eigenvectors_g @ (rotated / denominator) @ eigenvectors_a.mT
+
+
+def _kl_scale_on_device(vg_sum: Tensor, lr: float | Tensor, kl_clip: float | None) -> Tensor:
+    """:func:`_kl_scale` as a 0-d tensor on ``vg_sum``'s device, decided with ``torch.where``."""
+    one = torch.ones_like(vg_sum)
+    if kl_clip is None:
+        return one
+    quadratic = lr * lr * vg_sum
+    clipped = torch.minimum(one, (kl_clip / quadratic.clamp(min=torch.finfo(vg_sum.dtype).tiny)).sqrt())
+    scale = torch.where(quadratic > 0.0, clipped, one)
+    return torch.where(torch.isfinite(quadratic), scale, torch.zeros_like(vg_sum))
 
 
 def _kl_scale(vg_sum: float, lr: float, kl_clip: float | None) -> float:
@@ -282,6 +295,18 @@ class KFAC(torch.optim.Optimizer):
             over) before they enter the running averages; data-parallel training passes
             :meth:`trpo_lab.distributed.DistributedContext.weighted_means` so that every rank
             folds in the factors of the whole batch over all ranks. Default None: local factors.
+        sync_free: the device-resident path (default False): no host synchronisation in
+            :meth:`track_statistics`, :meth:`precondition` or :meth:`step`. Every check above
+            (rejected batches, non-finite eigendecompositions, non-finite directions, the skip
+            of a step whose ν is not finite) is decided with ``torch.where`` on the device,
+            the counters and :attr:`last_stats` stay device tensors, and ``lr`` may be a 0-d
+            tensor. The eigendecompositions run in float32 only: one that is not finite keeps
+            the previous eigenbasis (the identity if there is none) and counts in
+            ``eigh_fallbacks``, without the float64 retry (see
+            :func:`trpo_lab.optim.linalg.symmetric_eigh_on_device`; ``torch.linalg.eigh``
+            itself still reads its error code on CUDA). Results equal the host path's up to
+            rounding, except after a rejected statistics batch, which still advances the
+            ``inverse_every`` schedule here.
     """
 
     def __init__(
@@ -296,6 +321,7 @@ class KFAC(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         damping_mode: DampingMode = "eigen",
         statistics_reducer: StatisticsReducer | None = None,
+        sync_free: bool = False,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"Invalid module: expected an nn.Module, got {type(module).__name__}")
@@ -310,6 +336,7 @@ class KFAC(torch.optim.Optimizer):
         check_int("inverse_every", inverse_every, minimum=1)
         check_number("weight_decay", weight_decay, minimum=0.0)
         require(damping_mode in _DAMPING_MODES, "damping_mode", damping_mode, f"one of {_DAMPING_MODES}")
+        require(isinstance(sync_free, bool), "sync_free", sync_free, "True or False")
 
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
@@ -329,12 +356,21 @@ class KFAC(torch.optim.Optimizer):
         self._layer_index = {id(layer.module): index for index, layer in enumerate(self._layers)}
         self._handles: list[RemovableHandle] = []
         self._pending: dict[int, _PendingStatistics] | None = None
-        self._counters: dict[str, int] = dict.fromkeys(_COUNTER_NAMES, 0)
-        self._step_stats: dict[str, float] = {}
+        self._sync_free = sync_free
+        self._counters: dict[str, int | Tensor] = dict.fromkeys(_COUNTER_NAMES, 0)
+        if sync_free:
+            for name in _DEVICE_COUNTER_NAMES:
+                self._counters[name] = torch.zeros((), dtype=torch.int64, device=params[0].device)
+        self._step_stats: dict[str, float | Tensor] = {}
         self._warned_missing_statistics = False
         self.statistics_reducer = statistics_reducer
         self._eigh_generation = 0  # bumped whenever an eigendecomposition may have changed
-        self._eigen_stats: tuple[tuple[Any, ...], dict[str, float]] | None = None
+        self._eigen_stats: tuple[tuple[Any, ...], dict[str, float | Tensor]] | None = None
+
+    @property
+    def sync_free(self) -> bool:
+        """Whether this optimizer runs device-resident (the ``sync_free`` argument, fixed at construction)."""
+        return self._sync_free
 
     # ------------------------------------------------------------------ statistics
 
@@ -472,6 +508,10 @@ class KFAC(torch.optim.Optimizer):
             ]
             reduced = self.statistics_reducer([f for _, a, g in batches for f in (a, g)], counts)
             batches = [(layer, reduced[2 * i], reduced[2 * i + 1]) for i, (layer, _, _) in enumerate(batches)]
+        stat_decay = self.param_groups[0]["stat_decay"]
+        if self._sync_free:
+            self._fold_on_device(batches, stat_decay)
+            return
         factors = [f for _, a, g in batches for f in (a, g)]
         if all_finite(factors):  # the usual case: one fused check, one host sync
             finite = [True] * len(batches)
@@ -479,7 +519,6 @@ class KFAC(torch.optim.Optimizer):
             finite = torch.stack(
                 [torch.isfinite(a).all() & torch.isfinite(g).all() for _, a, g in batches]
             ).tolist()
-        stat_decay = self.param_groups[0]["stat_decay"]
         for (layer, factor_a, factor_g), is_finite in zip(batches, finite, strict=True):
             if not is_finite:
                 self._counters["stats_rejected"] += 1
@@ -495,6 +534,36 @@ class KFAC(torch.optim.Optimizer):
             state["stat_updates"] = updates
             state["updates_since_eigh"] = state.get("updates_since_eigh", 0) + 1
 
+    def _fold_on_device(self, batches: list[tuple[_Layer, Tensor, Tensor]], stat_decay: float) -> None:
+        """The fold of ``sync_free``: the same running averages, with a non-finite batch rejected
+        by ``torch.where`` (factors and their update count ``stat_updates``, a device tensor,
+        stay as they were). A layer whose every batch so far was rejected has zero factors and
+        ``stat_updates`` 0, and takes plain gradient steps (see :meth:`_directions`).
+        ``updates_since_eigh`` counts every fold, rejected or not (a host-side schedule)."""
+        for layer, factor_a, factor_g in batches:
+            state = self.state[self._param(layer.weight_index)]
+            finite = torch.isfinite(factor_a).all() & torch.isfinite(factor_g).all()
+            if "A" not in state:
+                state["A"] = torch.where(finite, factor_a, torch.zeros_like(factor_a))
+                state["G"] = torch.where(finite, factor_g, torch.zeros_like(factor_g))
+                state["stat_updates"] = finite.to(torch.int64)
+            else:
+                updates = state["stat_updates"] + finite.to(torch.int64)
+                # w_k = (1-β) / (1-β^k), used only where the batch is accepted (k ≥ 1).
+                weight = (1.0 - stat_decay) / (1.0 - stat_decay ** updates.clamp(min=1).to(torch.float64))
+                for name, batch in (("A", factor_a), ("G", factor_g)):
+                    current = state[name]
+                    state[name] = torch.where(finite, current.lerp(batch, weight.to(current.dtype)), current)
+                state["stat_updates"] = updates
+            self._count("stats_rejected", ~finite)
+            state["updates_since_eigh"] = state.get("updates_since_eigh", 0) + 1
+
+    def _count(self, name: str, amount: Tensor) -> None:
+        """Add a device amount (bool or int tensor) to a device counter (``sync_free``)."""
+        counter = self._counters[name]
+        assert isinstance(counter, Tensor), name  # _DEVICE_COUNTER_NAMES are tensors with sync_free
+        counter.add_(amount.to(counter.dtype).sum())
+
     # ------------------------------------------------------------------ preconditioning
 
     def _param(self, index: int) -> Tensor:
@@ -509,6 +578,9 @@ class KFAC(torch.optim.Optimizer):
 
     def _refresh_eigendecompositions(self, state: dict[str, Any]) -> None:
         self._eigh_generation += 1
+        if self._sync_free:
+            self._refresh_on_device(state)
+            return
         for factor in ("A", "G"):
             try:
                 eigenvalues, eigenvectors, retried = symmetric_eigh(state[factor])
@@ -524,6 +596,24 @@ class KFAC(torch.optim.Optimizer):
                 identity = torch.eye(size, dtype=state[factor].dtype, device=state[factor].device)
                 state[f"eigenvalues_{factor}"] = identity.diagonal().clone()
                 state[f"eigenvectors_{factor}"] = identity
+        state["updates_since_eigh"] = 0
+
+    def _refresh_on_device(self, state: dict[str, Any]) -> None:
+        """The refresh of ``sync_free``: float32 (working dtype) only, no float64 retry; a
+        decomposition that is not finite keeps the previous one, or the identity if there is
+        none, chosen by ``torch.where`` and counted in ``eigh_fallbacks`` on the device."""
+        for factor in ("A", "G"):
+            matrix = state[factor]
+            result = symmetric_eigh_on_device(matrix)
+            values_key, vectors_key = f"eigenvalues_{factor}", f"eigenvectors_{factor}"
+            if vectors_key in state:
+                previous_values, previous_vectors = state[values_key], state[vectors_key]
+            else:
+                previous_vectors = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+                previous_values = previous_vectors.diagonal().clone()
+            state[values_key] = torch.where(result.finite, result.eigenvalues, previous_values)
+            state[vectors_key] = torch.where(result.finite, result.eigenvectors, previous_vectors)
+            self._count("eigh_fallbacks", ~result.finite)
         state["updates_since_eigh"] = 0
 
     def _gradients(self, grads: Sequence[Tensor | None] | None) -> list[Tensor | None]:
@@ -552,12 +642,14 @@ class KFAC(torch.optim.Optimizer):
             result.append(grad.add(param, alpha=weight_decay) if weight_decay else grad)
         return result
 
-    def _directions(self, gradients: list[Tensor | None]) -> tuple[list[Tensor | None], int]:
+    def _directions(self, gradients: list[Tensor | None]) -> tuple[list[Tensor | None], int | Tensor]:
         """Preconditioned directions V (plain ∇ outside K-FAC layers) and the number of
-        K-FAC layers that had a gradient but no statistics yet."""
+        K-FAC layers that had a gradient but no statistics yet (a device tensor with
+        ``sync_free``, which also counts layers whose every batch was rejected)."""
         group = self.param_groups[0]
         directions = list(gradients)
         missing: list[str] = []
+        no_statistics: list[Tensor] = []  # sync_free: per layer, whether no batch was accepted yet
         for layer in self._layers:
             weight_grad = gradients[layer.weight_index]
             bias_grad = None if layer.bias_index is None else gradients[layer.bias_index]
@@ -584,6 +676,10 @@ class KFAC(torch.optim.Optimizer):
             preconditioned = _precondition_matrix(
                 matrix, state["eigenvectors_A"], state["eigenvectors_G"], self._denominator(state)
             )
+            if self._sync_free:
+                unseen = state["stat_updates"] == 0
+                preconditioned = torch.where(unseen, matrix, preconditioned)
+                no_statistics.append(unseen)
             if weight_grad is not None:
                 directions[layer.weight_index] = preconditioned[:, :fan_in].reshape(weight.shape)
             if layer.bias_index is not None and bias_grad is not None:
@@ -597,6 +693,8 @@ class KFAC(torch.optim.Optimizer):
                 RuntimeWarning,
                 stacklevel=3,
             )
+        if no_statistics:
+            return directions, len(missing) + torch.stack(no_statistics).sum()
         return directions, len(missing)
 
     @torch.no_grad()
@@ -619,6 +717,17 @@ class KFAC(torch.optim.Optimizer):
         """
         gradients = self._gradients(grads)
         directions, _ = self._directions(gradients)
+        params: list[Tensor] = self.param_groups[0]["params"]
+        if self._sync_free:  # non-finite directions replaced by zeros on the device
+            masked: list[Tensor] = []
+            for param, direction in zip(params, directions, strict=True):
+                if direction is None:
+                    masked.append(torch.zeros_like(param))
+                    continue
+                usable = torch.isfinite(direction).all()
+                masked.append(torch.where(usable, direction, torch.zeros_like(direction)))
+                self._count("nonfinite_directions", ~usable)
+            return masked
         present = [(i, d) for i, d in enumerate(directions) if d is not None]
         flags = [torch.isfinite(direction).all() for _, direction in present]
         finite: list[bool] = torch.stack(flags).tolist() if flags else []
@@ -675,6 +784,9 @@ class KFAC(torch.optim.Optimizer):
             if direction is not None and gradient is not None
         ]
         self._counters["steps"] += 1
+        if self._sync_free and present:
+            self._step_on_device(present, lr, momentum, group["kl_clip"], unpreconditioned)
+            return loss
         kl_scale = 1.0
         vg_sum = 0.0
         if present:
@@ -699,15 +811,71 @@ class KFAC(torch.optim.Optimizer):
                         self._counters["nonfinite_directions"] += 1
                         continue
                     self._apply_update(param, direction, lr, momentum, kl_scale)
+        self._record_step_stats(kl_scale, lr, vg_sum, unpreconditioned)
+        return loss
+
+    def _record_step_stats(
+        self, kl_scale: float | Tensor, lr: float | Tensor, vg_sum: float | Tensor, unpreconditioned: int | Tensor
+    ) -> None:
         self._step_stats = {
             "kfac/kl_scale": kl_scale,
             "kfac/effective_lr": lr * kl_scale,
             "kfac/lr": lr,
             "kfac/vg_sum": vg_sum,
             "kfac/predicted_kl": 0.5 * (lr * kl_scale) ** 2 * vg_sum,
-            "kfac/unpreconditioned_layers": float(unpreconditioned),
+            "kfac/unpreconditioned_layers": unpreconditioned
+            if isinstance(unpreconditioned, Tensor)
+            else float(unpreconditioned),
         }
-        return loss
+
+    def _step_on_device(
+        self,
+        present: list[tuple[Tensor, Tensor, Tensor]],
+        lr: float | Tensor,
+        momentum: float,
+        kl_clip: float | None,
+        unpreconditioned: int | Tensor,
+    ) -> None:
+        """:meth:`step`'s rule with ``sync_free``: Σ⟨V, ∇⟩ over the finite directions, ν, the
+        skip when ν = 0 and the per-parameter skip of a non-finite direction all decided by
+        ``torch.where`` on the device (the counters too), so nothing is read by the host."""
+        products = [(d * g).sum() for _, d, g in present]
+        dtype = functools.reduce(torch.promote_types, (p.dtype for p in products))
+        finite_flags = torch.stack([torch.isfinite(d).all() for _, d, _ in present])
+        inner = torch.stack([p.to(dtype) for p in products])
+        vg_sum = torch.where(finite_flags, inner, torch.zeros_like(inner)).sum()
+        kl_scale = _kl_scale_on_device(vg_sum, lr, kl_clip)
+        take = kl_scale > 0.0
+        self._count("skipped_steps", ~take)
+        self._count("nonfinite_directions", take & ~finite_flags)
+        for (param, direction, _), finite in zip(present, finite_flags, strict=True):
+            self._apply_update_on_device(param, direction, lr, momentum, kl_scale, take & finite)
+        self._record_step_stats(kl_scale, lr, vg_sum, unpreconditioned)
+
+    def _apply_update_on_device(
+        self, param: Tensor, direction: Tensor, lr: float | Tensor, momentum: float, kl_scale: Tensor, apply: Tensor
+    ) -> None:
+        """:meth:`_apply_update` where ``apply`` (a 0-d bool tensor) holds; elsewhere nothing
+        changes. ``momentum_started`` (a device bool) marks a buffer that holds a first ``ν V``
+        (torch.optim.SGD's start), which the host path marks by creating the buffer."""
+        scaled = direction * kl_scale
+        if momentum == 0.0:
+            param.sub_(torch.where(apply, scaled * lr, torch.zeros_like(scaled)))
+            return
+        state = self.state[param]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.where(apply, scaled, torch.zeros_like(scaled))
+            state["momentum_started"] = apply.clone()
+        else:
+            buffer: Tensor = state["momentum_buffer"]
+            blended = buffer * momentum + direction * ((1.0 - momentum) * kl_scale)
+            started = state.get("momentum_started")  # None: a buffer the host path started
+            if started is not None:
+                blended = torch.where(started, blended, scaled)
+                started.logical_or_(apply)
+            buffer.copy_(torch.where(apply, blended, buffer))
+        update = state["momentum_buffer"] * lr
+        param.sub_(torch.where(apply, update, torch.zeros_like(update)))
 
     def _apply_update(
         self, param: Tensor, direction: Tensor, lr: float, momentum: float, kl_scale: float
@@ -726,7 +894,7 @@ class KFAC(torch.optim.Optimizer):
     # ------------------------------------------------------------------ diagnostics and state
 
     @property
-    def last_stats(self) -> dict[str, float]:
+    def last_stats(self) -> dict[str, float | Tensor]:
         """Diagnostics for logging, grouped under ``kfac/``.
 
         From the last :meth:`step` (NaN before the first): ``kl_scale`` (ν), ``effective_lr``
@@ -737,10 +905,15 @@ class KFAC(torch.optim.Optimizer):
         the damped Kronecker factor over layers). Cumulative counters: ``step``,
         ``eigh_retries``, ``eigh_fallbacks``, ``stats_rejected``, ``nonfinite_directions``,
         ``skipped_steps``.
+
+        With ``sync_free`` the values computed on the device (ν, Σ⟨V, ∇⟩, the eigenvalue
+        extremes, the counters other than ``step`` and ``eigh_retries``) are 0-d device tensors,
+        to be read once with the other metrics (:func:`trpo_lab.agents.metrics.to_host`);
+        otherwise every value is a float.
         """
         group = self.param_groups[0]
         nan = math.nan
-        stats: dict[str, float] = {
+        stats: dict[str, float | Tensor] = {
             key: nan
             for key in (
                 "kfac/kl_scale",
@@ -759,15 +932,18 @@ class KFAC(torch.optim.Optimizer):
         stats.update(self._eigen_stats[1])
         stats["kfac/step"] = float(self._counters["steps"])
         for name in _COUNTER_NAMES[1:]:
-            stats[f"kfac/{name}"] = float(self._counters[name])
+            counter = self._counters[name]
+            stats[f"kfac/{name}"] = counter if isinstance(counter, Tensor) else float(counter)
         return stats
 
-    def _eigen_extremes(self) -> dict[str, float]:
+    def _eigen_extremes(self) -> dict[str, float | Tensor]:
         """The eigenvalue extremes and largest condition number of :attr:`last_stats`; they
         change only when an eigendecomposition or the damping does, so they are cached (each
-        is a host read)."""
+        is a host read, or, with ``sync_free``, device tensors)."""
+        if self._sync_free:
+            return self._eigen_extremes_on_device()
         nan = math.nan
-        stats: dict[str, float] = {}
+        stats: dict[str, float | Tensor] = {}
         extremes: dict[str, list[float]] = {"A": [], "G": []}
         conditions: list[float] = []
         pieces: list[Tensor] = []  # per layer: min/max of λ_A, of λ_G, of the denominator
@@ -789,11 +965,34 @@ class KFAC(torch.optim.Optimizer):
         stats["kfac/cond_max"] = max(conditions, default=nan)
         return stats
 
+    def _eigen_extremes_on_device(self) -> dict[str, float | Tensor]:
+        """:meth:`_eigen_extremes` as 0-d float64 device tensors (NaN floats when no layer has any)."""
+        pieces: dict[str, list[Tensor]] = {"A": [], "G": [], "cond": []}
+        for layer in self._layers:
+            state = self.state[self._param(layer.weight_index)]
+            if "eigenvalues_A" not in state:
+                continue
+            for factor in ("A", "G"):
+                pieces[factor].append(torch.stack(state[f"eigenvalues_{factor}"].double().aminmax()))
+            smallest, largest = self._denominator(state).double().aminmax()
+            pieces["cond"].append(torch.where(smallest > 0, largest / smallest, math.inf))
+        if not pieces["cond"]:
+            return {f"kfac/{key}": math.nan for key in ("eig_A_min", "eig_A_max", "eig_G_min", "eig_G_max", "cond_max")}
+        stats: dict[str, float | Tensor] = {}
+        for factor in ("A", "G"):
+            extremes = torch.stack(pieces[factor])
+            stats[f"kfac/eig_{factor}_min"] = extremes[:, 0].min()
+            stats[f"kfac/eig_{factor}_max"] = extremes[:, 1].max()
+        stats["kfac/cond_max"] = torch.stack(pieces["cond"]).max()
+        return stats
+
     def state_dict(self) -> dict[str, Any]:
         """torch.optim state (per parameter: factors A and G, their eigendecompositions,
         update counters, momentum buffers) plus the optimizer-wide counters."""
         state_dict = super().state_dict()
-        state_dict["kfac_counters"] = dict(self._counters)
+        state_dict["kfac_counters"] = {
+            name: value.clone() if isinstance(value, Tensor) else value for name, value in self._counters.items()
+        }
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -802,10 +1001,23 @@ class KFAC(torch.optim.Optimizer):
         counters = state_dict.pop("kfac_counters", {})
         super().load_state_dict(state_dict)
         self._eigh_generation += 1
+        # torch.optim casts every tensor in the state to its parameter's dtype; restore the
+        # device-resident path's bookkeeping dtypes.
+        for param_state in self.state.values():
+            if isinstance(param_state.get("stat_updates"), Tensor):
+                param_state["stat_updates"] = param_state["stat_updates"].to(torch.int64)
+            if "momentum_started" in param_state:
+                param_state["momentum_started"] = param_state["momentum_started"].to(torch.bool)
         unknown = set(counters) - set(_COUNTER_NAMES)
         if unknown:
             raise ValueError(f"Invalid kfac_counters: unknown names {sorted(unknown)}")
-        self._counters.update({name: int(value) for name, value in counters.items()})
+        for name, value in counters.items():
+            if self._sync_free and name in _DEVICE_COUNTER_NAMES:
+                current = self._counters[name]
+                assert isinstance(current, Tensor)
+                self._counters[name] = torch.as_tensor(value, dtype=torch.int64).to(current.device)
+            else:
+                self._counters[name] = int(value)
 
 
 def _find_layers(module: nn.Module, params: Sequence[Tensor]) -> list[_Layer]:

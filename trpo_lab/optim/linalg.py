@@ -17,6 +17,14 @@ Optimizer", section on numerical robustness):
 
 Results come back in the matrix's dtype, together with whether the float64 retry
 was needed, so callers can count retries.
+
+The retry decision is a host branch (one finiteness read per attempt). The device-resident
+path (``sync_free``, issue 16) uses :func:`symmetric_eigh_on_device` instead: steps 1, 2 and 4
+in the working dtype only, with the finiteness check returned as a device tensor, so the
+caller falls back with ``torch.where`` (K-FAC keeps the previous eigenbasis) and nothing waits
+for the host. A float64 retry there would have to run on every call, masked (float64 is 2x to
+64x slower than float32 on GPUs), so it is not made. ``torch.linalg.eigh`` itself still reads
+its error code on CUDA (cuSOLVER's ``info``), a sync that no dispatch mode can see.
 """
 
 from __future__ import annotations
@@ -32,9 +40,11 @@ from trpo_lab.validation import check_int, check_number
 __all__ = [
     "EigendecompositionError",
     "InverseRootError",
+    "DeviceEigh",
     "SymmetricEigh",
     "matrix_inverse_root",
     "symmetric_eigh",
+    "symmetric_eigh_on_device",
     "working_dtype",
 ]
 
@@ -62,6 +72,15 @@ class SymmetricEigh(NamedTuple):
     eigenvalues: Tensor
     eigenvectors: Tensor
     retried_in_float64: bool
+
+
+class DeviceEigh(NamedTuple):
+    """``A = Q diag(λ) Qᵀ`` with ``λ ≥ 0`` in the matrix's dtype, and whether it is finite (a
+    0-d bool tensor on the matrix's device; where it is False the other two are not usable)."""
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    finite: Tensor
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -124,6 +143,34 @@ def symmetric_eigh(matrix: Tensor) -> SymmetricEigh:
         matrix, _clamped_eigh, EigendecompositionError, "eigendecomposition"
     )
     return SymmetricEigh(eigenvalues, eigenvectors, retried)
+
+
+def symmetric_eigh_on_device(matrix: Tensor) -> DeviceEigh:
+    """:func:`symmetric_eigh` without a host synchronisation: symmetrise, ``eigh`` in the working
+    dtype, clamp; no float64 retry.
+
+    Args:
+        matrix: Square symmetric positive semi-definite matrix, shape ``(n, n)``.
+
+    Returns:
+        ``(eigenvalues, eigenvectors, finite)``: as :func:`symmetric_eigh`'s in ``matrix.dtype``,
+        and a 0-d bool tensor, False when ``eigh`` raised (the CPU's LAPACK reports a failure
+        to converge as an exception; the other two are then zeros) or any result is not finite.
+        Callers select a fallback with ``torch.where(finite, ...)``.
+
+    Raises:
+        ValueError: If ``matrix`` is not square.
+    """
+    _check_square(matrix)
+    try:
+        eigenvalues, eigenvectors = (
+            result.to(matrix.dtype) for result in _clamped_eigh(matrix.to(working_dtype(matrix.dtype)))
+        )
+    except RuntimeError:  # torch.linalg.LinAlgError: the kernel's own (host) error check
+        zeros = torch.zeros_like(matrix)
+        return DeviceEigh(zeros.diagonal().clone(), zeros, torch.zeros((), dtype=torch.bool, device=matrix.device))
+    finite = torch.isfinite(eigenvalues).all() & torch.isfinite(eigenvectors).all()
+    return DeviceEigh(eigenvalues, eigenvectors, finite)
 
 
 def matrix_inverse_root(matrix: Tensor, root: int, epsilon: float) -> tuple[Tensor, bool]:
