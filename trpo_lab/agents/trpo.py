@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable, Mapping
+from operator import itemgetter
 from typing import Any, ClassVar
 
 import torch
@@ -137,7 +138,7 @@ class TrustRegionAgent(OnPolicyAgent):
             surrogate = surrogate + ent_coef * dist.entropy(dist_params).mean()
         return surrogate
 
-    def _fisher_states(self, obs: Tensor, old_params: Tensor) -> tuple[Tensor, Tensor]:
+    def _fisher_states(self, obs: Any, old_params: Tensor) -> tuple[Any, Tensor]:
         """The states the Fisher is estimated on (every ``sub_sampling_factor``-th) and π_old on them."""
         k = self.config.sub_sampling_factor
         return (map_observations(lambda x: x[::k], obs), old_params[::k]) if k > 1 else (obs, old_params)
@@ -280,9 +281,9 @@ class TrustRegionAgent(OnPolicyAgent):
         for _ in range(cfg.n_critic_updates):
             # One gather per epoch; the minibatches are then contiguous views of it.
             perm = to_device_async(torch.randperm(size, generator=self.shuffle_generator), batch.device)
-            obs_epoch, returns_epoch = map_observations(lambda x: x[perm], obs_all), returns_all[perm]
+            obs_epoch, returns_epoch = map_observations(itemgetter(perm), obs_all), returns_all[perm]
             for start, stop, total_count in reducer.minibatch_plan(size, cfg.batch_size):
-                obs_mb = map_observations(lambda x: x[start:stop], obs_epoch)  # noqa: B023  # used at once
+                obs_mb = map_observations(itemgetter(slice(start, stop)), obs_epoch)
                 loss = nn.functional.mse_loss(policy.value(obs_mb), returns_epoch[start:stop])
                 self.critic_optimizer.zero_grad(set_to_none=True)
                 torch.autograd.backward(loss)

@@ -13,6 +13,7 @@ to turn a model into a function of one.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -87,7 +88,7 @@ def explicit_fisher(kl_fn_of_flat: Callable[[Tensor], Tensor], theta: Tensor) ->
 
 
 def output_space_fisher(
-    outputs_of_flat: Callable[[Tensor, Tensor], Tensor],
+    outputs_of_flat: Callable[[Tensor, Any], Tensor],
     divergence: Callable[[Tensor, Tensor], Tensor],
     theta: Tensor,
     inputs: Tensor | dict[str, Tensor],
