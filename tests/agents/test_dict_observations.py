@@ -181,3 +181,14 @@ def test_non_finite_guard_checks_each_dict_key() -> None:
     # every 3rd step of each env (the reset after a dropped step starts a new episode): 16 // 3 per env
     assert agent.num_nonfinite_skipped == 2 * (16 // 3)
     assert torch.isfinite(agent.buffer.observations["position"]).all()  # type: ignore[index]
+
+
+@pytest.mark.parametrize("kwargs", [{"curvature": "exact"}, {"critic_optimizer": "lbfgs"}], ids=["exact", "lbfgs"])
+def test_trpo_variants_run_on_dict_observations(kwargs: dict[str, Any]) -> None:
+    """The dense Fisher (vmapped over the Dict batch, the Discrete key one-hot inside) and the L-BFGS critic."""
+    agent = TRPO(DictChoiceEnv, n_envs=2, seed=0, n_steps=16, **kwargs)
+    before = [p.detach().clone() for p in agent.policy.parameters()]
+    agent.learn(32)
+    after = list(agent.policy.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(p, q) for p, q in zip(before, after, strict=True))
