@@ -249,6 +249,11 @@ PYTHON_CASES: list[tuple[str, Callable[[dict[str, Path]], Any], str]] = [
     ("normalize_obs with Dict observations", trpo(env=DictChoiceEnv, normalize_obs=True),
      r"Invalid normalize_obs: True for .*DictChoiceEnv.*, whose observations are a Dict \(keys \['position', 'target'\]\); "
      r".*set normalize_obs=False"),
+    ("ONNX export of Dict observations",
+     lambda f: __import__("trpo_lab.export", fromlist=["export_onnx"]).export_onnx(
+         TRPO(DictChoiceEnv, n_envs=1, n_steps=8), f["folder"] / "policy.onnx"),
+     r"Cannot export to ONNX a policy of Dict observations Dict\('position'.*: the exported graph takes one observation "
+     r"tensor \(Box or Discrete\)"),
     ("predict with a Dict key missing", lambda f: TRPO(DictChoiceEnv, n_envs=1, n_steps=8).predict({"position": [0.5]}),
      r"Invalid observation \['position'\]; expected a dict with the keys \['position', 'target'\] of the Dict space"),
     ("predict with Dict batch sizes that differ",
