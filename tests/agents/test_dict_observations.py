@@ -192,3 +192,17 @@ def test_trpo_variants_run_on_dict_observations(kwargs: dict[str, Any]) -> None:
     after = list(agent.policy.parameters())
     assert all(torch.isfinite(p).all() for p in after)
     assert any(not torch.equal(p, q) for p, q in zip(before, after, strict=True))
+
+
+def test_buffer_device_path_stores_dict_observations_as_tensors() -> None:
+    """Without numpy views (any device but the CPU) the stored slots come back as tensors per key."""
+    space = gym.spaces.Dict({"frame": IMAGE, "target": gym.spaces.Discrete(3)})
+    buffer = RolloutBuffer.for_spaces(space, gym.spaces.Discrete(2), n_steps=2, n_envs=2)
+    buffer._numpy = None  # what a CUDA buffer has
+    obs = {"frame": np.full((2, 36, 36, 1), 7, np.uint8), "target": np.array([1, 2])}
+    slot = buffer.put_observation(obs)
+    assert isinstance(slot["frame"], torch.Tensor) and slot["frame"].dtype == torch.uint8
+    assert slot["target"].tolist() == [1, 2]
+    buffer.add({key: np.asarray(v) for key, v in obs.items()}, np.zeros(2, np.int64), *(np.zeros(2, np.float32),) * 3,
+               np.zeros(2, bool), np.zeros(2, bool), np.ones(2, bool))
+    assert buffer.observations["target"][0].tolist() == [1, 2]  # type: ignore[index]
