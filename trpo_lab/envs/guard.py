@@ -79,14 +79,18 @@ class NonFiniteGuard(VectorWrapper):
             )
         self.nan_policy = nan_policy
         self._episode_stats = find_wrapper(env, RecordEpisodeStatistics)
-        # A Dict of arrays is checked key by key; other structured observations (Tuple, Text)
-        # are not arrays: only their rewards are checked.
+        # A Dict of arrays is checked key by key (its floating-point keys: integers are always
+        # finite); other structured observations (Tuple, Text) are not arrays: only their
+        # rewards are checked.
         array_spaces = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
         space = env.single_observation_space
         self._dict_keys: list[str] | None = None
         if isinstance(space, gym.spaces.Dict) and all(isinstance(sub, array_spaces) for sub in space.spaces.values()):
-            self._dict_keys = [str(key) for key in space.spaces]
-        self._check_obs = self._dict_keys is not None or isinstance(space, array_spaces)
+            self._dict_keys = [
+                str(key) for key, sub in space.spaces.items()
+                if sub.dtype is not None and np.issubdtype(sub.dtype, np.floating)
+            ]
+        self._check_obs = bool(self._dict_keys) or isinstance(space, array_spaces)
 
     def _obs_finite_sum(self, obs: Any) -> bool:
         """Whether the sum of every observation is finite (the fast check of :meth:`step`)."""
@@ -147,7 +151,7 @@ class NonFiniteGuard(VectorWrapper):
         reset_obs = self._reset_sub_envs(bad)
         if self._dict_keys is not None:
             obs = {key: np.array(value) for key, value in obs.items()}
-            for key in self._dict_keys:
+            for key in obs:  # every key (the integer ones too) from the reset
                 obs[key][bad] = reset_obs[key][bad]
         else:
             obs = np.array(obs)
