@@ -308,7 +308,7 @@ class RolloutBuffer:
 
     def add(
         self,
-        obs: Tensor | NDArray[Any] | None,
+        obs: Tensor | NDArray[Any] | dict[str, Any] | None,
         actions: Tensor | NDArray[Any],
         log_probs: Tensor | NDArray[Any],
         values: Tensor | NDArray[Any],
@@ -321,7 +321,8 @@ class RolloutBuffer:
 
         Numpy arrays (straight from the environment, or from the numpy acting path) are
         accepted; on the CPU they are written through numpy views of the storage (no tensor
-        conversion per step). ``obs=None`` means it was stored by :meth:`put_observation`.
+        conversion per step). ``obs`` is a dict of them (by key) for a Dict observation space;
+        ``obs=None`` means it was stored by :meth:`put_observation`.
         """
         if self.pos >= self.n_steps:
             raise RuntimeError("RolloutBuffer is full; call finish() and reset() before adding more steps")
