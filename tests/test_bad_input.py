@@ -26,6 +26,7 @@ from trpo_lab.agents.base import OnPolicyAgent
 from trpo_lab.agents.trpo import TRPO
 from trpo_lab.config import ACKTRConfig, PPOConfig, TRPOConfig, config_class, load_toml, parse_set_option
 from trpo_lab.envs.torch_cartpole import TorchCartPole
+from trpo_lab.envs.visual import DictChoiceEnv
 from trpo_lab.experiments.tune import load_space, parse_space
 from trpo_lab.presets import load_preset
 
@@ -239,8 +240,26 @@ PYTHON_CASES: list[tuple[str, Callable[[dict[str, Path]], Any], str]] = [
     ("skip without partial resets", trpo(vectorization="vector_entry_point", nan_policy="skip", n_envs=2),
      r"Invalid nan_policy: 'skip' needs a vector env that can reset single sub-environments .* not CartPoleVectorEnv"),
     # spaces
-    ("Dict observations", trpo(env=spaces(gym.spaces.Dict({"a": BOX}), gym.spaces.Discrete(2))),
-     r"Unsupported observation space Dict\('a': Box.*; supported: Box and Discrete"),
+    ("Tuple in Dict observations", trpo(env=spaces(gym.spaces.Dict({"a": BOX, "t": gym.spaces.Tuple((BOX,))}),
+                                                   gym.spaces.Discrete(2))),
+     r"Unsupported observation space Tuple\(Box.* at key 't'; supported: Box and Discrete"),
+    ("MultiBinary in Dict observations", trpo(env=spaces(gym.spaces.Dict({"m": gym.spaces.MultiBinary(3)}),
+                                                         gym.spaces.Discrete(2))),
+     r"Unsupported observation space MultiBinary\(3\) at key 'm'; supported: Box and Discrete"),
+    ("normalize_obs with Dict observations", trpo(env=DictChoiceEnv, normalize_obs=True),
+     r"Invalid normalize_obs: True for .*DictChoiceEnv.*, whose observations are a Dict \(keys \['position', 'target'\]\); "
+     r".*set normalize_obs=False"),
+    ("ONNX export of Dict observations",
+     lambda f: __import__("trpo_lab.export", fromlist=["export_onnx"]).export_onnx(
+         TRPO(DictChoiceEnv, n_envs=1, n_steps=8), f["folder"] / "policy.onnx"),
+     r"Cannot export to ONNX a policy of Dict observations Dict\('position'.*: the exported graph takes one observation "
+     r"tensor \(Box or Discrete\)"),
+    ("predict with a Dict key missing", lambda f: TRPO(DictChoiceEnv, n_envs=1, n_steps=8).predict({"position": [0.5]}),
+     r"Invalid observation \['position'\]; expected a dict with the keys \['position', 'target'\] of the Dict space"),
+    ("predict with Dict batch sizes that differ",
+     lambda f: TRPO(DictChoiceEnv, n_envs=1, n_steps=8).predict({"position": np.zeros((3, 1)), "target": np.zeros(2)}),
+     r"Invalid observation shapes \{'position': \(3, 1\), 'target': \(2,\)\}; expected \{'position': \(1,\), "
+     r"'target': \(\)\} for one observation, or each key's shape with the same leading batch size"),
     ("Tuple observations", trpo(env=spaces(gym.spaces.Tuple((BOX,)), gym.spaces.Discrete(2))),
      r"Unsupported observation space Tuple\(Box.*; supported: Box and Discrete"),
     ("Text observations", trpo(env=spaces(gym.spaces.Text(5), gym.spaces.Discrete(2))),

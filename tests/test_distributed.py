@@ -201,8 +201,17 @@ def _gather_worker(rank: int, port: int, out_dir: str) -> None:
     values = torch.linspace(0, 1, rows, dtype=torch.float64) + rank
     gathered = reducer.gather([obs, actions, values])
     replica = reducer.replicated()
+    reductions = ctx.traffic.reductions
+    # a batch of Dict observations: every key travels in the same collective and keeps its dtype
+    from trpo_lab.rollout.buffer import RolloutBatch
+
+    dict_obs = {"frame": (obs * 2).to(torch.uint8), "target": actions.clone()}
+    batch = RolloutBatch(dict_obs, actions, *(values.float(),) * 4)
+    gathered_batch = reducer.gather_batch(batch)
     torch.save({"mine": (obs, actions, values), "gathered": gathered, "counts": (replica.local_count, replica.total_count),
-                "plan": replica.minibatch_plan(8, 3), "reductions": ctx.traffic.reductions},
+                "plan": replica.minibatch_plan(8, 3), "reductions": reductions,
+                "dict_mine": dict_obs, "dict_gathered": gathered_batch.observations,
+                "batch_reductions": ctx.traffic.reductions - reductions},
                Path(out_dir) / f"gather{rank}.pt")
     ctx.close()
 
@@ -219,3 +228,9 @@ def test_gather_returns_every_ranks_rows_in_rank_order_in_one_collective(tmp_pat
     assert r0["counts"] == r1["counts"] == (8, 8)  # the replica's batch is every rank's samples
     assert r0["plan"] == r1["plan"] == [(0, 3, 3), (3, 6, 3), (6, 8, 2)]  # the single-process plan
     assert r0["reductions"] == r1["reductions"] == 2  # the batch sizes, then one gather
+    for key in ("frame", "target"):
+        expected = torch.cat([r0["dict_mine"][key], r1["dict_mine"][key]])
+        for result in (r0, r1):
+            got = result["dict_gathered"][key]
+            assert got.dtype == expected.dtype and torch.equal(got, expected)
+    assert r0["batch_reductions"] == r1["batch_reductions"] == 1  # every key and field in one collective

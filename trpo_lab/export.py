@@ -139,9 +139,15 @@ def export_onnx(agent: OnPolicyAgent, path: str | Path, opset_version: int | Non
         ``path`` as a ``Path``.
 
     Raises:
-        ValueError: ``path`` cannot be written (naming the path and the reason), or the
-            ONNX exporter's dependencies (``onnx``, ``onnxscript``) are missing.
+        ValueError: ``path`` cannot be written (naming the path and the reason), the
+            ONNX exporter's dependencies (``onnx``, ``onnxscript``) are missing, or the agent
+            has ``Dict`` observations (the ONNX graph has one input tensor).
     """
+    if isinstance(agent.observation_space, gym.spaces.Dict):
+        raise ValueError(
+            f"Cannot export to ONNX a policy of Dict observations {agent.observation_space}: the exported graph "
+            "takes one observation tensor (Box or Discrete); use agent.predict or the saved checkpoint instead"
+        )
     try:
         import onnx
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)

@@ -125,8 +125,11 @@ def _element_size(dtype: torch.dtype) -> int:
 
 
 def observation_bytes(space: gym.Space[Any]) -> int:
-    """Bytes of one stored observation: ``uint8`` spaces (images) as bytes, other ``Box`` as
-    float32, ``Discrete`` as an int64 index, ``Dict`` / ``Tuple`` as the sum of their parts."""
+    """Bytes of one stored observation, as the rollout buffer stores it: uint8 images
+    (:func:`~trpo_lab.nn.extractors.is_image_space`) as bytes, other ``Box`` as float32,
+    ``Discrete`` as an int64 index, ``Dict`` / ``Tuple`` as the sum of their parts."""
+    from trpo_lab.nn.extractors import is_image_space  # the buffer's rule (nn imports this module's users)
+
     if isinstance(space, gym.spaces.Dict):
         return sum(observation_bytes(sub) for sub in space.spaces.values())
     if isinstance(space, gym.spaces.Tuple):
@@ -134,7 +137,7 @@ def observation_bytes(space: gym.Space[Any]) -> int:
     if isinstance(space, gym.spaces.Discrete):
         return 8
     shape = tuple(space.shape or ())
-    itemsize = 1 if space.dtype == np.uint8 else 4
+    itemsize = 1 if is_image_space(space, normalize_images=False) else 4
     return int(np.prod(shape, dtype=np.int64)) * itemsize
 
 

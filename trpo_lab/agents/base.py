@@ -60,7 +60,7 @@ from trpo_lab.envs import (
 from trpo_lab.envs.atari import frames_per_step
 from trpo_lab.envs.torch_vec import is_torch_vector_env
 from trpo_lab.logging import RunLogger, WriteFailedError
-from trpo_lab.nn.extractors import is_image_space
+from trpo_lab.nn.extractors import as_tensors, is_image_space
 from trpo_lab.nn.policy import ActorCritic
 from trpo_lab.resources import check_agent_memory, parse_memory
 from trpo_lab.rollout.buffer import RolloutBatch, RolloutBuffer
@@ -215,7 +215,7 @@ class OnPolicyAgent(ABC):
         self.wall_time = 0.0
         self.episode_returns: deque[float] = deque(maxlen=100)
         self.episode_lengths: deque[float] = deque(maxlen=100)
-        self._last_obs: np.ndarray | Tensor | None = None  # tensors for a torch vector env
+        self._last_obs: Any = None  # an array; tensors for a torch vector env; a dict of arrays for Dict spaces
         self._autoreset: np.ndarray | Tensor = np.zeros(self.n_envs, dtype=bool)
         self._reset_seed = local_seed  # seed of the first env.reset of a rollout (see load_state_dict)
         self.schedule_total_timesteps: int | None = None
@@ -469,26 +469,56 @@ class OnPolicyAgent(ABC):
         """Actions for raw (unnormalized) observations: numpy in, numpy out.
 
         A single observation gives a single action; a batch ``(n, *obs_shape)`` gives ``n``.
+        For a ``Dict`` observation space ``obs`` is a dict of arrays with the space's keys,
+        each a single observation or a batch of the same size.
         """
-        obs_np = np.asarray(obs)
-        single_shape = tuple(self.observation_space.shape or ())
-        single = obs_np.shape == single_shape
-        if single:
-            obs_np = obs_np[None]
-        elif obs_np.shape[1:] != single_shape:
-            raise ValueError(
-                f"Invalid observation shape {obs_np.shape}; expected {single_shape} or (batch, *{single_shape})"
-            )
-        if isinstance(self.observation_space, gym.spaces.Box) and not is_image_space(self.observation_space, False):
-            obs_np = normalize_observations(self.env, obs_np.astype(np.float32))  # images are never normalized
+        space = self.observation_space
+        single, observations = self._predict_inputs(obs)
+        if isinstance(space, gym.spaces.Box) and not is_image_space(space, False):
+            observations = normalize_observations(self.env, observations.astype(np.float32))  # images never are
         with torch.inference_mode():
             actions, _, _ = self.policy.act(
-                torch.as_tensor(obs_np, device=self.device), self.generator, deterministic=deterministic
+                as_tensors(observations, self.device), self.generator, deterministic=deterministic
             )
         actions_np = actions.cpu().numpy()
         if self._clip_actions:
             actions_np = np.clip(actions_np, self.action_space.low, self.action_space.high)  # type: ignore[attr-defined]
         return actions_np[0] if single else actions_np
+
+    def _predict_inputs(self, obs: Any) -> tuple[bool, Any]:
+        """``(single, batch)``: whether ``obs`` is one observation, and it as a batch of arrays
+        (a dict of them for a Dict space), its shapes checked against the observation space."""
+        space = self.observation_space
+        if not isinstance(space, gym.spaces.Dict):
+            obs_np = np.asarray(obs)
+            single_shape = tuple(space.shape or ())
+            if obs_np.shape == single_shape:
+                return True, obs_np[None]
+            if obs_np.shape[1:] != single_shape:
+                raise ValueError(
+                    f"Invalid observation shape {obs_np.shape}; expected {single_shape} or (batch, *{single_shape})"
+                )
+            return False, obs_np
+        keys = sorted(str(key) for key in space.spaces)
+        if not isinstance(obs, Mapping) or sorted(str(key) for key in obs) != keys:
+            got = sorted(obs) if isinstance(obs, Mapping) else type(obs).__name__
+            raise ValueError(f"Invalid observation {got}; expected a dict with the keys {keys} of the Dict space")
+        arrays = {key: np.asarray(obs[key]) for key in keys}
+        shapes = {key: tuple(space.spaces[key].shape or ()) for key in keys}
+        single = all(arrays[key].shape == shapes[key] for key in keys)
+        sizes = {arrays[key].shape[0] for key in keys if arrays[key].ndim > 0}
+        if not single and (
+            len(sizes) != 1 or any(arrays[key].shape[1:] != shapes[key] or arrays[key].ndim == 0 for key in keys)
+        ):
+            got_shapes = {key: arrays[key].shape for key in keys}
+            raise ValueError(
+                f"Invalid observation shapes {got_shapes}; expected {shapes} for one observation, or each key's "
+                "shape with the same leading batch size"
+            )
+        for key, sub_space in space.spaces.items():  # the dtypes the buffer stores (a uint8 image stays uint8)
+            if isinstance(sub_space, gym.spaces.Box) and not is_image_space(sub_space, False):
+                arrays[str(key)] = arrays[str(key)].astype(np.float32)
+        return single, {key: value[None] if single else value for key, value in arrays.items()}
 
     def evaluate(
         self,

@@ -83,6 +83,8 @@ def space_signature(space: gym.Space[Any]) -> dict[str, Any]:
         return {"type": "MultiDiscrete", "nvec": [int(n) for n in np.asarray(space.nvec).reshape(-1)]}
     if isinstance(space, gym.spaces.Box):
         return {"type": "Box", "shape": [int(s) for s in space.shape]}
+    if isinstance(space, gym.spaces.Dict):
+        return {"type": "Dict", "spaces": {str(key): space_signature(sub) for key, sub in space.spaces.items()}}
     return {"type": type(space).__name__}
 
 
@@ -218,11 +220,21 @@ def agent_state(agent: OnPolicyAgent, local: Mapping[str, Any] | None = None) ->
 
 
 # ---------------------------------------------------------------------------- loading
-def _host_copy(value: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """A CPU tensor copy of a numpy array or of a (torch vector env's, maybe device) tensor."""
+def _host_copy(value: Any) -> Any:
+    """A CPU tensor copy of a numpy array or of a (torch vector env's, maybe device) tensor;
+    a dict of them (a Dict observation) key by key."""
+    if isinstance(value, dict):
+        return {key: _host_copy(item) for key, item in value.items()}
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().clone()
     return torch.from_numpy(np.array(value))
+
+
+def _numpy_copy(value: Any) -> Any:
+    """A writable numpy copy of a saved tensor (a dict of them key by key): the inverse of :func:`_host_copy`."""
+    if isinstance(value, dict):
+        return {key: _numpy_copy(item) for key, item in value.items()}
+    return value.numpy().copy()
 
 
 def config_toml(agent: OnPolicyAgent, total_timesteps: int | None = None) -> str:
@@ -385,7 +397,7 @@ def _load_env_state(agent: OnPolicyAgent, data: Mapping[str, Any]) -> None:
             reason = str(exc)
         else:
             last_obs = data.get("last_obs")
-            agent._last_obs = None if last_obs is None else last_obs.numpy().copy()
+            agent._last_obs = None if last_obs is None else _numpy_copy(last_obs)
             agent._autoreset = data["autoreset"].numpy().astype(bool)
             agent._reset_seed = int(data["counters"].get("reset_seed", agent.seed))
             return

@@ -223,11 +223,11 @@ class PPO(OnPolicyAgent):
         obs = policy.preprocess(batch.observations)
         with torch.no_grad():
             old_params = policy.dist_params(obs)
-        stopped = torch.zeros((), dtype=torch.bool, device=obs.device)
+        stopped = torch.zeros((), dtype=torch.bool, device=batch.device)
         kept: list[Tensor] = []
         losses: list[PPOLoss] = []
         grad_norms: list[Tensor] = []
-        epochs_done = torch.zeros((), device=obs.device)
+        epochs_done = torch.zeros((), device=batch.device)
         for _ in range(cfg.n_epochs):
             for minibatch, total_count in reducer.shuffled_minibatches(batch, cfg.batch_size, self.shuffle_generator):
                 loss = self._minibatch_loss(minibatch)
@@ -246,7 +246,7 @@ class PPO(OnPolicyAgent):
                 kept.append(~stopped)
                 losses.append(loss)
             epochs_done = epochs_done + (~stopped).to(epochs_done.dtype)
-        weights = torch.stack(kept).to(obs.dtype)
+        weights = torch.stack(kept).to(batch.advantages.dtype)
         count = weights.sum()
 
         def mean_of(values: list[Tensor]) -> Tensor:
@@ -261,7 +261,7 @@ class PPO(OnPolicyAgent):
         metrics.update(self._policy_change_metrics(obs, old_params, batch))
         metrics["train/n_updates"] = count
         metrics["train/epochs"] = epochs_done
-        metrics["train/early_stop"] = stopped.to(obs.dtype)
+        metrics["train/early_stop"] = stopped.to(batch.advantages.dtype)
         return metrics
 
     def _policy_change_metrics(self, obs: Tensor, old_params: Tensor, batch: RolloutBatch) -> dict[str, Tensor]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable, Mapping
+from operator import itemgetter
 from typing import Any, ClassVar
 
 import torch
@@ -50,7 +51,13 @@ from trpo_lab.optim.exact import cosine_similarity, output_space_fisher
 from trpo_lab.optim.fisher import fisher_vector_product, fisher_vector_product_func, flat_grad
 from trpo_lab.optim.lbfgs import lbfgs_fixed
 from trpo_lab.optim.trust_region import Evaluate, NaturalStep, natural_step, trust_region_line_search
-from trpo_lab.rollout.buffer import RolloutBatch
+from trpo_lab.rollout.buffer import (
+    RolloutBatch,
+    flatten_observations,
+    map_observations,
+    observation_count,
+    unflatten_observations,
+)
 
 __all__ = ["NaturalStep", "TRPO", "TrustRegionAgent"]
 
@@ -131,10 +138,10 @@ class TrustRegionAgent(OnPolicyAgent):
             surrogate = surrogate + ent_coef * dist.entropy(dist_params).mean()
         return surrogate
 
-    def _fisher_states(self, obs: Tensor, old_params: Tensor) -> tuple[Tensor, Tensor]:
+    def _fisher_states(self, obs: Any, old_params: Tensor) -> tuple[Any, Tensor]:
         """The states the Fisher is estimated on (every ``sub_sampling_factor``-th) and π_old on them."""
         k = self.config.sub_sampling_factor
-        return (obs[::k], old_params[::k]) if k > 1 else (obs, old_params)
+        return (map_observations(lambda x: x[::k], obs), old_params[::k]) if k > 1 else (obs, old_params)
 
     def _fvp(
         self, obs: Tensor, old_params: Tensor, actor_params: list[nn.Parameter], new_params: Tensor | None = None
@@ -162,7 +169,7 @@ class TrustRegionAgent(OnPolicyAgent):
 
             local_fvp = fisher_vector_product(kl_fn, actor_params, damping=0.0)
         total_count = sum(-(-size // k) for size in self.reducer.rank_sizes)  # len(obs[::k]) on every rank
-        return self.reducer.fvp(local_fvp, self.config.cg_damping, obs_sub.shape[0], total_count)
+        return self.reducer.fvp(local_fvp, self.config.cg_damping, observation_count(obs_sub), total_count)
 
     def _curvature_problem(self, obs: Tensor, old_params: Tensor, actor_params: list[nn.Parameter]) -> CurvatureProblem:
         obs_sub, old_sub = self._fisher_states(obs, old_params)
@@ -174,8 +181,8 @@ class TrustRegionAgent(OnPolicyAgent):
         def fisher_trace() -> tuple[Tensor, list[LayerTrace]]:
             return actor_fisher_loss(policy, obs_sub, self.generator)
 
-        def outputs_of_flat(flat: Tensor, one_obs: Tensor) -> Tensor:
-            return policy.dist_params_from_flat(flat, one_obs.unsqueeze(0)).squeeze(0)
+        def outputs_of_flat(flat: Tensor, one_obs: Any) -> Tensor:
+            return policy.dist_params_from_flat(flat, map_observations(lambda x: x.unsqueeze(0), one_obs)).squeeze(0)
 
         def divergence(old: Tensor, new: Tensor) -> Tensor:
             return dist.kl(old.unsqueeze(0), new.unsqueeze(0)).squeeze(0)
@@ -267,15 +274,17 @@ class TrustRegionAgent(OnPolicyAgent):
         critic_params = policy.critic_parameters()
         losses = []
         # Data-parallel: every rank's rows once, then the same fit on every rank (no collective per step).
-        obs_all, returns_all = self.reducer.gather([obs_all, batch.returns])
+        *obs_parts, returns_all = self.reducer.gather([*flatten_observations(obs_all), batch.returns])
+        obs_all = unflatten_observations(obs_all, obs_parts)
         reducer = self.reducer.replicated()
         size = returns_all.shape[0]
         for _ in range(cfg.n_critic_updates):
             # One gather per epoch; the minibatches are then contiguous views of it.
-            perm = to_device_async(torch.randperm(size, generator=self.shuffle_generator), obs_all.device)
-            obs_epoch, returns_epoch = obs_all[perm], returns_all[perm]
+            perm = to_device_async(torch.randperm(size, generator=self.shuffle_generator), batch.device)
+            obs_epoch, returns_epoch = map_observations(itemgetter(perm), obs_all), returns_all[perm]
             for start, stop, total_count in reducer.minibatch_plan(size, cfg.batch_size):
-                loss = nn.functional.mse_loss(policy.value(obs_epoch[start:stop]), returns_epoch[start:stop])
+                obs_mb = map_observations(itemgetter(slice(start, stop)), obs_epoch)
+                loss = nn.functional.mse_loss(policy.value(obs_mb), returns_epoch[start:stop])
                 self.critic_optimizer.zero_grad(set_to_none=True)
                 torch.autograd.backward(loss)
                 reducer.grads(critic_params, stop - start, total_count)

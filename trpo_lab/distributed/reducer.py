@@ -105,11 +105,10 @@ class Reducer:
         """
         if batch_size < 1:
             raise ValueError(f"Invalid batch_size: {batch_size}; expected >= 1")
-        device = batch.observations.device
-        perm = to_device_async(torch.randperm(batch.size, generator=generator, device="cpu"), device)
-        shuffled = [field[perm] for field in batch]
+        perm = to_device_async(torch.randperm(batch.size, generator=generator, device="cpu"), batch.device)
+        shuffled = batch.index(perm)
         for start, stop, total_count in self.minibatch_plan(batch.size, batch_size):
-            yield type(batch)(*(field[start:stop] for field in shuffled)), total_count
+            yield shuffled.slice(start, stop), total_count
 
     # ------------------------------------------------------------------ gathered work
     def gather(self, tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -123,7 +122,7 @@ class Reducer:
 
     def gather_batch(self, batch: RolloutBatch) -> RolloutBatch:
         """Every rank's transitions of ``batch`` as one batch, in rank order (one collective)."""
-        return type(batch)(*self.gather(list(batch)))
+        return batch.from_tensors(self.gather(batch.tensors()))
 
     def replicated(self) -> Reducer:
         """The reducer for work that every rank repeats on :meth:`gather`-ed rows.

@@ -79,14 +79,37 @@ class NonFiniteGuard(VectorWrapper):
             )
         self.nan_policy = nan_policy
         self._episode_stats = find_wrapper(env, RecordEpisodeStatistics)
-        # Structured observations (Dict, Tuple, Text) are not arrays: only their rewards are checked.
+        # A Dict of arrays is checked key by key (its floating-point keys: integers are always
+        # finite); other structured observations (Tuple, Text) are not arrays: only their
+        # rewards are checked.
         array_spaces = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
-        self._check_obs = isinstance(env.single_observation_space, array_spaces)
+        space = env.single_observation_space
+        self._dict_keys: list[str] | None = None
+        if isinstance(space, gym.spaces.Dict) and all(isinstance(sub, array_spaces) for sub in space.spaces.values()):
+            self._dict_keys = [
+                str(key) for key, sub in space.spaces.items()
+                if sub.dtype is not None and np.issubdtype(sub.dtype, np.floating)
+            ]
+        self._check_obs = bool(self._dict_keys) or isinstance(space, array_spaces)
+
+    def _obs_finite_sum(self, obs: Any) -> bool:
+        """Whether the sum of every observation is finite (the fast check of :meth:`step`)."""
+        if self._dict_keys is not None:
+            return all(math.isfinite(_sum(obs[key], None)) for key in self._dict_keys)
+        return math.isfinite(_sum(obs, None))
+
+    def _bad_per_key(self, obs: Any) -> dict[str | None, np.ndarray]:
+        """Per sub-environment, whether its observation (at each Dict key; key None for an array) is non-finite."""
+        arrays = {key: obs[key] for key in self._dict_keys} if self._dict_keys is not None else {None: obs}
+        return {
+            key: ~np.isfinite(np.asarray(value).reshape(len(value), -1)).all(axis=1) for key, value in arrays.items()
+        }
 
     def _bad_observations(self, obs: Any) -> np.ndarray:
-        if not self._check_obs:
-            return np.zeros(self.num_envs, dtype=np.bool_)
-        bad: np.ndarray = ~np.isfinite(obs.reshape(obs.shape[0], -1)).all(axis=1)
+        bad = np.zeros(self.num_envs, dtype=np.bool_)
+        if self._check_obs:
+            for per_key in self._bad_per_key(obs).values():
+                bad |= per_key
         return bad
 
     def reset(self, *, seed: Any = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
@@ -100,12 +123,12 @@ class NonFiniteGuard(VectorWrapper):
     def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
         obs, rewards, terminated, truncated, infos = self.env.step(actions)
         # A sum is NaN or inf iff an element is, or it overflowed (then the exact check below decides).
-        if math.isfinite(_sum(rewards, None)) and (not self._check_obs or math.isfinite(_sum(obs, None))):
+        if math.isfinite(_sum(rewards, None)) and (not self._check_obs or self._obs_finite_sum(obs)):
             return obs, rewards, terminated, truncated, infos
         return self._non_finite_step(obs, rewards, terminated, truncated, infos)
 
     def _non_finite_step(
-        self, obs: np.ndarray, rewards: np.ndarray, terminated: np.ndarray, truncated: np.ndarray, infos: dict[str, Any]
+        self, obs: Any, rewards: np.ndarray, terminated: np.ndarray, truncated: np.ndarray, infos: dict[str, Any]
     ) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
         bad_obs = self._bad_observations(obs)
         bad_reward = ~np.isfinite(rewards)
@@ -115,16 +138,25 @@ class NonFiniteGuard(VectorWrapper):
         if self.nan_policy == "raise":
             index = int(np.flatnonzero(bad)[0])
             if bad_obs[index]:
-                count = int((~np.isfinite(obs[index])).sum())
-                what = f"observation ({count} of {obs[index].size} elements NaN or inf)"
+                key = next(key for key, per_key in self._bad_per_key(obs).items() if per_key[index])
+                value = np.asarray(obs[key][index] if key is not None else obs[index])
+                count = int((~np.isfinite(value)).sum())
+                at = f" at key {key!r}" if key is not None else ""
+                what = f"observation{at} ({count} of {value.size} elements NaN or inf)"
             else:
                 what = f"reward ({float(rewards[index])!r})"
             raise NonFiniteEnvError(f"Environment {index} returned a non-finite {what}", index)
-        obs, rewards = np.array(obs), np.array(rewards)
+        rewards = np.array(rewards)
         terminated, truncated = np.array(terminated), np.array(truncated)
         reset_obs = self._reset_sub_envs(bad)
-        obs[bad] = reset_obs[bad]
-        if not np.isfinite(obs[bad]).all():
+        if self._dict_keys is not None:
+            obs = {key: np.array(value) for key, value in obs.items()}
+            for key in obs:  # every key (the integer ones too) from the reset
+                obs[key][bad] = reset_obs[key][bad]
+        else:
+            obs = np.array(obs)
+            obs[bad] = reset_obs[bad]
+        if self._bad_observations(obs)[bad].any():
             index = int(np.flatnonzero(bad)[0])
             raise NonFiniteEnvError(
                 f"Environment {index} returned a non-finite observation again right after a reset; "
@@ -141,7 +173,7 @@ class NonFiniteGuard(VectorWrapper):
             infos["_episode"] = infos["_episode"] & ~bad
         return obs, rewards, terminated, truncated, infos
 
-    def _reset_sub_envs(self, mask: np.ndarray) -> np.ndarray:
+    def _reset_sub_envs(self, mask: np.ndarray) -> Any:
         """Reset the masked sub-environments; leave every other one, and its episode counters, alone."""
         stats = self._episode_stats
         saved = [np.array(getattr(stats, name)) for name in self._EPISODE_FIELDS] if stats is not None else []
@@ -152,7 +184,7 @@ class NonFiniteGuard(VectorWrapper):
             for name, values in zip(self._EPISODE_FIELDS, saved):
                 values[mask] = 0
                 setattr(stats, name, values)
-        return np.asarray(obs)
+        return obs if isinstance(obs, dict) else np.asarray(obs)
 
 
 def with_guard(env: VectorEnv, nan_policy: str) -> VectorEnv:

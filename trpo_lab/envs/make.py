@@ -78,7 +78,8 @@ def make_vec_env(
             worth it for heavy physics) or ``"vector_entry_point"`` (the env's own batched
             implementation, e.g. Gymnasium's numpy CartPole; only for ids that have one).
         normalize_obs: Wrap with Gymnasium's ``NormalizeObservation`` (running mean/std);
-            ignored, with a warning, for uint8 image observations, which the network scales.
+            ignored, with a warning, for uint8 image observations, which the network scales;
+            refused for ``Dict`` observations (the wrapper takes arrays only).
         normalize_reward: Wrap with Gymnasium's ``NormalizeReward`` (scales by the std of
             the discounted return, using ``gamma``).
         gamma: Discount used by reward normalization.
@@ -96,7 +97,8 @@ def make_vec_env(
 
     Raises:
         ValueError: unknown env id, ``n_envs < 1``, unknown vectorization mode or
-            ``nan_policy``, ``env_kwargs`` the environment does not accept, a factory that
+            ``nan_policy``, ``env_kwargs`` the environment does not accept, ``normalize_obs``
+            with ``Dict`` observations, a factory that
             returns no ``gymnasium.Env``, or a missing optional dependency (MuJoCo).
     """
     n_envs = check_int("n_envs", n_envs, minimum=1)
@@ -158,6 +160,13 @@ def make_vec_env(
             stacklevel=2,
         )
         normalize_obs = False
+    if normalize_obs and isinstance(vec_env.single_observation_space, gym.spaces.Dict):
+        vec_env.close()
+        raise ValueError(
+            f"Invalid normalize_obs: True for {env!r}, whose observations are a Dict "
+            f"(keys {sorted(vec_env.single_observation_space.spaces)}); Gymnasium's NormalizeObservation takes "
+            "array observations only: set normalize_obs=False (scale the observations in the environment)"
+        )
     if normalize_obs:
         vec_env = NormalizeObservation(vec_env)
     if normalize_reward:

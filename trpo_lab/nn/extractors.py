@@ -134,8 +134,9 @@ class FlattenExtractor(nn.Module):
 
     def forward(self, obs: Tensor) -> Tensor:
         """Features ``(batch, features_dim)`` of a batch of raw observations."""
-        if self.one_hot:
-            return nn.functional.one_hot(obs.long().reshape(-1), self.features_dim).to(torch.float32)
+        if self.one_hot:  # a comparison, not F.one_hot, whose range check cannot run under vmap (exact curvature)
+            classes = torch.arange(self.features_dim, device=obs.device)
+            return (obs.long().reshape(-1, 1) == classes).to(torch.float32)
         if obs.dim() != 2:
             obs = obs.reshape(obs.shape[0], -1)
         return obs if obs.dtype == torch.float32 else obs.to(torch.float32)

@@ -13,6 +13,7 @@ to turn a model into a function of one.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -87,10 +88,10 @@ def explicit_fisher(kl_fn_of_flat: Callable[[Tensor], Tensor], theta: Tensor) ->
 
 
 def output_space_fisher(
-    outputs_of_flat: Callable[[Tensor, Tensor], Tensor],
+    outputs_of_flat: Callable[[Tensor, Any], Tensor],
     divergence: Callable[[Tensor, Tensor], Tensor],
     theta: Tensor,
-    inputs: Tensor,
+    inputs: Tensor | dict[str, Tensor],
 ) -> Tensor:
     r"""Returns the dense Fisher ``F = 1/N Σ_s J_sᵀ H_s J_s`` from the model's outputs, ``(P, P)``.
 
@@ -108,7 +109,7 @@ def output_space_fisher(
         divergence: ``(old outputs (D,), new outputs (D,)) ↦`` the scalar divergence of one
             input (the KL of the distributions they parameterise).
         theta: The point ``θ``, a 1-D tensor of length ``P``.
-        inputs: The ``N`` inputs, stacked along the first axis.
+        inputs: The ``N`` inputs, stacked along the first axis (a dict of such tensors for Dict observations).
 
     Raises:
         ValueError: If ``theta`` is not a 1-D floating-point tensor.
@@ -118,7 +119,7 @@ def output_space_fisher(
     jacobians: Tensor = vmap(jacrev(outputs_of_flat), in_dims=(None, 0))(point, inputs)  # (N, D, P)
     outputs = vmap(outputs_of_flat, in_dims=(None, 0))(point, inputs).detach()  # (N, D)
     curvatures: Tensor = vmap(func_hessian(divergence, argnums=1))(outputs, outputs)  # (N, D, D)
-    count = inputs.shape[0]
+    count = outputs.shape[0]
     rows = jacobians.reshape(-1, point.numel())
     fisher: Tensor = rows.mT @ torch.bmm(curvatures, jacobians).reshape(-1, point.numel()) / count
     return fisher

@@ -17,8 +17,8 @@ step instead. One implementation, so every device computes the same advantages.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple, TypeAlias, cast
 
 import gymnasium as gym
 import numpy as np
@@ -27,11 +27,51 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from trpo_lab import resources
-from trpo_lab.nn.extractors import is_image_space
+from trpo_lab.nn.extractors import check_observation_space, is_image_space
 from trpo_lab.optim._flat import to_device_async
 from trpo_lab.validation import check_int
 
-__all__ = ["RolloutBatch", "RolloutBuffer", "compute_gae", "minibatches"]
+__all__ = [
+    "Observations",
+    "RolloutBatch",
+    "RolloutBuffer",
+    "compute_gae",
+    "flatten_observations",
+    "map_observations",
+    "minibatches",
+    "observation_count",
+    "unflatten_observations",
+]
+
+Observations: TypeAlias = "Tensor | dict[str, Tensor]"
+"""A batch of observations: one tensor, or one tensor per key for a ``Dict`` observation space."""
+
+
+def map_observations(fn: Callable[[Tensor], Tensor], obs: Observations) -> Observations:
+    """``fn`` applied to the observation tensor, or to each key's tensor of a Dict observation."""
+    if isinstance(obs, dict):
+        return {key: fn(value) for key, value in obs.items()}
+    return fn(obs)
+
+
+def _first(obs: Observations) -> Tensor:
+    """A tensor of ``obs`` (the first key's of a Dict observation): its leading dims and device are the batch's."""
+    return next(iter(obs.values())) if isinstance(obs, dict) else obs
+
+
+def observation_count(obs: Observations) -> int:
+    """The number of observations in a batch (its leading dimension)."""
+    return int(_first(obs).shape[0])
+
+
+def flatten_observations(obs: Observations) -> list[Tensor]:
+    """The tensors of a batch of observations in a fixed order (Dict keys sorted), e.g. for a collective."""
+    return [obs[key] for key in sorted(obs)] if isinstance(obs, dict) else [obs]
+
+
+def unflatten_observations(like: Observations, tensors: list[Tensor]) -> Observations:
+    """Observations shaped like ``like`` from :func:`flatten_observations`-ordered ``tensors``."""
+    return dict(zip(sorted(like), tensors, strict=True)) if isinstance(like, dict) else tensors[0]
 
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
@@ -92,9 +132,14 @@ def _to_host(tensors: list[Tensor], dtype: torch.dtype) -> list[NDArray[Any]]:
 
 
 class RolloutBatch(NamedTuple):
-    """A flat batch of valid transitions (leading dimension = number of samples)."""
+    """A flat batch of valid transitions (leading dimension = number of samples).
 
-    observations: Tensor
+    ``observations`` is a tensor, or a dict of tensors (one per key) for a ``Dict``
+    observation space; :meth:`index`, :meth:`slice`, :meth:`tensors` and :meth:`from_tensors`
+    handle both, so no caller looks inside it.
+    """
+
+    observations: Observations
     actions: Tensor
     log_probs: Tensor
     values: Tensor
@@ -104,11 +149,34 @@ class RolloutBatch(NamedTuple):
     @property
     def size(self) -> int:
         """Number of samples."""
-        return int(self.observations.shape[0])
+        return observation_count(self.observations)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the batch's tensors live."""
+        return self.actions.device
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> RolloutBatch:
+        """``fn`` applied to every tensor of the batch (each observation key's included)."""
+        return RolloutBatch(map_observations(fn, self.observations), *(fn(field) for field in self[1:]))
 
     def index(self, idx: Tensor) -> RolloutBatch:  # type: ignore[override]  # shadows tuple.index; callers rely on it
         """The samples at ``idx`` (a gather of every field)."""
-        return RolloutBatch(*(field[idx] for field in self))
+        return self.map(lambda field: field[idx])
+
+    def slice(self, start: int, stop: int) -> RolloutBatch:
+        """The samples ``start:stop`` (views)."""
+        return self.map(lambda field: field[start:stop])
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor of the batch, in a fixed order (observation keys sorted), for collectives."""
+        return [*flatten_observations(self.observations), *self[1:]]
+
+    def from_tensors(self, tensors: list[Tensor]) -> RolloutBatch:
+        """A batch shaped like this one from :meth:`tensors`-ordered ``tensors`` (e.g. gathered ones)."""
+        obs = self.observations
+        n_obs = len(obs) if isinstance(obs, dict) else 1
+        return RolloutBatch(unflatten_observations(obs, tensors[:n_obs]), *tensors[n_obs:])
 
 
 class RolloutBuffer:
@@ -117,22 +185,22 @@ class RolloutBuffer:
     Args:
         n_steps: Steps per environment per rollout.
         n_envs: Number of parallel environments.
-        obs_shape: Shape of one observation.
+        obs_shape: Shape of one observation, or a dict of shapes (one per key) for a ``Dict`` space.
         action_shape: Shape of one action (``()`` for ``Discrete``).
         action_dtype: ``torch.long`` for discrete actions, ``torch.float32`` for Box.
         device: Where every tensor lives.
-        obs_dtype: Storage dtype of observations.
+        obs_dtype: Storage dtype of observations (a dict of dtypes, by key, with a dict ``obs_shape``).
     """
 
     def __init__(
         self,
         n_steps: int,
         n_envs: int,
-        obs_shape: tuple[int, ...],
+        obs_shape: tuple[int, ...] | dict[str, tuple[int, ...]],
         action_shape: tuple[int, ...],
         action_dtype: torch.dtype,
         device: torch.device | str = "cpu",
-        obs_dtype: torch.dtype = torch.float32,
+        obs_dtype: torch.dtype | dict[str, torch.dtype] = torch.float32,
     ) -> None:
         self.n_steps = check_int("n_steps", n_steps, minimum=1)
         self.n_envs = check_int("n_envs", n_envs, minimum=1)
@@ -142,7 +210,12 @@ class RolloutBuffer:
         def alloc(*extra: int, dtype: torch.dtype = torch.float32) -> Tensor:
             return torch.zeros(*shape, *extra, dtype=dtype, device=self.device)
 
-        self.observations = alloc(*obs_shape, dtype=obs_dtype)
+        self.observations: Observations
+        if isinstance(obs_shape, dict):
+            dtypes = obs_dtype if isinstance(obs_dtype, dict) else dict.fromkeys(obs_shape, obs_dtype)
+            self.observations = {key: alloc(*shape, dtype=dtypes[key]) for key, shape in obs_shape.items()}
+        else:
+            self.observations = alloc(*obs_shape, dtype=cast(torch.dtype, obs_dtype))
         self.actions = alloc(*action_shape, dtype=action_dtype)
         self.log_probs = alloc()
         self.values = alloc()
@@ -153,10 +226,15 @@ class RolloutBuffer:
         self.advantages = alloc()
         self.returns = alloc()
         self.pos = 0
-        self._numpy: dict[str, NDArray[Any]] | None = None
+        self._numpy: dict[str, Any] | None = None
+        """Numpy views of the CPU storage by field name (a dict of them, by key, for Dict observations)."""
         if self.device.type == "cpu":
-            names = ("observations", "actions", "log_probs", "values", "rewards", "terminated", "truncated", "valid")
+            names = ("actions", "log_probs", "values", "rewards", "terminated", "truncated", "valid")
             self._numpy = {name: getattr(self, name).numpy() for name in names}
+            obs = self.observations
+            self._numpy["observations"] = (
+                {key: value.numpy() for key, value in obs.items()} if isinstance(obs, dict) else obs.numpy()
+            )
 
     @classmethod
     def for_spaces(
@@ -170,22 +248,24 @@ class RolloutBuffer:
     ) -> RolloutBuffer:
         """The buffer for one environment's spaces: ``Box`` observations as float32, except
         uint8 images (:func:`~trpo_lab.nn.extractors.is_image_space`), kept as uint8 (a
-        quarter of the memory; the network scales them); ``Discrete`` ones as indices.
+        quarter of the memory; the network scales them); ``Discrete`` ones as indices; a
+        ``Dict`` of those as one tensor per key.
 
         Raises:
             ValueError: ``n_steps x n_envs`` slots do not fit in memory (``max_memory`` bytes,
                 default: what the device has available), estimated before allocating
                 (:func:`trpo_lab.resources.buffer_bytes`), or an observation space the
-                native agents cannot store (``Dict``: use the SB3 adapters).
+                native agents cannot store (a nested ``Dict``, a ``Tuple``, ...: the error names the key).
         """
-        if not isinstance(observation_space, (gym.spaces.Box, gym.spaces.Discrete)):
-            raise ValueError(
-                f"Unsupported observation space {observation_space} for the native agents' rollout buffer; "
-                "supported: Box and Discrete (flat, or uint8 images); for Dict observations use the SB3 adapters "
-                "(trpo_lab.sb3 with MultiInputPolicy)"
-            )
-        is_box = isinstance(observation_space, gym.spaces.Box)
-        obs_shape = tuple(observation_space.shape or ()) if is_box else ()
+        obs_shape: tuple[int, ...] | dict[str, tuple[int, ...]]
+        obs_dtype: torch.dtype | dict[str, torch.dtype]
+        if isinstance(observation_space, gym.spaces.Dict):
+            check_observation_space(observation_space)
+            specs = {str(key): _storage(space, str(key)) for key, space in observation_space.spaces.items()}
+            obs_shape = {key: spec[0] for key, spec in specs.items()}
+            obs_dtype = {key: spec[1] for key, spec in specs.items()}
+        else:
+            obs_shape, obs_dtype = _storage(observation_space)
         action_dtype = torch.float32 if isinstance(action_space, gym.spaces.Box) else torch.long
         what = f"a rollout buffer of n_steps x n_envs = {n_steps} x {n_envs} slots"
         per_step = resources.buffer_bytes(observation_space, action_space, 1, n_envs)
@@ -195,9 +275,6 @@ class RolloutBuffer:
 
         needed = resources.buffer_bytes(observation_space, action_space, n_steps, n_envs)
         resources.check_memory(needed, what, "n_steps", n_steps, device, max_memory, fits)
-        obs_dtype = torch.long
-        if is_box:
-            obs_dtype = torch.uint8 if is_image_space(observation_space, normalize_images=False) else torch.float32
         try:
             return cls(
                 n_steps, n_envs, obs_shape, tuple(action_space.shape or ()), action_dtype, device,
@@ -208,6 +285,17 @@ class RolloutBuffer:
                 f"Invalid n_steps: {n_steps}; {what} (an estimated {resources.format_bytes(needed)}) "
                 f"could not be allocated on {torch.device(device)}; lower n_steps or n_envs"
             ) from None
+
+    def _store(self, t: int, obs: Any) -> None:
+        """Write one step's observations (numpy or tensors, a dict of them for Dict spaces) into slot ``t``."""
+        if isinstance(self.observations, dict):
+            if not isinstance(obs, dict):
+                raise TypeError(f"Expected a dict of observations with keys {sorted(self.observations)}, got {type(obs)}")
+            for key, storage in self.observations.items():
+                numpy_view = None if self._numpy is None else self._numpy["observations"][key]
+                _write(storage, numpy_view, t, obs[key])
+        else:
+            _write(self.observations, None if self._numpy is None else self._numpy["observations"], t, obs)
 
     @property
     def full(self) -> bool:
@@ -220,7 +308,7 @@ class RolloutBuffer:
 
     def add(
         self,
-        obs: Tensor | NDArray[Any] | None,
+        obs: Tensor | NDArray[Any] | dict[str, Any] | None,
         actions: Tensor | NDArray[Any],
         log_probs: Tensor | NDArray[Any],
         values: Tensor | NDArray[Any],
@@ -233,7 +321,8 @@ class RolloutBuffer:
 
         Numpy arrays (straight from the environment, or from the numpy acting path) are
         accepted; on the CPU they are written through numpy views of the storage (no tensor
-        conversion per step). ``obs=None`` means it was stored by :meth:`put_observation`.
+        conversion per step). ``obs`` is a dict of them (by key) for a Dict observation space;
+        ``obs=None`` means it was stored by :meth:`put_observation`.
         """
         if self.pos >= self.n_steps:
             raise RuntimeError("RolloutBuffer is full; call finish() and reset() before adding more steps")
@@ -250,7 +339,9 @@ class RolloutBuffer:
         ):
             if value is None:
                 continue
-            if isinstance(value, np.ndarray):
+            if name == "observations":
+                self._store(t, value)
+            elif isinstance(value, np.ndarray):
                 if self._numpy is not None:
                     self._numpy[name][t] = value
                 else:
@@ -259,22 +350,19 @@ class RolloutBuffer:
                 getattr(self, name)[t] = value
         self.pos += 1
 
-    def put_observation(self, obs: NDArray[Any] | Tensor) -> Tensor | NDArray[Any]:
+    def put_observation(self, obs: Any) -> Any:
         """Store the observation of the current step and return the stored slot, without a copy:
-        a numpy view on the CPU, a tensor on the device elsewhere (then pass ``obs=None`` to
-        :meth:`add`)."""
+        a numpy view on the CPU, a tensor on the device elsewhere (a dict of them, by key, for
+        Dict observations; then pass ``obs=None`` to :meth:`add`). A torch env's tensors are
+        stored as they are and read back as device tensors."""
         t = self.pos
-        if isinstance(obs, Tensor):  # a torch env's observations: stored as they are, on the device
-            self.observations[t] = obs
-            from_device: Tensor = self.observations[t]
-            return from_device
-        if self._numpy is not None:
-            slot: NDArray[Any] = self._numpy["observations"][t]
-            slot[...] = obs
-            return slot
-        self.observations[t] = torch.as_tensor(obs, device=self.device)
-        stored: Tensor = self.observations[t]
-        return stored
+        self._store(t, obs)
+        if isinstance(obs, Tensor) or self._numpy is None:
+            return map_observations(lambda storage: storage[t], self.observations)
+        views = self._numpy["observations"]
+        if isinstance(views, dict):
+            return {key: view[t] for key, view in views.items()}
+        return views[t]
 
     def mark_truncated(self, step: int, envs: NDArray[np.bool_]) -> None:
         """Mark step ``step`` of the environments in the mask ``envs`` as truncated (its
@@ -304,7 +392,7 @@ class RolloutBuffer:
             return x.reshape(self.n_steps * self.n_envs, *x.shape[2:])[idx]
 
         return RolloutBatch(
-            observations=flat(self.observations),
+            observations=map_observations(flat, self.observations),
             actions=flat(self.actions),
             log_probs=flat(self.log_probs),
             values=flat(self.values),
@@ -319,8 +407,31 @@ def minibatches(
     """Shuffled minibatches of ``batch_size`` samples (the last one may be smaller)."""
     n = batch.size
     check_int("batch_size", batch_size, minimum=1, expected=">= 1")
-    device = batch.observations.device
-    perm = torch.randperm(n, generator=generator, device="cpu").to(device)
+    perm = torch.randperm(n, generator=generator, device="cpu").to(batch.device)
     shuffled = batch.index(perm)  # one gather per field; the minibatches are views of it
     for start in range(0, n, batch_size):
-        yield RolloutBatch(*(field[start : start + batch_size] for field in shuffled))
+        yield shuffled.slice(start, start + batch_size)
+
+
+def _storage(space: gym.Space[Any], key: str | None = None) -> tuple[tuple[int, ...], torch.dtype]:
+    """``(shape, dtype)`` of one stored observation of ``space`` (a Box or a Discrete)."""
+    if isinstance(space, gym.spaces.Discrete):
+        return (), torch.long
+    if isinstance(space, gym.spaces.Box):
+        dtype = torch.uint8 if is_image_space(space, normalize_images=False) else torch.float32
+        return tuple(space.shape), dtype
+    where = f" at key {key!r}" if key is not None else ""
+    raise ValueError(
+        f"Unsupported observation space {space}{where} for the native agents' rollout buffer; "
+        "supported: Box and Discrete (flat, or uint8 images), or a Dict of those (not nested)"
+    )
+
+
+def _write(storage: Tensor, numpy_view: NDArray[Any] | None, t: int, value: Any) -> None:
+    """``storage[t] = value``: through the numpy view on the CPU for numpy values, else as a tensor."""
+    if isinstance(value, np.ndarray) and numpy_view is not None:
+        numpy_view[t] = value
+    elif isinstance(value, Tensor):
+        storage[t] = value
+    else:
+        storage[t] = torch.as_tensor(np.asarray(value), device=storage.device)

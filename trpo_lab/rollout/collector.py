@@ -74,7 +74,8 @@ class CollectingAgent(Protocol):
     num_nonfinite_skipped: int
     episode_returns: deque[float]
     episode_lengths: deque[float]
-    _last_obs: NDArray[Any] | Tensor | None
+    _last_obs: Any
+    """The observations of the next step: an array or tensor, a dict of arrays for Dict spaces, or None."""
     _autoreset: NDArray[np.bool_] | Tensor
     _reset_seed: int
 
