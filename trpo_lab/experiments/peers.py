@@ -262,6 +262,9 @@ def execute_peer_run(spec: RunSpec, report: Any = None) -> dict[str, Any]:
     with stop_on_signals(stop):
         model.learn(remaining, callback=callback, reset_num_timesteps=False)
     if stop.signum is not None:
+        # SB3 aborts the rollout in progress after counting its first step: go back to the last
+        # whole rollout (the lost step is an env step nobody trained on; the env resets on resume).
+        model.num_timesteps = int(rows[-1]["timesteps"]) if rows else int(state["timesteps"])
         checkpoint(callback.updates)
         raise TrainingInterrupted(f"{spec.key} stopped at {model.num_timesteps} steps, checkpointed", stop.signum)
     wall_s = wall_before + time.perf_counter() - started
