@@ -14,12 +14,8 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("mujoco")
-pytest.importorskip("sb3_contrib")
-
-from trpo_lab.agents.signals import TrainingInterrupted  # noqa: E402
-from trpo_lab.experiments import experiment_from_dict  # noqa: E402
-from trpo_lab.experiments import peers  # noqa: E402
+from trpo_lab.agents.signals import TrainingInterrupted
+from trpo_lab.experiments import experiment_from_dict, peers
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "mujoco.py"
 

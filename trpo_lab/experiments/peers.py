@@ -107,7 +107,8 @@ def peer_settings(algo: str, env_id: str) -> dict[str, Any]:
             f"Invalid env for {algo}: {env_id!r} has no rl-baselines3-zoo settings here; "
             f"expected one of {', '.join(ZOO_SETTINGS[algo])}"
         )
-    return json.loads(json.dumps(ZOO_SETTINGS[algo][env_id]))
+    copy: dict[str, Any] = json.loads(json.dumps(ZOO_SETTINGS[algo][env_id]))
+    return copy
 
 
 def check_peer(algo: str) -> None:
@@ -233,7 +234,7 @@ def execute_peer_run(spec: RunSpec, report: Any = None) -> dict[str, Any]:
                   "updates": updates}
         atomic_write_text(state_path, json.dumps(record))
 
-    class Progress(BaseCallback):  # type: ignore[misc]  # SB3's classes are untyped here
+    class Progress(BaseCallback):
         """A progress.csv row per rollout, a checkpoint every CHECKPOINT_EVERY steps, stop on a signal."""
 
         updates = updates_before
@@ -244,7 +245,7 @@ def execute_peer_run(spec: RunSpec, report: Any = None) -> dict[str, Any]:
 
         def _on_rollout_end(self) -> None:
             self.updates += 1
-            episodes = [info["r"] for info in self.model.ep_info_buffer]
+            episodes = [info["r"] for info in self.model.ep_info_buffer or ()]
             rows.append({
                 "timesteps": self.model.num_timesteps,
                 "wall_s": round(wall_before + time.perf_counter() - started, 3),
@@ -275,10 +276,12 @@ def execute_peer_run(spec: RunSpec, report: Any = None) -> dict[str, Any]:
         eval_env = VecNormalize(eval_env, training=False, norm_reward=False, gamma=gamma)
         eval_env.obs_rms = train_env.obs_rms
     eval_start = time.perf_counter()
-    returns, _ = evaluate_policy(model, eval_env, n_eval_episodes=spec.eval_episodes, deterministic=True,
-                                 return_episode_rewards=True)
+    episode_returns, _ = evaluate_policy(
+        model, eval_env, n_eval_episodes=spec.eval_episodes, deterministic=True, return_episode_rewards=True
+    )
+    returns = np.atleast_1d(np.asarray(episode_returns, dtype=np.float64))
     eval_s = time.perf_counter() - eval_start
-    train_returns = [info["r"] for info in model.ep_info_buffer]
+    train_returns = [info["r"] for info in model.ep_info_buffer or ()]
     record = {
         "algo": spec.name,
         "base_algo": spec.algo,
