@@ -64,6 +64,7 @@ def test_ours_and_a_peer_side_by_side_then_a_rerun_skips_them(
     assert "skipped Hopper-v5-trpo-seed0" in second.err
 
 
+@pytest.mark.slow
 def test_a_stopped_peer_run_resumes_from_its_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(peers, "CHECKPOINT_EVERY", 512)
     experiment = experiment_from_dict(
