@@ -18,7 +18,7 @@ between :data:`BEGIN` and :data:`END`.
 
     python benchmarks/mujoco.py --seeds 5 --workers 2                         # the full grid, hours
     nice -n 10 python benchmarks/mujoco.py --envs HalfCheetah-v5 --algos trpo,sb3-trpo --seeds 2 --workers 1
-    python benchmarks/mujoco.py --readme                                       # rewrite README's section
+    python benchmarks/mujoco.py --report-only --readme                         # README's section from what finished
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from trpo_lab.experiments import experiment_from_dict, run_experiment  # noqa: E402
+from trpo_lab.experiments import experiment_from_dict, finished_result, run_experiment  # noqa: E402
+from trpo_lab.experiments.report import write_outputs  # noqa: E402
 from trpo_lab.experiments.stats import AlgoSummary, summarize  # noqa: E402
 from trpo_lab.logging import atomic_write_text  # noqa: E402
 
@@ -123,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--readme", type=Path, nargs="?", const=ROOT / "README.md", default=None,
                         help="also rewrite the marked Results section of this README (default README.md)")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bars")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write the outputs from the runs of the grid already finished in --out")
     args = parser.parse_args(argv)
     try:
         envs = _names(args.envs, "--envs", ENVS)
@@ -138,9 +141,21 @@ def main(argv: Sequence[str] | None = None) -> int:
              "eval_episodes": args.eval_episodes},
             name="mujoco", origin="benchmarks/mujoco.py",
         )
-        result = run_experiment(experiment, args.out, workers=args.workers, progress=not args.no_progress,
-                                interleave=True)
-        table = summarize(result.records, experiment.algos)
+        failures: list[str] = []
+        if args.report_only:
+            args.out.mkdir(parents=True, exist_ok=True)
+            specs = experiment.runs(args.out)
+            found = [(s, finished_result(s)) for s in specs]
+            finished = [(s, r) for s, r in found if r is not None]
+            report = write_outputs(experiment, [s for s, _ in finished], [r for _, r in finished], [], 0.0,
+                                   args.workers, args.out)
+            records = [r for _, r in finished]
+            print(f"mujoco.py: {len(finished)} of {len(specs)} runs of the grid finished in {args.out}", file=sys.stderr)
+        else:
+            result = run_experiment(experiment, args.out, workers=args.workers, progress=not args.no_progress,
+                                    interleave=True)
+            report, records, failures = result.report, result.records, result.failures
+        table = summarize(records, experiment.algos)
         command = "python benchmarks/mujoco.py " + " ".join(
             f"--{k} {v}" for k, v in (("envs", ",".join(envs)), ("algos", ",".join(algos)), ("seeds", args.seeds),
                                       ("steps", args.steps), ("workers", args.workers)))
@@ -151,10 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"mujoco.py: error: {exc}", file=sys.stderr)
         return 2
-    print(result.report)
-    for failure in result.failures:
+    print(report)
+    for failure in failures:
         print(f"FAILED {failure}", file=sys.stderr)
-    return 1 if result.failures else 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

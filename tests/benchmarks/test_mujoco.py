@@ -63,6 +63,11 @@ def test_ours_and_a_peer_side_by_side_then_a_rerun_skips_them(
     assert "0 to run" in second.err and "skipped Hopper-v5-sb3-trpo-seed0" in second.err
     assert "skipped Hopper-v5-trpo-seed0" in second.err
 
+    more_seeds = [*args[: args.index("--seeds") + 1], "2", *args[args.index("--seeds") + 2 :], "--report-only"]
+    assert bench.main(more_seeds) == 0  # trains nothing: reports the 2 finished runs of the 4
+    third = capsys.readouterr()
+    assert "2 of 4 runs of the grid finished" in third.err and "| trpo | " in (tmp_path / "out" / "results.md").read_text()
+
 
 @pytest.mark.slow
 def test_a_stopped_peer_run_resumes_from_its_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
