@@ -116,3 +116,18 @@ def test_rewrite_readme_needs_the_markers(tmp_path: Path) -> None:
     readme.write_text("# no markers\n")
     with pytest.raises(ValueError, match="has no <!-- mujoco-results:begin -->"):
         bench.rewrite_readme(readme, "x")
+
+
+def test_the_grid_is_interleaved_seed_by_seed_ours_next_to_the_peer(tmp_path: Path) -> None:
+    from trpo_lab.experiments.runner import interleaved
+
+    experiment = experiment_from_dict(
+        {"algos": ["trpo", "sb3-trpo"], "envs": ["Hopper-v5", "Walker2d-v5"], "seeds": 2, "steps": 2048},
+        name="t", origin="test",
+    )
+    order = [s.key for s in interleaved(experiment, experiment.runs(tmp_path))]
+    assert order == [
+        "Hopper-v5-trpo-seed0", "Hopper-v5-sb3-trpo-seed0", "Walker2d-v5-trpo-seed0", "Walker2d-v5-sb3-trpo-seed0",
+        "Hopper-v5-trpo-seed1", "Hopper-v5-sb3-trpo-seed1", "Walker2d-v5-trpo-seed1", "Walker2d-v5-sb3-trpo-seed1",
+    ]
+    assert [s.key for s in experiment.runs(tmp_path)][:2] == ["Hopper-v5-trpo-seed0", "Hopper-v5-trpo-seed1"]

@@ -49,6 +49,7 @@ __all__ = [
     "execute_run",
     "finished_result",
     "resume_run",
+    "interleaved",
 ]
 
 SPEC_FILE = "spec.json"
@@ -489,6 +490,18 @@ def run_experiment(
         )
 
 
+def interleaved(experiment: Experiment, specs: Sequence[RunSpec]) -> list[RunSpec]:
+    """``specs`` seed by seed, then env by env, the names in the order of ``experiment.algos``.
+
+    With ours and peers alternating in ``algos`` (``trpo, sb3-trpo, ppo, sb3-ppo``), each run
+    starts next to its counterpart on the same env and seed.
+    """
+    seed_rank = {seed: i for i, seed in enumerate(experiment.seeds)}
+    env_rank = {env_id: i for i, env_id in enumerate(experiment.envs)}
+    algo_rank = {label: i for i, label in enumerate(experiment.algos)}
+    return sorted(specs, key=lambda s: (seed_rank[s.seed], env_rank[s.env_id], algo_rank[s.name]))
+
+
 def _budget_notes(specs: Sequence[RunSpec]) -> list[str]:
     """One line per run whose budget is less than one rollout (what will run instead), before
     anything starts; more environments than steps is an error naming the run."""
@@ -537,10 +550,7 @@ def _run_grid(
         else:
             pending.append(spec)
     if interleave:
-        seed_rank = {seed: i for i, seed in enumerate(experiment.seeds)}
-        env_rank = {env_id: i for i, env_id in enumerate(experiment.envs)}
-        algo_rank = {label: i for i, label in enumerate(experiment.algos)}
-        pending.sort(key=lambda s: (seed_rank[s.seed], env_rank[s.env_id], algo_rank[s.name]))
+        pending = interleaved(experiment, pending)
     budgets = {spec.key: spec.total_timesteps for spec in specs}
     done_steps = sum(budgets[key] for key in skipped)
     display = _Display(sum(budgets.values()), done_steps, len(specs), enabled=progress)
