@@ -49,7 +49,7 @@ def test_ours_and_a_peer_side_by_side_then_a_rerun_skips_them(
         assert float(row["final_return"]) > 0  # Hopper pays for staying alive
         with (tmp_path / "out" / row["run_dir"] / "progress.csv").open(newline="") as fh:
             curve = list(csv.DictReader(fh))
-        assert curve and {"timesteps", "wall_s", "return_mean"} <= set(curve[0]), algo
+        assert curve and {"timesteps", "wall_s", "return_mean", "episodes", "fps"} <= set(curve[0]), algo
     record = json.loads((tmp_path / "out" / rows["sb3-trpo"]["run_dir"] / "result.json").read_text())
     assert len(record["eval_returns"]) == 2 and record["settings"]["hyperparameters"]["n_critic_updates"] == 20
     section = (tmp_path / "out" / "results.md").read_text()

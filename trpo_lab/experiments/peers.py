@@ -7,8 +7,9 @@ resume, ``summary.csv``, statistics and learning curves as ours; only its traini
 else). Like ours, a peer run writes
 
 * ``progress.csv`` with the columns the report reads (``timesteps``, ``wall_s``,
-  ``return_mean``: the mean training return of the last 100 episodes, from SB3's Monitor), a
-  row per rollout;
+  ``return_mean``: the mean training return of the last 100 episodes, from SB3's Monitor) and
+  ``episodes``, ``updates``, ``fps`` (steps/s since this process started the run), a row per
+  rollout (no ``kl``: SB3 logs it under its own names, not per rollout);
 * ``checkpoint.zip`` + ``vecnormalize.pkl`` + ``checkpoint.json`` every
   :data:`CHECKPOINT_EVERY` steps and when SIGTERM/SIGINT stops it (a rerun continues from
   there with ``reset_num_timesteps=False``; the Monitor's episode buffer starts empty again);
@@ -86,7 +87,7 @@ ZOO_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
 """Peer name -> env id -> the zoo's settings (``normalize``, ``n_envs``, ``policy`` and the
 algorithm's keyword arguments; ``policy_kwargs.activation_fn`` names a ``torch.nn`` class)."""
 
-_PROGRESS_COLUMNS = ("timesteps", "wall_s", "return_mean", "episodes", "updates")
+_PROGRESS_COLUMNS = ("timesteps", "wall_s", "return_mean", "episodes", "updates", "fps")
 
 
 def is_peer(algo: str) -> bool:
@@ -246,12 +247,14 @@ def execute_peer_run(spec: RunSpec, report: Any = None) -> dict[str, Any]:
         def _on_rollout_end(self) -> None:
             self.updates += 1
             episodes = [info["r"] for info in self.model.ep_info_buffer or ()]
+            elapsed = time.perf_counter() - started
             rows.append({
                 "timesteps": self.model.num_timesteps,
-                "wall_s": round(wall_before + time.perf_counter() - started, 3),
+                "wall_s": round(wall_before + elapsed, 3),
                 "return_mean": float(np.mean(episodes)) if episodes else math.nan,
                 "episodes": len(episodes),
                 "updates": self.updates,
+                "fps": round((self.model.num_timesteps - int(state["timesteps"])) / max(elapsed, 1e-9), 1),
             })
             if self.model.num_timesteps >= self.next_checkpoint:
                 checkpoint(self.updates)
