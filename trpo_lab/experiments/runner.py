@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from trpo_lab.experiments.peers import check_peer, is_peer
 from trpo_lab.experiments.ray_executor import import_ray, run_on_ray
 from trpo_lab.experiments.report import write_outputs
 from trpo_lab.experiments.spec import DEFAULT_TIMESTEPS, Experiment, RunSpec
@@ -48,6 +49,7 @@ __all__ = [
     "execute_run",
     "finished_result",
     "resume_run",
+    "interleaved",
 ]
 
 SPEC_FILE = "spec.json"
@@ -115,7 +117,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def finished_result(spec: RunSpec) -> dict[str, Any] | None:
     """The result record of a finished run with these settings, else ``None``."""
-    if not (spec.run_dir / "final.pt").is_file():
+    final = "final.zip" if is_peer(spec.algo) else "final.pt"  # a peer run saves its SB3 model
+    if not (spec.run_dir / final).is_file():
         return None
     record = _read_json(spec.run_dir / RESULT_FILE)
     if record is None or record.get("settings") != spec.settings():
@@ -190,12 +193,20 @@ def _start_or_resume(spec: RunSpec) -> OnPolicyAgent:
 
 
 def execute_run(spec: RunSpec) -> dict[str, Any]:
-    """Train, evaluate and record one run (in a worker process); returns its result record."""
+    """Train, evaluate and record one run (in a worker process); returns its result record.
+
+    A peer run (``sb3-trpo``, ``sb3-ppo``) trains through
+    :func:`~trpo_lab.experiments.peers.execute_peer_run`, with the same files and record.
+    """
     import torch
 
     torch.set_num_threads(1)
     _busy.set()
     try:
+        if is_peer(spec.algo):
+            from trpo_lab.experiments.peers import execute_peer_run
+
+            return execute_peer_run(spec, _report)
         return _train_and_evaluate(spec)
     finally:
         _busy.clear()
@@ -418,6 +429,7 @@ def run_experiment(
     log: Callable[[str], None] | None = None,
     executor: str = "local",
     ray_address: str | None = None,
+    interleave: bool = False,
 ) -> CompareResult:
     """Run every unfinished cell of the grid in ``workers`` processes, then write the outputs.
 
@@ -436,6 +448,11 @@ def run_experiment(
             would locally.
         ray_address: ``ray.init`` address (``"auto"``, ``"ray://head:10001"``...); ``None``
             starts a local instance (or joins ``RAY_ADDRESS``).
+        interleave: Start the runs seed by seed, then env by env, the algorithms in the order
+            of ``experiment.algos`` within each (instead of the grid's env-major order): with
+            ours and peers alternating in ``algos``, each comes next to the other in time, so
+            machine load hits both alike, and an interrupted compare has every algorithm on
+            the first seeds. The outputs keep the grid's order.
 
     Raises:
         ValueError: bad spec, an algorithm this install cannot run, ``workers < 1``, an
@@ -456,15 +473,33 @@ def run_experiment(
     workers = check_int("workers", workers if workers is not None else (experiment.workers or os.cpu_count() or 1), minimum=1)
     if executor == "ray":
         import_ray()  # fail before starting anything if Ray is missing
-    for label in experiment.algos:
-        agent_class(experiment.algo_of(label))  # fail before starting anything if an algorithm is unavailable
+    for label in experiment.algos:  # fail before starting anything if an algorithm is unavailable
+        if is_peer(label):
+            check_peer(label)
+        else:
+            agent_class(experiment.algo_of(label))
     out = Path(out_dir)
     specs = experiment.runs(out)
     budget_notes = _budget_notes(specs)
     _check_existing(specs)
     with FolderLock(out, "compare folder"):  # one compare (local or Ray) per folder at a time
         _check_existing(specs)  # again, now that no other compare can write into it
-        return _run_grid(experiment, out, specs, budget_notes, workers, workers_given, progress, log, executor, ray_address)
+        return _run_grid(
+            experiment, out, specs, budget_notes, workers, workers_given, progress, log, executor, ray_address,
+            interleave,
+        )
+
+
+def interleaved(experiment: Experiment, specs: Sequence[RunSpec]) -> list[RunSpec]:
+    """``specs`` seed by seed, then env by env, the names in the order of ``experiment.algos``.
+
+    With ours and peers alternating in ``algos`` (``trpo, sb3-trpo, ppo, sb3-ppo``), each run
+    starts next to its counterpart on the same env and seed.
+    """
+    seed_rank = {seed: i for i, seed in enumerate(experiment.seeds)}
+    env_rank = {env_id: i for i, env_id in enumerate(experiment.envs)}
+    algo_rank = {label: i for i, label in enumerate(experiment.algos)}
+    return sorted(specs, key=lambda s: (seed_rank[s.seed], env_rank[s.env_id], algo_rank[s.name]))
 
 
 def _budget_notes(specs: Sequence[RunSpec]) -> list[str]:
@@ -475,6 +510,8 @@ def _budget_notes(specs: Sequence[RunSpec]) -> list[str]:
 
     notes = []
     for spec in specs:
+        if is_peer(spec.algo):  # SB3 runs at least one rollout of its own n_steps
+            continue
         n_steps = config_class(spec.algo).from_dict(spec.hyperparameters).n_steps
         try:
             note = rollout_budget_note(spec.total_timesteps, spec.n_envs, n_steps)
@@ -496,6 +533,7 @@ def _run_grid(
     log: Callable[[str], None] | None,
     executor: str,
     ray_address: str | None,
+    interleave: bool = False,
 ) -> CompareResult:
     """The body of :func:`run_experiment`, in the held compare folder."""
     atomic_write_text(out / "experiment.toml", experiment.to_toml())
@@ -511,6 +549,8 @@ def _run_grid(
             skipped.append(spec.key)
         else:
             pending.append(spec)
+    if interleave:
+        pending = interleaved(experiment, pending)
     budgets = {spec.key: spec.total_timesteps for spec in specs}
     done_steps = sum(budgets[key] for key in skipped)
     display = _Display(sum(budgets.values()), done_steps, len(specs), enabled=progress)

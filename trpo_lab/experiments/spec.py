@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from trpo_lab.config import CONFIGS, merge_hyperparameters
+from trpo_lab.experiments.peers import PEER_ALGOS, is_peer, peer_settings
 from trpo_lab.presets import BUILTIN_EXPERIMENTS, experiment_names, load_preset, load_suite, preset_file, suite_entry
 from trpo_lab.validation import is_int
 
@@ -123,10 +124,10 @@ class Experiment:
             raise ValueError(f"Invalid {where}: algos is empty; expected at least one of trpo, npg, acktr, ppo")
         self._check_variants(where)
         for label in self.algos:
-            if label not in CONFIGS and label not in self.variants:
+            if label not in CONFIGS and label not in self.variants and not is_peer(label):
                 raise ValueError(
-                    f"Invalid {where}: Unknown algorithm {label!r} in algos; expected one of {', '.join(CONFIGS)} "
-                    f"or a variant ([variants.{label}] with algo = ...)"
+                    f"Invalid {where}: Unknown algorithm {label!r} in algos; expected one of {', '.join(CONFIGS)}, "
+                    f"a peer ({', '.join(PEER_ALGOS)}) or a variant ([variants.{label}] with algo = ...)"
                 )
         self._check_hyperparameters(where)
         if len(set(self.algos)) != len(self.algos):
@@ -178,15 +179,16 @@ class Experiment:
         if not isinstance(self.hyperparameters, Mapping):
             raise ValueError(f"Invalid {where}: hyperparameters must be a table, got {self.hyperparameters!r}")
         shared, own = self._label_tables()
+        ours = [label for label in self.algos if not is_peer(label)]
         for key in shared:
-            if not any(key in CONFIGS[self.algo_of(label)].field_names() for label in self.algos):
-                names = sorted({n for label in self.algos for n in CONFIGS[self.algo_of(label)].field_names()})
+            if not any(key in CONFIGS[self.algo_of(label)].field_names() for label in ours):
+                names = sorted({n for label in ours for n in CONFIGS[self.algo_of(label)].field_names()})
                 close = difflib.get_close_matches(key, names, n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
                 raise ValueError(
-                    f"Invalid {where}: hyperparameter {key!r} is a field of none of {', '.join(self.algos)}{hint}"
+                    f"Invalid {where}: hyperparameter {key!r} is a field of none of {', '.join(ours)}{hint}"
                 )
-        for label in self.algos:
+        for label in ours:
             try:
                 CONFIGS[self.algo_of(label)].from_dict(self.overrides_for(label, shared, own))
             except ValueError as exc:
@@ -249,11 +251,26 @@ class Experiment:
         return replace(self, **changes)
 
     def runs(self, out_dir: str | Path) -> list[RunSpec]:
-        """The grid, env-major, resolved against the agent presets."""
+        """The grid, env-major, resolved against the agent presets (a peer: the zoo's settings,
+        :func:`~trpo_lab.experiments.peers.peer_settings`)."""
         out = Path(out_dir)
         specs = []
         for env_id, entry in self.envs.items():
             for label in self.algos:
+                if is_peer(label):
+                    try:
+                        settings = peer_settings(label, env_id)
+                    except ValueError as exc:
+                        raise ValueError(f"Invalid experiment {self.origin}: {exc}") from None
+                    specs += [
+                        RunSpec(
+                            algo=label, env_id=env_id, seed=seed, total_timesteps=self.steps[env_id],
+                            n_envs=int(settings["n_envs"]), vectorization="sync", hyperparameters=settings,
+                            eval_episodes=self.eval_episodes, run_dir=out / "runs" / f"{env_id}-{label}-seed{seed}",
+                        )
+                        for seed in self.seeds
+                    ]
+                    continue
                 algo = self.algo_of(label)
                 preset, run = load_preset(algo, env_id, suite=entry)
                 hyperparameters = merge_hyperparameters(preset, self.overrides_for(label))
