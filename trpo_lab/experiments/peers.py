@@ -181,7 +181,7 @@ def execute_peer_run(spec: RunSpec, report: Any = None) -> dict[str, Any]:
     from stable_baselines3.common.vec_env import VecNormalize
 
     from trpo_lab.agents.signals import StopRequest, TrainingInterrupted, stop_on_signals
-    from trpo_lab.experiments.runner import RESULT_FILE, SPEC_FILE
+    from trpo_lab.experiments.runner import SPEC_FILE, write_result
 
     say = report or (lambda message: None)
     settings = dict(spec.hyperparameters)
@@ -284,28 +284,13 @@ def execute_peer_run(spec: RunSpec, report: Any = None) -> dict[str, Any]:
     )
     returns = np.atleast_1d(np.asarray(episode_returns, dtype=np.float64))
     eval_s = time.perf_counter() - eval_start
-    train_returns = [info["r"] for info in model.ep_info_buffer or ()]
-    record = {
-        "algo": spec.name,
-        "base_algo": spec.algo,
-        "env": spec.env_id,
-        "seed": spec.seed,
-        "final_return": float(np.mean(returns)),
-        "final_return_std": float(np.std(returns)),
-        "eval_returns": [float(r) for r in returns],
-        "eval_episodes": spec.eval_episodes,
-        "timesteps": int(model.num_timesteps),
-        "updates": callback.updates,
-        "wall_s": wall_s,
-        "fps": model.num_timesteps / max(wall_s, 1e-9),
-        "train_return": float(np.mean(train_returns)) if train_returns else float("nan"),
-        "eval_s": eval_s,
-        "settings": spec.settings(),
-    }
+    train_returns = [float(info["r"]) for info in model.ep_info_buffer or ()]
     model.save(run_dir / "final.zip")
     if isinstance(train_env, VecNormalize):
         train_env.save(str(run_dir / "vecnormalize.pkl"))
     train_env.close()
     eval_env.close()
-    atomic_write_text(run_dir / RESULT_FILE, json.dumps(record, indent=2))
-    return record
+    return write_result(
+        spec, returns, timesteps=model.num_timesteps, updates=callback.updates, wall_s=wall_s,
+        train_returns=train_returns, eval_s=eval_s,
+    )

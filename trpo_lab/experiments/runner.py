@@ -226,7 +226,27 @@ def _train_and_evaluate(spec: RunSpec) -> dict[str, Any]:
         eval_s = time.perf_counter() - eval_start
     finally:
         agent.close()
-    train_returns = list(agent.episode_returns)
+    return write_result(
+        spec, returns, timesteps=agent.num_timesteps, updates=agent.num_updates, wall_s=agent.wall_time,
+        train_returns=list(agent.episode_returns), eval_s=eval_s,
+    )
+
+
+def write_result(
+    spec: RunSpec,
+    returns: Any,
+    *,
+    timesteps: int,
+    updates: int,
+    wall_s: float,
+    train_returns: list[float],
+    eval_s: float,
+) -> dict[str, Any]:
+    """The run's ``result.json`` record (ours and SB3 peers alike), written atomically.
+
+    ``returns`` are the final agent's deterministic evaluation returns; ``train_returns`` the
+    returns of the last training episodes.
+    """
     record = {
         "algo": spec.name,
         "base_algo": spec.algo,
@@ -236,10 +256,10 @@ def _train_and_evaluate(spec: RunSpec) -> dict[str, Any]:
         "final_return_std": float(np.std(returns)),
         "eval_returns": [float(r) for r in returns],
         "eval_episodes": spec.eval_episodes,
-        "timesteps": agent.num_timesteps,
-        "updates": agent.num_updates,
-        "wall_s": agent.wall_time,
-        "fps": agent.num_timesteps / max(agent.wall_time, 1e-9),
+        "timesteps": int(timesteps),
+        "updates": int(updates),
+        "wall_s": wall_s,
+        "fps": timesteps / max(wall_s, 1e-9),
         "train_return": float(np.mean(train_returns)) if train_returns else float("nan"),
         "eval_s": eval_s,
         "settings": spec.settings(),
