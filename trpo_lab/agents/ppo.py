@@ -230,11 +230,7 @@ class PPO(OnPolicyAgent):
         epochs_done = torch.zeros((), device=batch.device)
         for _ in range(cfg.n_epochs):
             for minibatch, total_count in reducer.shuffled_minibatches(batch, cfg.batch_size, self.shuffle_generator):
-                loss = self._minibatch_loss(minibatch)
-                self.optimizer.zero_grad(set_to_none=True)
-                torch.autograd.backward(loss.total)
-                approx_kl = reducer.grads(parameters, minibatch.size, total_count, with_means=loss.approx_kl)
-                assert approx_kl is not None
+                loss, approx_kl = self._minibatch_gradient(minibatch, parameters, total_count)
                 stopped = stopped | (approx_kl.reshape(()) > 1.5 * cfg.target_kl)
                 grad_norms.append(clip_grad_norm_(parameters, cfg.max_grad_norm))
                 before = [t.detach().clone() for t in self._step_state(parameters)]
@@ -263,6 +259,18 @@ class PPO(OnPolicyAgent):
         metrics["train/epochs"] = epochs_done
         metrics["train/early_stop"] = stopped.to(batch.advantages.dtype)
         return metrics
+
+    def _minibatch_gradient(
+        self, minibatch: RolloutBatch, parameters: Sequence[Tensor], total_count: int
+    ) -> tuple[PPOLoss, Tensor]:
+        """The minibatch's loss, its gradient in ``.grad`` (averaged over ranks) and its
+        approximate KL, which rides in the gradients' bucket (itself in one process)."""
+        loss = self._minibatch_loss(minibatch)
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward(loss.total)
+        approx_kl = self.reducer.grads(parameters, minibatch.size, total_count, with_means=loss.approx_kl)
+        assert approx_kl is not None
+        return loss, approx_kl
 
     def _policy_change_metrics(self, obs: Tensor, old_params: Tensor, batch: RolloutBatch) -> dict[str, Tensor]:
         """What the update did to the policy: exact mean KL(old ‖ new), entropy, the critic's
@@ -304,12 +312,8 @@ class PPO(OnPolicyAgent):
         epochs_done = 0
         for _ in range(cfg.n_epochs):
             for minibatch, total_count in reducer.shuffled_minibatches(batch, cfg.batch_size, self.shuffle_generator):
-                loss = self._minibatch_loss(minibatch)
-                self.optimizer.zero_grad(set_to_none=True)
-                torch.autograd.backward(loss.total)
-                # The KL of all ranks' samples rides in the gradients' bucket (itself in one process).
-                approx_kl = reducer.grads(parameters, minibatch.size, total_count, with_means=loss.approx_kl)
-                if cfg.target_kl is not None and approx_kl is not None and float(approx_kl) > 1.5 * cfg.target_kl:
+                loss, approx_kl = self._minibatch_gradient(minibatch, parameters, total_count)
+                if cfg.target_kl is not None and float(approx_kl) > 1.5 * cfg.target_kl:
                     early_stop = True  # SB3's early stop, before this minibatch's step
                     break
                 grad_norms.append(clip_grad_norm_(parameters, cfg.max_grad_norm))

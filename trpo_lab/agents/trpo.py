@@ -321,14 +321,19 @@ class TrustRegionAgent(OnPolicyAgent):
         optimizer.step(closure)
         state: dict[str, Any] = next(iter(optimizer.state.values()), {})
         evaluations = state.get("func_evals", 0)
-        with torch.no_grad():
-            loss = nn.functional.mse_loss(policy.value(obs), batch.returns)
-            ev = explained_variance(batch.values, batch.returns)
+        metrics = self._critic_fit_metrics(obs, batch)
         return {
-            "train/value_loss": loss,
-            "train/explained_variance": ev,
+            **metrics,
             "train/critic_lbfgs_evals": torch.tensor(float(evaluations)),
         }
+
+    def _critic_fit_metrics(self, obs: Any, batch: RolloutBatch) -> dict[str, Tensor]:
+        """The value loss after an L-BFGS fit and the explained variance of the rollout's values."""
+        with torch.no_grad():
+            return {
+                "train/value_loss": nn.functional.mse_loss(self.policy.value(obs), batch.returns),
+                "train/explained_variance": explained_variance(batch.values, batch.returns),
+            }
 
     def _fit_critic_lbfgs_fixed(self, obs: Tensor, batch: RolloutBatch) -> dict[str, Tensor]:
         """The device-resident L-BFGS fit (``sync_free``): :func:`~trpo_lab.optim.lbfgs.lbfgs_fixed`.
@@ -359,13 +364,10 @@ class TrustRegionAgent(OnPolicyAgent):
         )
         for param in critic_params:
             param.grad = None
-        with torch.no_grad():
-            loss = nn.functional.mse_loss(policy.value(obs), batch.returns)
-            ev = explained_variance(batch.values, batch.returns)
+        metrics = self._critic_fit_metrics(obs, batch)
         return {
-            "train/value_loss": loss,
-            "train/explained_variance": ev,
-            "train/critic_lbfgs_accepted": result.accepted.to(loss.dtype),
+            **metrics,
+            "train/critic_lbfgs_accepted": result.accepted.to(metrics["train/value_loss"].dtype),
         }
 
     def update(self, batch: RolloutBatch) -> dict[str, Tensor]:
