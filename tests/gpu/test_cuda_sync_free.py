@@ -108,3 +108,20 @@ def test_acktr_update_makes_no_host_sync(target_kl: float | None) -> None:
         metrics = agent.update(batch)
     assert counter.count == 0, counter.report()
     assert all(torch.isfinite(torch.as_tensor(value)).all() for value in metrics.values())
+
+
+def test_numpy_env_rollout_makes_one_pinned_copy_per_step() -> None:
+    """A numpy env on a CUDA agent: each step's observations, rewards and flags arrive in one
+    non-blocking copy from pinned memory; the only host reads are the actions the env needs."""
+    agent = _agent()  # n_steps 64
+    staging = agent.collector.staging
+    assert staging is not None and staging.pinned and agent.collector.backend == "torch"
+    agent.collect_rollout()
+    before = staging.transfers
+    with HostSyncCounter(count_host_reads=False) as counter:
+        agent.collect_rollout()
+    assert staging.transfers - before == 64 + 1
+    blocking_uploads = [s for s in counter.syncs if "-> host" not in s.reason]
+    assert not blocking_uploads, counter.report()
+    reads = [s for s in counter.syncs if "-> host" in s.reason]
+    assert len(reads) <= 64 + 4, counter.report()  # one per step (the actions), a few per rollout (GAE)

@@ -357,7 +357,7 @@ class RolloutBuffer:
         stored as they are and read back as device tensors."""
         t = self.pos
         self._store(t, obs)
-        if isinstance(obs, Tensor) or self._numpy is None:
+        if self._numpy is None or isinstance(obs, Tensor) or (isinstance(obs, dict) and isinstance(_first(obs), Tensor)):
             return map_observations(lambda storage: storage[t], self.observations)
         views = self._numpy["observations"]
         if isinstance(views, dict):

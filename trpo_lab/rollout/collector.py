@@ -18,9 +18,12 @@ value of the final observation, which GAE bootstraps from at a truncation.
 Two kinds of environment, one loop:
 
 * a numpy :class:`gymnasium.vector.VectorEnv`: actions go to the host once per step (on a GPU
-  that is the step's one device-to-host copy, which the environment has to wait for anyway),
-  observations come back once (:meth:`RolloutBuffer.put_observation`; the noise of the torch
-  acting path comes in chunks through pinned memory without a wait);
+  that is the step's one device-to-host copy, which the environment has to wait for anyway).
+  On the CPU the step's observations, rewards and flags are written straight into the buffer
+  through numpy views. With the buffer on another device they come back in **one** copy per
+  step: :class:`StepStaging` packs them into one pinned host buffer and queues a single
+  non-blocking copy to the device (the noise of the torch acting path also comes in chunks
+  through pinned memory without a wait);
 * a torch-native vector env (:mod:`trpo_lab.envs.torch_vec`, e.g.
   :class:`~trpo_lab.envs.torch_cartpole.TorchCartPole`): everything stays on the device and a
   step makes no host synchronisation; the counts a rollout needs on the host (valid steps,
@@ -45,7 +48,7 @@ from trpo_lab.nn.acting import NoiseStream, RolloutActor
 from trpo_lab.nn.policy import ActorCritic
 from trpo_lab.rollout.buffer import RolloutBuffer
 
-__all__ = ["CollectingAgent", "RolloutCollector"]
+__all__ = ["CollectingAgent", "RolloutCollector", "StepStaging"]
 
 
 class _RolloutConfig(Protocol):
@@ -98,11 +101,19 @@ class RolloutCollector:
             or ``"torch"`` (see :func:`~trpo_lab.nn.acting.make_actor`).
     """
 
-    def __init__(self, agent: CollectingAgent, backend: str = "auto") -> None:
+    def __init__(self, agent: CollectingAgent, backend: str = "auto", staged: bool | None = None) -> None:
         self.agent = agent
         self.on_device = is_torch_vector_env(agent.env)
         """Whether the environments step on tensors (the torch acting path is then always used)."""
         self.backend = "torch" if self.on_device and backend == "auto" else backend
+        if staged and self.on_device:
+            raise ValueError("staged=True applies to numpy environments; a torch vector env's steps are already on the device")
+        self.staging: StepStaging | None = None
+        """Set when a numpy env's steps reach the buffer through one host-to-device copy each
+        (``staged``; default: when the buffer is not on the CPU). The acting path is then torch."""
+        if staged if staged is not None else (not self.on_device and agent.buffer.device.type != "cpu"):
+            self.staging = StepStaging(agent.buffer)
+            self.backend = "torch"
         space = agent.action_space
         self._bounds: tuple[Any, Any] | None = (space.low, space.high) if isinstance(space, gym.spaces.Box) else None
 
@@ -142,11 +153,14 @@ class RolloutCollector:
             episodes = _DeviceEpisodes(n_steps, agent.n_envs, buffer.device)
         buffer.reset()
         actor = self.actor()
+        staging = self.staging
+        # What acts: the env's observation, or (staged) its copy on the device.
+        acting_obs = obs if staging is None else staging.transfer(obs)[0]
         steps = skipped = step = 0
         try:
             with torch.inference_mode():
                 for step in range(n_steps):
-                    actions, log_probs, values = actor.act(buffer.put_observation(obs))
+                    actions, log_probs, values = actor.act(buffer.put_observation(acting_obs))
                     if self.on_device:
                         env_actions = actions
                     else:
@@ -156,8 +170,15 @@ class RolloutCollector:
                     valid = ~autoreset
                     if "_nonfinite" in infos:
                         skipped += self._drop_non_finite(step, infos["_nonfinite"], cast(NDArray[np.bool_], valid))
-                    buffer.add(None, actions, log_probs, values, rewards, terminated, truncated, valid)
                     autoreset = terminated | truncated
+                    if staging is None:
+                        buffer.add(None, actions, log_probs, values, rewards, terminated, truncated, valid)
+                        acting_obs = next_obs
+                    else:  # the step's one host-to-device copy
+                        flags = (terminated, truncated, cast(NDArray[np.bool_], valid))
+                        acting_obs, dev = staging.transfer(next_obs, rewards, *flags)
+                        buffer.add(None, actions, log_probs, values, dev["rewards"], dev["terminated"],
+                                   dev["truncated"], dev["valid"])
                     if self.on_device:
                         episodes.add(step, cast(Tensor, valid), infos)
                     else:
@@ -165,7 +186,7 @@ class RolloutCollector:
                         if "_episode" in infos:
                             self._record_episodes(infos)
                     obs = next_obs
-                last_values = torch.as_tensor(actor.values(obs), device=buffer.device)
+                last_values = torch.as_tensor(actor.values(acting_obs), device=buffer.device)
             if self.on_device:
                 steps = episodes.read(agent)
         except NonFiniteEnvError as exc:
@@ -233,3 +254,90 @@ class _DeviceEpisodes:
             agent.episode_lengths.append(float(length))
             agent.num_episodes += 1
         return int(host[0])
+
+
+class StepStaging:
+    """One host-to-device copy per vector step for a numpy environment feeding a device buffer.
+
+    The step's next observations (one field per key of a Dict space), rewards and the
+    ``terminated`` / ``truncated`` / ``valid`` flags are written, through numpy views, into
+    one byte buffer in page-locked host memory; :meth:`transfer` then queues a single
+    ``non_blocking`` copy of it to a byte buffer on the device and returns device tensors that
+    view it. Without pinning (no CUDA) the copy is an ordinary one.
+
+    Two buffers alternate, so the host never writes into memory a queued copy may still be
+    reading (on CUDA the step's device-to-host copy of the actions has already waited for the
+    previous transfer, but the collector does not rely on that).
+
+    Args:
+        buffer: The rollout buffer the steps go to: its device, its number of environments and
+            its observation storage (shapes and dtypes, by key for Dict spaces) set the layout.
+    """
+
+    _ALIGN = 64
+    _FLAGS = ("terminated", "truncated", "valid")
+
+    def __init__(self, buffer: RolloutBuffer) -> None:
+        self.device = buffer.device
+        n_envs, storage = buffer.n_envs, buffer.observations
+        self.obs_keys: list[str] | None = list(storage) if isinstance(storage, dict) else None
+        fields: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+        if isinstance(storage, dict):
+            fields += [(f"obs/{key}", (n_envs, *t.shape[2:]), t.dtype) for key, t in storage.items()]
+        else:
+            fields.append(("obs", (n_envs, *storage.shape[2:]), storage.dtype))
+        fields.append(("rewards", (n_envs,), buffer.rewards.dtype))
+        fields += [(name, (n_envs,), torch.bool) for name in self._FLAGS]
+        self._layout: list[tuple[str, int, tuple[int, ...], torch.dtype]] = []
+        offset = 0
+        for name, shape, dtype in fields:
+            self._layout.append((name, offset, shape, dtype))
+            nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+            offset += -(-nbytes // self._ALIGN) * self._ALIGN
+        self.nbytes = offset
+        self.pinned = self.device.type == "cuda" and torch.cuda.is_available()
+        self._host = [torch.empty(offset, dtype=torch.uint8, pin_memory=self.pinned) for _ in range(2)]
+        self._device = [torch.empty(offset, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        self._host_views = [{name: view.numpy() for name, view in self._views(buf).items()} for buf in self._host]
+        self._device_views = [self._views(buf) for buf in self._device]
+        self._next = 0
+        self.transfers = 0
+        """Copies made so far (one per :meth:`transfer`)."""
+
+    def _views(self, buf: Tensor) -> dict[str, Tensor]:
+        return {
+            name: buf[offset:offset + int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()]
+            .view(dtype).view(shape)
+            for name, offset, shape, dtype in self._layout
+        }
+
+    def transfer(
+        self,
+        obs: Any,
+        rewards: NDArray[Any] | None = None,
+        terminated: NDArray[Any] | None = None,
+        truncated: NDArray[Any] | None = None,
+        valid: NDArray[Any] | None = None,
+    ) -> tuple[Any, dict[str, Tensor]]:
+        """Copy one step's host arrays to the device at once.
+
+        Returns:
+            ``(obs, step)``: the observations on the device (a dict of tensors, by key, for
+            Dict spaces) and the other fields given, by name, as device tensors. They view a
+            buffer that the transfer after next overwrites: store or use them before then.
+        """
+        host, device = self._host_views[self._next], self._device_views[self._next]
+        if self.obs_keys is None:
+            host["obs"][...] = obs
+        else:
+            for key in self.obs_keys:
+                host[f"obs/{key}"][...] = obs[key]
+        given = {"rewards": rewards, "terminated": terminated, "truncated": truncated, "valid": valid}
+        for name, value in given.items():
+            if value is not None:
+                host[name][...] = value
+        self._device[self._next].copy_(self._host[self._next], non_blocking=self.pinned)
+        self._next ^= 1
+        self.transfers += 1
+        dev_obs = device["obs"] if self.obs_keys is None else {key: device[f"obs/{key}"] for key in self.obs_keys}
+        return dev_obs, {name: device[name] for name, value in given.items() if value is not None}
