@@ -47,6 +47,7 @@ def test_train_writes_run_directory_and_eval_reads_it(tmp_path: Path) -> None:
         (["train", "trpo", "CartPole-v1", "--set", "gama=0.9"], "Unknown hyperparameter 'gama'"),
         (["train", "trpo", "CartPole-v1", "--set", "gamma=2"], "Invalid gamma: 2.0"),
         (["train", "trpo", "CartPole-v1", "--set", "gamma"], "expected key=value"),
+        (["train", "trpo", "CartPole-v1", "--set", "gamma=none"], "Invalid gamma: 'none'"),  # not optional
         (["train", "trpo", "CartPole-v1", "--n-envs", "0"], "Invalid n_envs: 0"),
         (["train", "trpo", "CartPole-v1", "--steps", "x"], "invalid int value"),
         (["train", "trpo", "CartPole-v1", "--device", "cuda:7"] , "Invalid device"),
@@ -78,3 +79,19 @@ def test_train_device_auto_and_a_device_that_does_not_exist(tmp_path: Path) -> N
     assert result.stderr.strip().splitlines() == [
         "trpo-lab: error: Invalid device: 'tpu'; expected 'cpu', 'cuda', 'cuda:N' or 'auto'"
     ]
+
+
+def test_set_none_switches_an_optional_preset_value_off(tmp_path: Path) -> None:
+    """TOML has no null: ``--set key=none`` (or ``key = "none"`` in a file) turns off what a preset set."""
+    from trpo_lab.config import ACKTRConfig, PPOConfig
+
+    assert PPOConfig.from_dict({"target_kl": "none"}).target_kl is None
+    assert PPOConfig.from_dict({"target_kl": "None"}).target_kl is None
+    assert ACKTRConfig.from_dict({"vf_kl_clip": "none"}).vf_kl_clip is None
+    run_dir = tmp_path / "run"
+    result = _run(  # the ACKTR Pendulum-v1 preset sets target_kl = 0.002
+        "train", "acktr", "Pendulum-v1", "--steps", "512", "--n-envs", "2", "--run-dir", str(run_dir),
+        "--set", "target_kl=none", "--quiet", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "target_kl" not in (run_dir / "config.toml").read_text()

@@ -94,6 +94,8 @@ def _coerce(name: str, annotation: str, value: Any) -> Any:
     """Check (and for floats, widen) a value against its field annotation."""
     optional = annotation.endswith("| None")
     base = annotation.removesuffix("| None").strip()
+    if optional and isinstance(value, str) and value.strip().lower() == "none" and base != "str":
+        value = None  # TOML has no null: "none" (a preset, --set key=none) switches an optional field off
     if value is None:
         if optional:
             return None

@@ -73,7 +73,7 @@ BUILTIN_AGENTS: dict[str, dict[str, dict[str, Any]]] = {
         "default": {"n_envs": 8},
         "CartPole-v1": {
             "total_timesteps": 100_000, "n_steps": 32, "batch_size": 256, "gae_lambda": 0.8, "gamma": 0.98,
-            "n_epochs": 20, "learning_rate": 2.5e-4, "target_kl": 0.02,
+            "n_epochs": 20, "learning_rate": "linear:0.001", "clip_range": "linear:0.2",
         },
         "Acrobot-v1": {"n_envs": 16, "n_steps": 256, "gae_lambda": 0.94, "n_epochs": 4},
         "Pendulum-v1": {"n_steps": 256, "batch_size": 256, "gamma": 0.9, "n_epochs": 10, "learning_rate": 1e-3},
@@ -84,8 +84,11 @@ BUILTIN_AGENTS: dict[str, dict[str, dict[str, Any]]] = {
             "momentum": 0.9, "stat_decay": 0.99, "inverse_every": 10, "gamma": 0.99, "gae_lambda": 1.0,
             "ent_coef": 0.0, "vf_coef": 0.5, "max_grad_norm": 0.5,
         },
-        "CartPole-v1": {"total_timesteps": 100_000},
-        "Acrobot-v1": {"total_timesteps": 200_000, "ent_coef": 0.01, "normalize_obs": True},
+        "CartPole-v1": {"total_timesteps": 100_000, "n_steps": 32, "learning_rate": "linear"},
+        "Acrobot-v1": {
+            "total_timesteps": 200_000, "n_steps": 64, "ent_coef": 0.01, "gae_lambda": 0.95, "normalize_advantage": True,
+            "normalize_obs": True,
+        },
         "Pendulum-v1": {
             "total_timesteps": 200_000, "n_steps": 64, "gamma": 0.9, "gae_lambda": 0.95, "normalize_advantage": True,
             "normalize_obs": True, "normalize_reward": True, "learning_rate": 0.03, "kl_clip": 0.01, "target_kl": 0.002,

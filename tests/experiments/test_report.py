@@ -53,15 +53,22 @@ def test_outputs_of_a_hand_made_compare(tmp_path: Path) -> None:
     ]
     assert (tmp_path / "report.md").read_text() == report
     half = 4.302653 / math.sqrt(3)  # s = 1, n = 3 for both algorithms
-    assert f"| ppo | 101.0 ± {half:.1f} | 101.0 | 3 | 500 | 2.0 |" in report
-    assert f"| trpo | 2.0 ± {half:.1f} | 2.0 | 3 | 250 | 2.0 |" in report
+    # learning return of a run: its curve (no return at 250 steps, then f/2, 3f/4, f at 500, 750,
+    # 1000) by trapezoids over 500 steps: (0.625 f + 0.875 f) * 250 / 500 = 0.75 f
+    for row, record in zip(rows, records):
+        assert float(row["learning_return"]) == pytest.approx(0.75 * record["final_return"])
+    assert f"| ppo | 101.0 ± {half:.1f} | 101.0 | {0.75 * 101:.1f} ± {0.75 * half:.1f} | 3 | 500 | 2.0 |" in report
+    assert f"| trpo | 2.0 ± {half:.1f} | 2.0 | {0.75 * 2:.1f} ± {0.75 * half:.1f} | 3 | 250 | 2.0 |" in report
     assert report.index("| ppo |") < report.index("| trpo |")  # best mean first
-    assert "**Winner**: ppo (its 95% CI lies above every other algorithm's). Most steps per second: ppo." in report
+    assert "**Winner** (final return): ppo (its 95% CI lies above every other algorithm's)." in report
+    assert "**Winner** (learning return): ppo (its 95% CI lies above every other algorithm's)." in report
+    assert "Most steps per second: ppo." in report
     assert "hand-made" in report and "Budget 1,000 steps per run" in report
     assert "the training time of all runs adds up to 12 s" in report  # 6 runs x 2 s
     assert "## Failed runs\n\n- CartPole-v1-npg-seed0: ValueError: boom" in report
     # the aggregate: CartPole-v1 normalised by (22.7, 475): ppo (101 - 22.7) / 452.3 = 0.173, trpo below 0
-    assert "## Aggregate over environments" in report and "CartPole-v1 (22.7 → 475)" in report
+    assert "## Aggregate over environments: final return" in report and "CartPole-v1 (22.7 → 475)" in report
+    assert "## Aggregate over environments: learning return" in report
     assert f"| ppo | {(101 - 22.7) / 452.3:.2f} [" in report
     assert "**Winner over all environments**: ppo (its IQM's 95% interval lies above every other algorithm's)." in report
     assert "| ppo | — | 1.00 [1.00, 1.00] |" in report  # every ppo run beats every trpo run

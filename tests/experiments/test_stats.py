@@ -10,6 +10,7 @@ import pytest
 from trpo_lab.experiments import AlgoSummary, ci_half_width, iqm, mean_ci, summarize, t_critical, winner
 from trpo_lab.experiments.stats import (
     Interval,
+    learning_return,
     aggregate,
     aggregate_winner,
     normalized_score,
@@ -70,6 +71,29 @@ def test_winner_needs_separated_intervals() -> None:
     single_seed = {"ppo": _summary("ppo", 500, math.nan), "trpo": _summary("trpo", 100, math.nan)}
     assert winner(single_seed).startswith("no clear winner")
     assert winner({"ppo": _summary("ppo", 1, 1)}) == "only one algorithm: no comparison"
+
+
+def test_learning_return_is_the_mean_of_the_curve_over_steps() -> None:
+    # a curve 0 -> 10 over 100 steps, then flat at 10 for 300 more: area 500 + 3000 over 400 steps
+    assert learning_return([0, 100, 400], [0.0, 10.0, 10.0]) == pytest.approx(3500 / 400)
+    # points without a return yet are left out: the curve starts at its first finite point
+    assert learning_return([0, 100, 200, 300], [math.nan, 2.0, 4.0, 4.0]) == pytest.approx((3.0 * 100 + 4.0 * 100) / 200)
+    assert math.isnan(learning_return([0, 100], [math.nan, 1.0]))
+    assert math.isnan(learning_return([], []))
+    assert learning_return([5, 5], [1.0, 3.0]) == 2.0  # no span: the mean
+
+
+def test_winner_by_learning_return_uses_its_own_intervals() -> None:
+    tie = {
+        "trpo": AlgoSummary("trpo", 5, 500.0, 0.0, 500.0, 1.0, 1.0, 1.0, learning=330.0, learning_ci=6.0),
+        "ppo": AlgoSummary("ppo", 5, 500.0, 0.0, 500.0, 1.0, 1.0, 1.0, learning=200.0, learning_ci=40.0),
+    }
+    assert winner(tie).startswith("no clear winner")  # both solved: the final returns tie
+    assert winner(tie, "learning_return") == "trpo (its 95% CI lies above every other algorithm's)"
+    tie["ppo"].learning = math.nan  # a record without a curve
+    assert winner(tie, "learning_return").startswith("no clear winner (some runs")
+    with pytest.raises(ValueError, match="Unknown metric 'speed'"):
+        winner(tie, "speed")
 
 
 def test_summarize_aggregates_the_seeds_of_each_algorithm_per_env() -> None:
@@ -166,3 +190,20 @@ def test_aggregate_leaves_out_envs_without_references_or_runs() -> None:
     nothing = aggregate(_records({"C-v0": {"x": [1.0], "y": [1.0]}}), ["x", "y"], references=TINY_REFS)
     assert nothing.iqm == {} and aggregate_winner(nothing).startswith("no aggregate")
     assert "no clear winner" not in aggregate_winner(aggregate(_records({"A-v0": {"x": [1.0]}}), ["x"], TINY_REFS))
+
+
+def test_aggregate_of_the_learning_return_reads_that_key() -> None:
+    records = [
+        {"algo": algo, "env": "A-v0", "seed": seed, "final_return": 10.0, "learning_return": value}
+        for algo, values in {"fast": [8.0, 9.0, 8.5], "slow": [2.0, 3.0, 2.5]}.items()
+        for seed, value in enumerate(values)
+    ]
+    final = aggregate(records, ["fast", "slow"], references=TINY_REFS)
+    learning = aggregate(records, ["fast", "slow"], references=TINY_REFS, metric="learning_return")
+    assert final.iqm["fast"].value == final.iqm["slow"].value == 1.0
+    assert learning.metric == "learning_return" and learning.iqm["fast"].value == pytest.approx(0.85)
+    assert aggregate_winner(learning).startswith("fast (")
+    without = [{k: v for k, v in r.items() if k != "learning_return"} for r in records]
+    assert aggregate(without, ["fast", "slow"], references=TINY_REFS, metric="learning_return").envs == []
+    with pytest.raises(ValueError, match="Unknown metric"):
+        aggregate(records, ["fast"], references=TINY_REFS, metric="auc")

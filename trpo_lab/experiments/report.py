@@ -3,11 +3,14 @@
 ``summary.csv`` has one row per finished run (columns :data:`SUMMARY_COLUMNS`);
 ``learning_curves.png`` shows, per environment, the training return against environment
 steps (top row) and against wall-clock seconds (bottom row), mean over seeds with a shaded
-95% interval; ``report.md`` has a table per environment (final return mean ± 95% CI, IQM,
-steps/s, wall time) and names the winner (:func:`trpo_lab.experiments.stats.winner`), then the
-aggregate over environments: the IQM of normalised scores with stratified-bootstrap intervals,
-the winner by those intervals and the probability of improvement of every pair
-(:func:`trpo_lab.experiments.stats.aggregate`).
+95% interval; ``report.md`` has a table per environment (final return and learning return,
+each mean ± 95% CI; IQM, steps/s, wall time) and names the winner of each
+(:func:`trpo_lab.experiments.stats.winner`), then the aggregate over environments of both:
+the IQM of normalised scores with stratified-bootstrap intervals, the winner by those
+intervals and the probability of improvement of every pair
+(:func:`trpo_lab.experiments.stats.aggregate`). The learning return of a run
+(:func:`trpo_lab.experiments.stats.learning_return`) is computed here from its
+``progress.csv``, so older result files get one too.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ import numpy as np
 
 from trpo_lab.experiments.spec import Experiment, RunSpec
 from trpo_lab.experiments.stats import (
+    METRICS,
     Aggregate,
     AlgoSummary,
     aggregate,
     aggregate_winner,
     ci_half_width,
+    learning_return,
     summarize,
     winner,
 )
@@ -38,7 +43,7 @@ __all__ = ["SUMMARY_COLUMNS", "read_curve", "write_summary", "plot_learning_curv
 
 SUMMARY_COLUMNS = (
     "algo", "env", "seed", "final_return", "final_return_std", "eval_episodes", "timesteps", "updates",
-    "wall_s", "fps", "train_return", "eval_s", "run_dir", "base_algo",
+    "wall_s", "fps", "train_return", "eval_s", "run_dir", "base_algo", "learning_return",
 )
 """``algo`` is the name a run is reported under (an algorithm or a variant), ``base_algo`` its algorithm."""
 
@@ -144,10 +149,10 @@ def write_report(
     workers: int,
     path: Path,
     train_s: float = math.nan,
-    overall: Aggregate | None = None,
+    overall: Sequence[Aggregate] = (),
 ) -> str:
-    """``report.md``: a table per env (final return mean +- 95% CI, IQM, steps/s, wall time), the winner,
-    and the aggregate over envs (``overall``, when given)."""
+    """``report.md``: a table per env (final and learning return, mean +- 95% CI; IQM, steps/s, wall
+    time), the winner of each, and the aggregates over envs (``overall``: one per metric)."""
     lines = [f"# Compare: {experiment.name}", ""]
     if experiment.description:
         lines += [experiment.description, ""]
@@ -159,9 +164,13 @@ def write_report(
         "",
         f"*Final return*: mean return of the final agent over {experiment.eval_episodes} deterministic "
         "evaluation episodes, averaged over seeds, ± the 95% Student-t interval over seeds. *IQM*: "
-        "interquartile mean of all evaluation episodes of all seeds. *Steps/s* and *wall time*: training "
-        "only (rollouts and updates), mean over seeds. The winner is the algorithm whose interval lies above "
-        "every other's; when intervals overlap the report says there is no clear winner.",
+        "interquartile mean of all evaluation episodes of all seeds. *Learning return*: the mean of the "
+        "training curve (the return of the last 100 training episodes) over the run's environment steps, "
+        "i.e. the area under the learning curve divided by the budget, averaged over seeds ± the 95% "
+        "Student-t interval: when every algorithm solves an environment, it says which got there sooner. "
+        "*Steps/s* and *wall time*: training only (rollouts and updates), mean over seeds. The winner is the "
+        "algorithm whose interval lies above every other's; when intervals overlap the report says there is "
+        "no clear winner.",
         "",
     ]
     for env_id, summaries in table.items():
@@ -174,18 +183,27 @@ def write_report(
             + (f", normalize_reward={entry['normalize_reward']}" if "normalize_reward" in entry else "")
             + ".",
             "",
-            "| algorithm | final return (mean ± 95% CI) | IQM | seeds | steps/s | wall time (s) |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| algorithm | final return (mean ± 95% CI) | IQM | learning return (mean ± 95% CI) | seeds "
+            "| steps/s | wall time (s) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for s in sorted(summaries.values(), key=lambda s: s.mean, reverse=True):
-            ci = "" if math.isnan(s.ci) else f" ± {_fmt(s.ci)}"
             lines.append(
-                f"| {s.algo} | {_fmt(s.mean)}{ci} | {_fmt(s.iqm)} | {s.seeds} | {_fmt(s.fps, 0)} | {_fmt(s.wall_s)} |"
+                f"| {s.algo} | {_mean_ci(s.mean, s.ci)} | {_fmt(s.iqm)} | {_mean_ci(s.learning, s.learning_ci)} "
+                f"| {s.seeds} | {_fmt(s.fps, 0)} | {_fmt(s.wall_s)} |"
             )
         fastest = max(summaries.values(), key=lambda s: s.fps)
-        lines += ["", f"**Winner**: {winner(summaries)}. Most steps per second: {fastest.algo}.", ""]
-    if overall is not None:
-        lines += _aggregate_lines(overall)
+        lines += [
+            "",
+            f"**Winner** (final return): {winner(summaries)}.",
+            "",
+            f"**Winner** (learning return): {winner(summaries, 'learning_return')}.",
+            "",
+            f"Most steps per second: {fastest.algo}.",
+            "",
+        ]
+    for result in overall:
+        lines += _aggregate_lines(result)
     lines += [
         "## Learning curves",
         "",
@@ -199,19 +217,24 @@ def write_report(
     return text
 
 
+def _mean_ci(mean: float, ci: float) -> str:
+    return _fmt(mean) + ("" if math.isnan(ci) else f" ± {_fmt(ci)}")
+
+
 def _interval(value: float, low: float, high: float, digits: int = 2) -> str:
     return f"{_fmt(value, digits)} [{_fmt(low, digits)}, {_fmt(high, digits)}]"
 
 
 def _aggregate_lines(overall: Aggregate) -> list[str]:
-    """The report's "Aggregate over environments" section."""
-    lines = ["## Aggregate over environments", ""]
+    """The report's "Aggregate over environments" section of one metric."""
+    name = METRICS[overall.metric]
+    lines = [f"## Aggregate over environments: {name.split(' (')[0]}", ""]
     if not overall.envs or len(overall.iqm) < 1:
         reason = "; ".join(overall.left_out) or "no finished runs"
         return lines + [f"No aggregate: {reason}.", ""]
     refs = ", ".join(f"{env} ({low:g} → {high:g})" for env, (low, high) in overall.references.items())
     lines += [
-        "Each run's final return is normalised per environment, (return − random) / (solved − random), "
+        f"Each run's {name} is normalised per environment, (return − random) / (solved − random), "
         f"with the reference scores (random → solved) {refs}: 0 is a random policy, 1 solved. *IQM*: the "
         "interquartile mean of the normalised scores of all runs on all these environments; *P(row > column)*: "
         "the probability that a run of the row's algorithm beats one of the column's on an environment drawn "
@@ -268,17 +291,23 @@ def write_outputs(
     Returns:
         The text of ``report.md``.
     """
-    write_summary(records, out_dir / "summary.csv")
+    by_run = {(s.env_id, s.name, s.seed): read_curve(s.run_dir) for s in finished}
     curves = {
         env_id: {
-            algo: [read_curve(s.run_dir) for s in finished if s.env_id == env_id and s.name == algo]
+            algo: [by_run[(s.env_id, s.name, s.seed)] for s in finished if s.env_id == env_id and s.name == algo]
             for algo in experiment.algos
         }
         for env_id in experiment.envs
     }
     curves = {env_id: {a: c for a, c in by_algo.items() if c} for env_id, by_algo in curves.items()}
     plot_learning_curves(curves, experiment.algos, out_dir / "learning_curves.png")
+    records = [
+        {**r, "learning_return": learning_return(curve["timesteps"], curve["return_mean"])}
+        if (curve := by_run.get((r["env"], r["algo"], r["seed"]))) is not None else dict(r)
+        for r in records
+    ]
+    write_summary(records, out_dir / "summary.csv")
     table = summarize(records, experiment.algos)
     train_s = float(sum(r["wall_s"] for r in records))
-    overall = aggregate(records, experiment.algos)
+    overall = [aggregate(records, experiment.algos, metric=metric) for metric in METRICS]
     return write_report(experiment, table, failures, elapsed_s, workers, out_dir / "report.md", train_s, overall)

@@ -11,6 +11,12 @@ values, the aggregate Agarwal et al. (2021, "Deep Reinforcement Learning at the 
 Statistical Precipice") recommend over the mean or median for few runs. An algorithm wins on
 an environment only when its interval lies entirely above every other algorithm's.
 
+Two scores are compared per run: the *final return* (the final agent's deterministic
+evaluation) and the *learning return* (:func:`learning_return`), the mean of the training
+curve over the run's environment steps, i.e. the area under the learning curve divided by the
+steps it spans. When every algorithm solves an environment by the end of its budget, the final
+returns tie and only the learning return tells which got there sooner.
+
 Across environments (:func:`aggregate`, after Agarwal et al., 2021), each run's final return
 ``x`` on env ``m`` is normalised by the env's reference scores (:data:`REFERENCE_SCORES`:
 a uniformly random policy's mean return and the "solved" score),
@@ -40,7 +46,8 @@ import numpy as np
 from trpo_lab.validation import check_int
 
 __all__ = [
-    "CONFIDENCE", "t_critical", "ci_half_width", "mean_ci", "iqm", "AlgoSummary", "summarize", "winner",
+    "CONFIDENCE", "t_critical", "ci_half_width", "mean_ci", "iqm", "learning_return", "AlgoSummary", "summarize",
+    "winner", "METRICS",
     "REFERENCE_SCORES", "normalized_score", "probability_of_improvement", "stratified_bootstrap", "Interval",
     "Aggregate", "aggregate", "aggregate_winner",
 ]
@@ -92,9 +99,44 @@ def iqm(values: Sequence[float]) -> float:
     return float(x[cut : x.size - cut].mean())
 
 
+def learning_return(timesteps: Any, returns: Any) -> float:
+    """The mean of a training curve over environment steps: the area under it (trapezoids
+    between its logged points) divided by the steps from its first to its last point.
+
+    Args:
+        timesteps: Environment steps of the logged points (increasing).
+        returns: The training return at each point (e.g. the mean of the last 100 episodes);
+            NaN where none had finished yet: those points are left out.
+
+    Returns:
+        NaN when fewer than two points have a return; their return when they span no steps.
+    """
+    t = np.asarray(timesteps, dtype=np.float64)
+    r = np.asarray(returns, dtype=np.float64)
+    ok = np.isfinite(t) & np.isfinite(r)
+    t, r = t[ok], r[ok]
+    if t.size < 2:
+        return math.nan
+    span = float(t[-1] - t[0])
+    if span <= 0:
+        return float(r.mean())
+    return float(np.sum((r[1:] + r[:-1]) * np.diff(t)) / 2.0 / span)
+
+
+METRICS: dict[str, str] = {
+    "final_return": "final return",
+    "learning_return": "learning return (mean training return over the run)",
+}
+"""The per-run scores the report compares (a result record's key -> how the report names it)."""
+
+
 @dataclass
 class AlgoSummary:
-    """The aggregate of one algorithm's seeds on one environment."""
+    """The aggregate of one algorithm's seeds on one environment.
+
+    ``mean`` / ``ci`` are over the seeds' final returns, ``learning`` / ``learning_ci`` over
+    their learning returns (:func:`learning_return`; NaN for records without one).
+    """
 
     algo: str
     seeds: int
@@ -104,6 +146,16 @@ class AlgoSummary:
     fps: float
     wall_s: float
     timesteps: float
+    learning: float = math.nan
+    learning_ci: float = math.nan
+
+    def interval(self, metric: str = "final_return") -> tuple[float, float]:
+        """``(mean, 95% half width)`` of ``metric`` (a key of :data:`METRICS`) over the seeds."""
+        if metric == "final_return":
+            return self.mean, self.ci
+        if metric == "learning_return":
+            return self.learning, self.learning_ci
+        raise ValueError(f"Unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
 
     @property
     def low(self) -> float:
@@ -120,7 +172,8 @@ def summarize(records: Sequence[Mapping[str, Any]], algos: Sequence[str]) -> dic
     """Env -> algo -> :class:`AlgoSummary`, over the seeds present in ``records``.
 
     The interval is over the seeds' final returns (each the mean of its evaluation episodes);
-    the IQM is over all evaluation episodes of all seeds.
+    the IQM is over all evaluation episodes of all seeds; the learning return's interval is over
+    the seeds' ``learning_return`` (missing in a record: NaN).
     """
     grouped: dict[str, dict[str, list[Mapping[str, Any]]]] = {}
     for record in records:
@@ -131,6 +184,8 @@ def summarize(records: Sequence[Mapping[str, Any]], algos: Sequence[str]) -> dic
         for algo in [a for a in algos if a in by_algo]:
             runs = by_algo[algo]
             mean, ci = mean_ci([r["final_return"] for r in runs])
+            learning = [float(r.get("learning_return", math.nan)) for r in runs]
+            learning_mean, learning_ci = mean_ci(learning) if all(np.isfinite(learning)) else (math.nan, math.nan)
             episodes = [x for r in runs for x in r["eval_returns"]]
             table[env_id][algo] = AlgoSummary(
                 algo=algo,
@@ -141,25 +196,32 @@ def summarize(records: Sequence[Mapping[str, Any]], algos: Sequence[str]) -> dic
                 fps=float(np.mean([r["fps"] for r in runs])),
                 wall_s=float(np.mean([r["wall_s"] for r in runs])),
                 timesteps=float(np.mean([r["timesteps"] for r in runs])),
+                learning=learning_mean,
+                learning_ci=learning_ci,
             )
     return table
 
 
-def winner(summaries: Mapping[str, AlgoSummary]) -> str:
-    """One sentence: the algorithm whose 95% CI lies above every other's, or "no clear winner"."""
-    ranked = sorted(summaries.values(), key=lambda s: s.mean, reverse=True)
+def winner(summaries: Mapping[str, AlgoSummary], metric: str = "final_return") -> str:
+    """One sentence: the algorithm whose 95% CI of ``metric`` (a key of :data:`METRICS`) lies
+    above every other's, or "no clear winner"."""
+    entries = [(s.algo, *s.interval(metric)) for s in summaries.values()]
+    ranked = sorted(entries, key=lambda e: -math.inf if math.isnan(e[1]) else e[1], reverse=True)
     if len(ranked) < 2:
         return "only one algorithm: no comparison"
-    best = ranked[0]
-    if any(math.isnan(s.ci) for s in ranked):
-        return f"no clear winner (fewer than 2 seeds for a confidence interval; highest mean: {best.algo})"
-    overlapping = [s.algo for s in ranked[1:] if s.high >= best.low]
+    best = ranked[0][0]
+    if any(math.isnan(mean) for _, mean, _ in ranked):
+        return "no clear winner (some runs have no value of it)"
+    if any(math.isnan(ci) for _, _, ci in ranked):
+        return f"no clear winner (fewer than 2 seeds for a confidence interval; highest mean: {best})"
+    best_low = ranked[0][1] - ranked[0][2]
+    overlapping = [algo for algo, mean, ci in ranked[1:] if mean + ci >= best_low]
     if overlapping:
         return (
-            f"no clear winner: the 95% CI of {best.algo} (highest mean) overlaps "
+            f"no clear winner: the 95% CI of {best} (highest mean) overlaps "
             f"that of {', '.join(overlapping)}"
         )
-    return f"{best.algo} (its 95% CI lies above every other algorithm's)"
+    return f"{best} (its 95% CI lies above every other algorithm's)"
 
 
 # ---------------------------------------------------------------------------- across environments
@@ -238,6 +300,7 @@ class Aggregate:
         iqm: Algorithm -> IQM of its normalised scores.
         improvement: ``(x, y)`` -> ``P(x > y)``, for every ordered pair of algorithms.
         references: Env -> the ``(random, solved)`` scores used.
+        metric: The per-run score aggregated (a key of :data:`METRICS`).
     """
 
     envs: list[str]
@@ -245,6 +308,7 @@ class Aggregate:
     iqm: dict[str, Interval]
     improvement: dict[tuple[str, str], Interval]
     references: dict[str, tuple[float, float]]
+    metric: str = "final_return"
 
 
 def aggregate(
@@ -253,18 +317,24 @@ def aggregate(
     references: Mapping[str, tuple[float, float]] | None = None,
     reps: int = BOOTSTRAP_REPS,
     seed: int = 0,
+    metric: str = "final_return",
 ) -> Aggregate:
     """IQM of normalised scores and pairwise probabilities of improvement, with stratified-bootstrap CIs.
 
-    Each run contributes its ``final_return``. Envs without reference scores, or on which some
-    algorithm has no run, are left out (and listed). The bootstrap is seeded, so a report is
-    reproducible.
+    Each run contributes its ``metric`` (a key of :data:`METRICS`: the final return, or the
+    learning return, normalised by the same reference scores). Envs without reference scores,
+    or on which some algorithm has no run (or a run without a finite value of ``metric``), are
+    left out (and listed). The bootstrap is seeded, so a report is reproducible.
     """
+    if metric not in METRICS:
+        raise ValueError(f"Unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
     refs = dict(REFERENCE_SCORES if references is None else references)
     check_int("reps", reps, minimum=1)
     scores: dict[str, dict[str, list[float]]] = {}
     for record in records:
-        scores.setdefault(record["env"], {}).setdefault(record["algo"], []).append(float(record["final_return"]))
+        value = float(record.get(metric, math.nan))
+        if math.isfinite(value):
+            scores.setdefault(record["env"], {}).setdefault(record["algo"], []).append(value)
     algos = [a for a in algos if any(a in by_algo for by_algo in scores.values())]
     envs, left_out = [], []
     for env_id, by_algo in scores.items():
@@ -272,7 +342,8 @@ def aggregate(
         if env_id not in refs:
             left_out.append(f"{env_id} (no reference scores)")
         elif missing:
-            left_out.append(f"{env_id} (no finished run of {', '.join(missing)})")
+            what = "finished run" if metric == "final_return" else "learning return"
+            left_out.append(f"{env_id} (no {what} of {', '.join(missing)})")
         else:
             envs.append(env_id)
     normalized = {
@@ -297,7 +368,7 @@ def aggregate(
                 diff = xb[:, :, None] - yb[:, None, :]
                 per_env.append(((diff > 0) + 0.5 * (diff == 0)).mean(axis=(1, 2)))
             improvement[(x, y)] = Interval(point, *_percentiles(np.mean(per_env, axis=0)))
-    return Aggregate(envs, left_out, iqms, improvement, {e: refs[e] for e in envs})
+    return Aggregate(envs, left_out, iqms, improvement, {e: refs[e] for e in envs}, metric)
 
 
 def _percentiles(boot: np.ndarray) -> tuple[float, float]:
