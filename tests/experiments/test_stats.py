@@ -10,9 +10,9 @@ import pytest
 from trpo_lab.experiments import AlgoSummary, ci_half_width, iqm, mean_ci, summarize, t_critical, winner
 from trpo_lab.experiments.stats import (
     Interval,
-    learning_return,
     aggregate,
     aggregate_winner,
+    learning_return,
     normalized_score,
     probability_of_improvement,
 )
