@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -11,8 +12,10 @@ from torch import Tensor
 from trpo_lab.optim.linalg import (
     EigendecompositionError,
     InverseRootError,
+    flush_subnormal,
     matrix_inverse_root,
     symmetric_eigh,
+    symmetric_eigh_on_device,
     working_dtype,
 )
 
@@ -167,3 +170,67 @@ def test_inverse_root_equals_the_eigendecomposition_formula(root: int) -> None:
 def test_invalid_arguments_are_named(call: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def _subnormals(x: torch.Tensor) -> int:
+    return int(((x != 0) & (x.abs() < torch.finfo(x.dtype).tiny)).sum())
+
+
+def test_flush_subnormal_zeroes_only_subnormals() -> None:
+    tiny = torch.finfo(torch.float32).tiny
+    x = torch.tensor([tiny / 4, -tiny / 1000, tiny, -2.0, 0.0, math.inf, math.nan])
+    assert _subnormals(x) == 2
+    y = flush_subnormal(x)
+    assert y[:2].tolist() == [0.0, 0.0] and y[2].item() == tiny and y[3].item() == -2.0
+    assert math.isinf(y[5].item()) and math.isnan(y[6].item())
+    ints = torch.arange(3)
+    assert flush_subnormal(ints) is ints
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_eigenvectors_of_a_factor_with_a_zero_block_have_no_subnormals(on_device: bool) -> None:
+    """A K-FAC input factor whose inputs are partly always 0 (dead ReLU features): the
+    decomposition still reconstructs the matrix, and none of its eigenvectors' entries is
+    subnormal (a CPU multiplies those 10-100x slower)."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.relu(torch.randn(400, 300, generator=gen))
+    rows[:, 100:] = 0.0  # two thirds of the features never fire
+    matrix = rows.mT @ rows / 400
+    if on_device:
+        values, vectors, finite = symmetric_eigh_on_device(matrix)
+        assert bool(finite)
+    else:
+        values, vectors, _ = symmetric_eigh(matrix)
+    assert _subnormals(vectors) == 0
+    torch.testing.assert_close((vectors * values) @ vectors.mT, matrix, atol=1e-4, rtol=1e-4)
+    root, _ = matrix_inverse_root(matrix, 2, 1e-3)
+    assert _subnormals(root) == 0
+
+
+def test_zero_rows_are_deflated_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows that are 0 (inputs that never fire) give eigenvalue 0 with e_i; only the rest is
+    decomposed, and the result reconstructs the matrix with an orthonormal basis."""
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randn(50, 40, generator=gen, dtype=torch.float64)
+    dead = torch.tensor([0, 3, 4, 17, 39])
+    rows[:, dead] = 0.0
+    matrix = rows.mT @ rows / 50
+    sizes: list[int] = []
+    eigh = torch.linalg.eigh
+
+    def recording(m: Tensor) -> Any:
+        sizes.append(m.shape[0])
+        return eigh(m)
+
+    monkeypatch.setattr(torch.linalg, "eigh", recording)
+    values, vectors, retried = symmetric_eigh(matrix)
+    assert sizes == [35] and not retried  # the 35 live rows only
+    assert torch.all(values[:5] == 0) and torch.all(values[1:] >= values[:-1])
+    assert torch.equal(vectors[dead, :5], torch.eye(5, dtype=torch.float64))
+    torch.testing.assert_close(vectors.mT @ vectors, torch.eye(40, dtype=torch.float64))
+    torch.testing.assert_close((vectors * values) @ vectors.mT, matrix)
+    expected = torch.linalg.eigvalsh(matrix).clamp(min=0)
+    torch.testing.assert_close(values, expected, atol=1e-12, rtol=1e-9)
+    sizes.clear()
+    values, vectors, _ = symmetric_eigh(torch.zeros(4, 4))
+    assert sizes == [] and torch.equal(values, torch.zeros(4)) and torch.equal(vectors, torch.eye(4))

@@ -13,7 +13,22 @@ Optimizer", section on numerical robustness):
    dtype; float16 and bfloat16 are promoted to float32, which ``eigh`` needs);
 3. if that raises (``torch.linalg.LinAlgError`` is a ``RuntimeError``) or any result
    is not finite once cast back to the matrix's dtype, retry once in float64;
-4. clamp the eigenvalues at 0.
+4. clamp the eigenvalues at 0;
+5. set the eigenvectors' subnormal entries (below ``torch.finfo(dtype).tiny`` in magnitude)
+   to 0 (:func:`flush_subnormal`). A factor with an exactly zero block (inputs that are
+   always 0, such as dead ReLU features of a CNN trunk: a third of the Nature CNN's 3136 on
+   Pong) gets eigenvectors with subnormal cross terms. A CPU computes with those 10 to 100
+   times slower, and every preconditioned step multiplies by them twice: on Pong's 3137-wide
+   K-FAC factor a step took 1.2 s instead of 0.17 s. Values that small change no product
+   above float32's smallest normal number.
+
+:func:`symmetric_eigh` first *deflates* exactly zero rows (and so columns) of the symmetrised
+matrix: each is an eigenvector ``e_i`` with eigenvalue 0, and only the rest is decomposed,
+then embedded back. On Pong, 1150 of the Nature CNN's 3137 fc inputs never fired. The full
+3137² factor then made float32 ``eigh`` fail to converge ("too many repeated eigenvalues"),
+and the float64 retry took 3.6 s. The 1987² rest decomposes in float32 in 0.66 s. The
+deflation is exact. It needs the zero rows' indices on the host, so the device path does not
+deflate.
 
 Results come back in the matrix's dtype, together with whether the float64 retry
 was needed, so callers can count retries.
@@ -42,6 +57,7 @@ __all__ = [
     "InverseRootError",
     "DeviceEigh",
     "SymmetricEigh",
+    "flush_subnormal",
     "matrix_inverse_root",
     "symmetric_eigh",
     "symmetric_eigh_on_device",
@@ -86,6 +102,15 @@ class DeviceEigh(NamedTuple):
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a decomposition of a ``dtype`` matrix is first attempted in (float32 or float64)."""
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def flush_subnormal(tensor: Tensor) -> Tensor:
+    """``tensor`` with its subnormal entries (``0 < |x| < torch.finfo(dtype).tiny``) set to 0.
+
+    NaN and inf are kept (the finiteness checks still see them)."""
+    if not tensor.is_floating_point():
+        return tensor
+    return torch.where(tensor.abs() < torch.finfo(tensor.dtype).tiny, torch.zeros_like(tensor), tensor)
 
 
 def _check_square(matrix: Tensor) -> None:
@@ -139,9 +164,32 @@ def symmetric_eigh(matrix: Tensor) -> SymmetricEigh:
         ValueError: If ``matrix`` is not square.
     """
     _check_square(matrix)
+    zero_rows = ((matrix + matrix.mT) == 0).all(dim=1)
+    if bool(zero_rows.any()):  # deflate (see the module docstring); one host read
+        return _deflated_eigh(matrix, zero_rows)
     (eigenvalues, eigenvectors), retried = _with_float64_retry(
         matrix, _clamped_eigh, EigendecompositionError, "eigendecomposition"
     )
+    return SymmetricEigh(eigenvalues, flush_subnormal(eigenvectors), retried)
+
+
+def _deflated_eigh(matrix: Tensor, zero_rows: Tensor) -> SymmetricEigh:
+    """:func:`symmetric_eigh` of a matrix whose rows ``zero_rows`` (and columns) are 0: those
+    give the eigenvalues 0 with the unit vectors ``e_i`` (first, as eigenvalues ascend), the
+    other rows' principal submatrix the rest."""
+    size = matrix.shape[0]
+    zero_index = torch.nonzero(zero_rows).squeeze(1)
+    keep = torch.nonzero(~zero_rows).squeeze(1)
+    n_zero = zero_index.numel()
+    eigenvalues = matrix.new_zeros(size)
+    eigenvectors = matrix.new_zeros(size, size)
+    eigenvectors[zero_index, torch.arange(n_zero, device=matrix.device)] = 1.0
+    retried = False
+    if keep.numel():
+        sub_values, sub_vectors, retried = symmetric_eigh(matrix[keep][:, keep])
+        columns = torch.arange(n_zero, size, device=matrix.device)
+        eigenvalues[n_zero:] = sub_values
+        eigenvectors[keep.unsqueeze(1), columns.unsqueeze(0)] = sub_vectors
     return SymmetricEigh(eigenvalues, eigenvectors, retried)
 
 
@@ -170,7 +218,7 @@ def symmetric_eigh_on_device(matrix: Tensor) -> DeviceEigh:
         zeros = torch.zeros_like(matrix)
         return DeviceEigh(zeros.diagonal().clone(), zeros, torch.zeros((), dtype=torch.bool, device=matrix.device))
     finite = torch.isfinite(eigenvalues).all() & torch.isfinite(eigenvectors).all()
-    return DeviceEigh(eigenvalues, eigenvectors, finite)
+    return DeviceEigh(eigenvalues, flush_subnormal(eigenvectors), finite)
 
 
 def matrix_inverse_root(matrix: Tensor, root: int, epsilon: float) -> tuple[Tensor, bool]:
@@ -206,4 +254,4 @@ def matrix_inverse_root(matrix: Tensor, root: int, epsilon: float) -> tuple[Tens
         return ((eigenvectors * scales) @ eigenvectors.mT,)
 
     (result,), retried = _with_float64_retry(matrix, inverse_root, InverseRootError, f"inverse {root}-th root")
-    return result, retried
+    return flush_subnormal(result), retried
