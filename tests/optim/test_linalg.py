@@ -234,3 +234,24 @@ def test_zero_rows_are_deflated_exactly(monkeypatch: pytest.MonkeyPatch) -> None
     sizes.clear()
     values, vectors, _ = symmetric_eigh(torch.zeros(4, 4))
     assert sizes == [] and torch.equal(values, torch.zeros(4)) and torch.equal(vectors, torch.eye(4))
+
+
+def test_the_device_path_deflates_zero_rows_without_their_indices() -> None:
+    """Shifted zero rows: the same eigenpairs as the host path's deflation (eigenvalue 0 on e_i)."""
+    gen = torch.Generator().manual_seed(2)
+    rows = torch.randn(60, 30, generator=gen, dtype=torch.float64)
+    dead = torch.tensor([1, 2, 10, 29])
+    rows[:, dead] = 0.0
+    matrix = rows.mT @ rows / 60
+    values, vectors, finite = symmetric_eigh_on_device(matrix)
+    assert bool(finite)
+    torch.testing.assert_close((vectors * values) @ vectors.mT, matrix)
+    torch.testing.assert_close(vectors.mT @ vectors, torch.eye(30, dtype=torch.float64))
+    mass_on_dead = vectors[dead].square().sum(dim=0)
+    deflated = mass_on_dead > 0.5
+    assert int(deflated.sum()) == 4 and torch.all(values[deflated] == 0)
+    host_values, _, _ = symmetric_eigh(matrix)
+    torch.testing.assert_close(values.sort().values, host_values, atol=1e-12, rtol=1e-9)
+    full = torch.randn(8, 8, generator=gen, dtype=torch.float64)
+    full = full @ full.mT  # no zero row: no shift
+    torch.testing.assert_close(symmetric_eigh_on_device(full).eigenvalues, symmetric_eigh(full).eigenvalues)

@@ -137,7 +137,7 @@ def _input_outer(rows: Tensor, with_bias: bool) -> Tensor:
     full[:size, :size] = outer
     full[:size, size] = sums
     full[size, :size] = sums
-    full[size, size] = rows.shape[0]
+    full[size, size].fill_(rows.shape[0])  # a scalar fill, not a host tensor copied over
     return full
 
 

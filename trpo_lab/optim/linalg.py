@@ -27,8 +27,11 @@ matrix: each is an eigenvector ``e_i`` with eigenvalue 0, and only the rest is d
 then embedded back. On Pong, 1150 of the Nature CNN's 3137 fc inputs never fired. The full
 3137² factor then made float32 ``eigh`` fail to converge ("too many repeated eigenvalues"),
 and the float64 retry took 3.6 s. The 1987² rest decomposes in float32 in 0.66 s. The
-deflation is exact. It needs the zero rows' indices on the host, so the device path does not
-deflate.
+deflation is exact. It needs the zero rows' indices on the host. The device path
+(:func:`symmetric_eigh_on_device`) does it without them: it adds distinct shifts
+``c_i > trace`` to the zero rows' diagonal entries. That leaves the same eigenvectors ``e_i``
+with eigenvalues ``c_i``, distinct from each other and from the rest. It then sets to 0 the
+eigenvalue of every eigenvector whose mass lies on the zero rows (those ``e_i``).
 
 Results come back in the matrix's dtype, together with whether the float64 retry
 was needed, so callers can count retries.
@@ -210,10 +213,19 @@ def symmetric_eigh_on_device(matrix: Tensor) -> DeviceEigh:
         ValueError: If ``matrix`` is not square.
     """
     _check_square(matrix)
+    working = matrix.to(working_dtype(matrix.dtype))
+    working = 0.5 * (working + working.mT)
+    zero_rows = (working == 0).all(dim=1)
+    # distinct shifts above every eigenvalue on the zero rows' diagonal (see the module docstring)
+    size = matrix.shape[0]
+    ramp = 1.0 + torch.arange(size, dtype=working.dtype, device=working.device) / size
+    shifts = torch.where(zero_rows, ramp * (1.0 + 2.0 * working.diagonal().abs().sum()), torch.zeros_like(ramp))
     try:
-        eigenvalues, eigenvectors = (
-            result.to(matrix.dtype) for result in _clamped_eigh(matrix.to(working_dtype(matrix.dtype)))
-        )
+        values, vectors = _clamped_eigh(working + torch.diag(shifts))
+        # each eigenvector is either some e_i of a zero row (mass 1 there) or has none there
+        on_zero_rows = (vectors.square() * zero_rows.unsqueeze(1).to(vectors.dtype)).sum(dim=0)
+        values = torch.where(on_zero_rows > 0.5, torch.zeros_like(values), values)
+        eigenvalues, eigenvectors = values.to(matrix.dtype), vectors.to(matrix.dtype)
     except RuntimeError:  # torch.linalg.LinAlgError: the kernel's own (host) error check
         zeros = torch.zeros_like(matrix)
         return DeviceEigh(zeros.diagonal().clone(), zeros, torch.zeros((), dtype=torch.bool, device=matrix.device))
