@@ -51,6 +51,11 @@ def test_linear_without_initial_starts_from_the_value_it_replaces() -> None:
     assert with_initial("linear:1e-5", 1e-3) == "linear:0.001:1e-5"
     assert with_initial("linear:1:2", 1e-3) == "linear:1:2"
     assert with_initial(0.5, 1e-3) == 0.5
+    # over a schedule, "linear" starts where that schedule starts (its string form or the object)
+    assert with_initial("linear", "linear:3e-4:1e-3") == "linear:0.0003:0.0"
+    assert with_initial("linear:1e-5", Schedule(initial=2e-3, final=0.0)) == "linear:0.002:1e-5"
+    assert with_initial("linear", "linear:1e-3") == "linear"  # its start is unknown here: the config's default then
+    assert with_initial("linear", "cosine") == "linear"
     merged = merge_hyperparameters({"learning_rate": 1e-3, "policy_kwargs": {"net_arch": [8]}},
                                    {"learning_rate": "linear", "policy_kwargs": {"ortho_init": False}})
     assert merged == {"learning_rate": "linear:0.001:0.0", "policy_kwargs": {"net_arch": [8], "ortho_init": False}}

@@ -137,11 +137,19 @@ def parse_schedule(name: str, value: Any, initial: float) -> float | Schedule:
 
 
 def with_initial(new: Any, old: Any) -> Any:
-    """``new`` with the start of a ``"linear"`` / ``"linear:<final>"`` string taken from the number ``old``.
+    """``new`` with the start of a ``"linear"`` / ``"linear:<final>"`` string taken from ``old``:
+    a number, or the initial value of a schedule (a :class:`Schedule` or its string form).
 
-    So ``learning_rate = "linear"`` layered over ``learning_rate = 1e-3`` decays from 1e-3;
-    anything else is returned unchanged.
+    So ``learning_rate = "linear"`` layered over ``learning_rate = 1e-3`` decays from 1e-3, and
+    over ``learning_rate = "linear:1e-3:1e-4"`` from 1e-3 to 0; anything else is returned unchanged.
     """
+    if isinstance(old, str):
+        try:
+            old = parse_schedule("value", old, initial=math.nan)
+        except ValueError:
+            return new
+    if isinstance(old, Schedule):
+        old = old.initial
     if isinstance(new, str) and is_number(old) and math.isfinite(float(old)):
         kind, *ends = [part.strip() for part in new.strip().split(":")]
         if kind == "linear" and len(ends) <= 1:

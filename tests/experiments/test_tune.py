@@ -52,7 +52,7 @@ def test_study_of_3_trials_finishes_and_a_rerun_continues_it(tmp_path: Path) -> 
     assert hyperparameters["learning_rate"] == best.params["learning_rate"]
     assert hyperparameters["n_epochs"] == best.params["n_epochs"]
     assert hyperparameters["policy_kwargs"]["net_arch"] in ([16], [32, 32])
-    assert hyperparameters["target_kl"] == 0.02, "the env's preset table is kept for unsearched keys"
+    assert hyperparameters["gae_lambda"] == 0.8, "the env's preset table is kept for unsearched keys"
     # every trial reported one value per evaluation budget to the pruner
     for trial in study.trials:
         assert sorted(trial.intermediate_values) == [1, 2]

@@ -300,13 +300,13 @@ def write_outputs(
         for env_id in experiment.envs
     }
     curves = {env_id: {a: c for a, c in by_algo.items() if c} for env_id, by_algo in curves.items()}
-    plot_learning_curves(curves, experiment.algos, out_dir / "learning_curves.png")
     records = [
         {**r, "learning_return": learning_return(curve["timesteps"], curve["return_mean"])}
         if (curve := by_run.get((r["env"], r["algo"], r["seed"]))) is not None else dict(r)
         for r in records
     ]
     write_summary(records, out_dir / "summary.csv")
+    plot_learning_curves(curves, experiment.algos, out_dir / "learning_curves.png")
     table = summarize(records, experiment.algos)
     train_s = float(sum(r["wall_s"] for r in records))
     overall = [aggregate(records, experiment.algos, metric=metric) for metric in METRICS]
