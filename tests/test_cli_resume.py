@@ -108,11 +108,11 @@ def test_resume_with_set_changes_what_can_change(tmp_path: Path, capsys: pytest.
     assert main(["train", "--resume", str(run_dir), "--steps", "128", "--quiet", "--set", "ent_coef=0.01",
                  "--set", "learning_rate=linear", "--set", "nan_policy=skip"]) == 0, capsys.readouterr().err
     config = (run_dir / "config.toml").read_text()
-    assert "ent_coef = 0.01" in config and 'learning_rate = "linear:0.0003:0.0"' in config  # from the preset's start
+    assert "ent_coef = 0.01" in config and 'learning_rate = "linear:0.001:0.0"' in config  # from the preset's start
     agent = PPO.load(run_dir / "final.pt")
     try:
         assert agent.num_timesteps >= 128 and agent.config.ent_coef == 0.01 and agent.config.nan_policy == "skip"
-        assert agent.config.learning_rate == Schedule(initial=3e-4, final=0.0)
+        assert agent.config.learning_rate == Schedule(initial=1e-3, final=0.0)
         assert agent.current_values["learning_rate"] == 0.0  # the schedule ended with the resumed run
     finally:
         agent.close()

@@ -73,7 +73,7 @@ BUILTIN_AGENTS: dict[str, dict[str, dict[str, Any]]] = {
         "default": {"n_envs": 8},
         "CartPole-v1": {
             "total_timesteps": 100_000, "n_steps": 32, "batch_size": 256, "gae_lambda": 0.8, "gamma": 0.98,
-            "n_epochs": 20, "learning_rate": "linear:0.0003:0.001",
+            "n_epochs": 20, "learning_rate": "linear:0.001:0", "clip_range": "linear:0.2:0",
         },
         "Acrobot-v1": {"n_envs": 16, "n_steps": 256, "gae_lambda": 0.94, "n_epochs": 4},
         "Pendulum-v1": {"n_steps": 256, "batch_size": 256, "gamma": 0.9, "n_epochs": 10, "learning_rate": 1e-3},

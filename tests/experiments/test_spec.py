@@ -93,7 +93,7 @@ def test_variants_and_overrides_layer_most_specific_last(tmp_path: Path) -> None
     assert runs["ppo-small"].algo == "ppo" and runs["ppo-small"].run_dir == tmp_path / "runs" / "CartPole-v1-ppo-small-seed0"
     # preset < variant < shared keys < the name's table < --set
     assert small["gamma"] == 0.95 and small["n_epochs"] == 4 and small["ent_coef"] == 0.01
-    assert small["learning_rate"] == "linear:0.0003:0.0"  # "linear" starts where the preset's schedule starts
+    assert small["learning_rate"] == "linear:0.001:0.0"  # "linear" starts where the preset's schedule starts
     assert ppo["gamma"] == 0.97 and ppo["clip_range_vf"] == 0.5 and ppo["n_epochs"] == 20  # the CartPole preset's
     assert acktr["gamma"] == 0.97 and "clip_range_vf" not in acktr  # ACKTR has no clip_range_vf: not applied
     assert "label" not in runs["ppo"].settings() and runs["ppo-small"].settings()["label"] == "ppo-small"
