@@ -55,9 +55,11 @@ def _fmt(value: float, digits: int = 0) -> str:
 
 
 def results_section(
-    table: Mapping[str, Mapping[str, AlgoSummary]], steps: Mapping[str, int], eval_episodes: int, command: str
+    table: Mapping[str, Mapping[str, AlgoSummary]], steps: Mapping[str, int], eval_episodes: int, command: str,
+    finished: int | None = None, total: int | None = None,
 ) -> str:
-    """The README "Results" section: one table per env, ours' wall time over the peer's in the same run."""
+    """The README "Results" section: one table per env, ours' wall time over the peer's in the same run;
+    with ``finished`` and ``total``, how much of the grid the tables cover."""
     budgets = sorted(set(steps.values()))
     lines = [
         f"### Results: MuJoCo at {', '.join(f'{b:,}' for b in budgets)} steps",
@@ -69,6 +71,12 @@ def results_section(
         "sb3-ppo: sb3-contrib TRPO and SB3 PPO with rl-baselines3-zoo's MuJoCo settings.",
         "",
     ]
+    if finished is not None and total is not None and finished < total:
+        lines += [
+            f"**{finished} of the grid's {total} runs have finished** (it runs in resumable pieces); the tables "
+            "show those, and the seeds column says how many each row has.",
+            "",
+        ]
     if not table:
         return "\n".join(lines + ["No finished runs yet.", ""])
     for env_id, summaries in table.items():
@@ -159,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = "python benchmarks/mujoco.py " + " ".join(
             f"--{k} {v}" for k, v in (("envs", ",".join(envs)), ("algos", ",".join(algos)), ("seeds", args.seeds),
                                       ("steps", args.steps), ("workers", args.workers)))
-        section = results_section(table, experiment.steps, experiment.eval_episodes, command)
+        section = results_section(table, experiment.steps, experiment.eval_episodes, command,
+                                  finished=len(records), total=len(experiment.runs(args.out)))
         atomic_write_text(args.out / "results.md", section)
         if args.readme is not None:
             rewrite_readme(args.readme, section)
