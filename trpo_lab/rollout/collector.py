@@ -288,11 +288,12 @@ class StepStaging:
             fields.append(("obs", (n_envs, *storage.shape[2:]), storage.dtype))
         fields.append(("rewards", (n_envs,), buffer.rewards.dtype))
         fields += [(name, (n_envs,), torch.bool) for name in self._FLAGS]
-        self._layout: list[tuple[str, int, tuple[int, ...], torch.dtype]] = []
+        self._layout: list[tuple[str, int, int, tuple[int, ...], torch.dtype]] = []
+        """``(name, byte offset, byte size, shape, dtype)`` of every field."""
         offset = 0
         for name, shape, dtype in fields:
-            self._layout.append((name, offset, shape, dtype))
-            nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            self._layout.append((name, offset, nbytes, shape, dtype))
             offset += -(-nbytes // self._ALIGN) * self._ALIGN
         self.nbytes = offset
         self.pinned = self.device.type == "cuda" and torch.cuda.is_available()
@@ -306,9 +307,8 @@ class StepStaging:
 
     def _views(self, buf: Tensor) -> dict[str, Tensor]:
         return {
-            name: buf[offset:offset + int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()]
-            .view(dtype).view(shape)
-            for name, offset, shape, dtype in self._layout
+            name: buf[offset:offset + nbytes].view(dtype).view(shape)
+            for name, offset, nbytes, shape, dtype in self._layout
         }
 
     def transfer(
