@@ -771,3 +771,57 @@ def test_kfac_trains_a_classifier_faster_than_tuned_sgd() -> None:
         initial = float(F.cross_entropy(_classifier()(inputs), targets))
     assert kfac_loss < 0.5 * min(sgd_losses) < 0.5 * initial, (kfac_loss, sgd_losses)
     assert optimizer.last_stats["kfac/eigh_fallbacks"] == 0
+
+
+@pytest.mark.parametrize("damping_mode", ["eigen", "factored"])
+def test_dead_inputs_and_outputs_are_deflated_and_precondition_exactly(damping_mode: str) -> None:
+    """Inputs that never fire make A's rows exactly 0, units that never activate make G's rows
+    (and the next layer's A rows) 0. The refresh records them, the preconditioning then rotates
+    by the live blocks only, and the direction is still the exact dense (A ⊗ G + γI)⁻¹∇ (or its
+    factored-damping form); a saved and loaded optimizer gives it bit for bit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    with torch.no_grad():  # hidden unit 2 never activates
+        model[0].weight[2] = 0.0
+        model[0].bias[2] = -1.0
+    inputs = torch.randn(40, 6, dtype=torch.float64)
+    inputs[:, [1, 4]] = 0.0  # dead features: with the bias, A is 7 x 7 with rows 1 and 4 zero
+    targets = torch.randint(0, 3, (40,))
+    damping = 1e-2
+    optimizer = KFAC(model, damping=damping, inverse_every=1, damping_mode=damping_mode)
+    _training_step(optimizer, model, inputs, targets, torch.Generator().manual_seed(0))
+    first, second = optimizer.state[model[0].weight], optimizer.state[model[2].weight]
+    assert first["zero_rows_A"].tolist() == [1, 4] and first["zero_rows_G"].tolist() == [2]
+    assert second["zero_rows_A"].tolist() == [2] and second["zero_rows_G"].numel() == 0
+
+    optimizer.zero_grad()
+    F.cross_entropy(model(inputs), targets).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    directions = optimizer.precondition(grads)
+    for index, state in ((0, first), (2, second)):
+        gradient = torch.cat([grads[index], grads[index + 1].unsqueeze(1)], dim=1)  # [∇W | ∇b]
+        # the factors as the eigenbases saw them (the latest fold came after the refresh)
+        dense = {}
+        for factor in ("A", "G"):
+            values, vectors = state[f"eigenvalues_{factor}"], state[f"eigenvectors_{factor}"]
+            dense[factor] = (vectors * values) @ vectors.mT
+        size_a, size_g = dense["A"].shape[0], dense["G"].shape[0]
+        if damping_mode == "eigen":
+            fisher = torch.kron(dense["A"], dense["G"]) + damping * torch.eye(size_a * size_g, dtype=torch.float64)
+        else:
+            pi = ((dense["A"].trace() / size_a) / (dense["G"].trace() / size_g)).sqrt()
+            eye_a, eye_g = torch.eye(size_a, dtype=torch.float64), torch.eye(size_g, dtype=torch.float64)
+            fisher = torch.kron(dense["A"] + pi * damping**0.5 * eye_a, dense["G"] + damping**0.5 / pi * eye_g)
+        exact = torch.linalg.solve(fisher, gradient.mT.reshape(-1)).reshape(size_a, size_g).mT
+        ours = torch.cat([directions[index], directions[index + 1].unsqueeze(1)], dim=1)
+        torch.testing.assert_close(ours, exact, rtol=1e-9, atol=1e-9)
+
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    restored = KFAC(copy.deepcopy(model), damping=damping, inverse_every=1, damping_mode=damping_mode)
+    restored.load_state_dict(torch.load(buffer))
+    restored_first = restored.state[restored.param_groups[0]["params"][0]]
+    assert restored_first["zero_rows_A"].dtype == restored_first["zero_rows_G"].dtype == torch.int64
+    for ours, theirs in zip(directions, restored.precondition(grads), strict=True):
+        assert torch.equal(ours, theirs)

@@ -12,6 +12,7 @@ from torch import Tensor
 from trpo_lab.optim.linalg import (
     EigendecompositionError,
     InverseRootError,
+    deflated_symmetric_eigh,
     flush_subnormal,
     matrix_inverse_root,
     symmetric_eigh,
@@ -255,3 +256,22 @@ def test_the_device_path_deflates_zero_rows_without_their_indices() -> None:
     full = torch.randn(8, 8, generator=gen, dtype=torch.float64)
     full = full @ full.mT  # no zero row: no shift
     torch.testing.assert_close(symmetric_eigh_on_device(full).eigenvalues, symmetric_eigh(full).eigenvalues)
+
+
+def test_deflated_symmetric_eigh_names_the_deflated_rows() -> None:
+    """The indices returned are the zero rows, in the order of the leading unit eigenvectors,
+    and the live rows' block of the other eigenvectors carries the whole rest."""
+    gen = torch.Generator().manual_seed(2)
+    rows = torch.randn(60, 12, generator=gen, dtype=torch.float64)
+    rows[:, [2, 9, 5]] = 0.0
+    matrix = rows.mT @ rows / 60
+    (values, vectors, _), zero_rows = deflated_symmetric_eigh(matrix)
+    assert zero_rows.dtype == torch.int64 and zero_rows.tolist() == [2, 5, 9]
+    assert torch.equal(vectors[zero_rows, :3], torch.eye(3, dtype=torch.float64))
+    live = torch.tensor([i for i in range(12) if i not in (2, 5, 9)])
+    assert torch.equal(vectors[zero_rows, 3:], torch.zeros(3, 9, dtype=torch.float64))
+    block = vectors[live][:, 3:]
+    torch.testing.assert_close((block * values[3:]) @ block.mT, matrix[live][:, live])
+    full = torch.randn(12, 12, generator=gen, dtype=torch.float64)
+    (_, _, _), none_deflated = deflated_symmetric_eigh(full @ full.mT)
+    assert none_deflated.numel() == 0 and none_deflated.dtype == torch.int64

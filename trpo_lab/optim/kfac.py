@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from trpo_lab.optim._flat import all_finite, any_nonfinite
-from trpo_lab.optim.linalg import EigendecompositionError, symmetric_eigh, symmetric_eigh_on_device
+from trpo_lab.optim.linalg import EigendecompositionError, deflated_symmetric_eigh, symmetric_eigh_on_device
 from trpo_lab.validation import check_int, check_number, require
 
 __all__ = ["KFAC"]
@@ -160,15 +160,67 @@ def _eigenbasis_denominator(
     return torch.outer(eigenvalues_g + root / pi, eigenvalues_a + root * pi)
 
 
+LiveBlock = tuple[Tensor, Tensor, Tensor]
+"""``(zero_rows, live_rows, Q_live)`` of a deflated eigenbasis Q: its first columns are the unit
+vectors of ``zero_rows`` (eigenvalue 0), the others are ``Q_live`` on ``live_rows`` and 0 on the
+zero rows (:func:`~trpo_lab.optim.linalg.deflated_symmetric_eigh`)."""
+
+
+def _times_basis(x: Tensor, vectors: Tensor, block: LiveBlock | None) -> Tensor:
+    """``x @ Q``, rotating by the live block alone when Q is deflated."""
+    if block is None:
+        return x @ vectors
+    zero_rows, live_rows, live_vectors = block
+    return torch.cat([x[:, zero_rows], x[:, live_rows] @ live_vectors], dim=1)
+
+
+def _times_basis_t(y: Tensor, vectors: Tensor, block: LiveBlock | None) -> Tensor:
+    """``y @ Qᵀ``, rotating by the live block alone when Q is deflated."""
+    if block is None:
+        return y @ vectors.mT
+    zero_rows, live_rows, live_vectors = block
+    n_zero = zero_rows.numel()
+    out = y.new_empty(y.shape[0], vectors.shape[0])
+    out[:, zero_rows] = y[:, :n_zero]
+    out[:, live_rows] = y[:, n_zero:] @ live_vectors.mT
+    return out
+
+
 def _precondition_matrix(
     grad: Tensor,
     eigenvectors_a: Tensor,
     eigenvectors_g: Tensor,
     denominator: Tensor,
+    block_a: LiveBlock | None = None,
+    block_g: LiveBlock | None = None,
+    eigen_damping: bool = False,
 ) -> Tensor:
-    """V = Q_G [(Q_G^T ∇W Q_A) / denominator] Q_A^T for the (out, fan_in) gradient ∇W."""
-    rotated = eigenvectors_g.mT @ grad @ eigenvectors_a
-    return eigenvectors_g @ (rotated / denominator) @ eigenvectors_a.mT
+    """V = Q_G [(Q_G^T ∇W Q_A) / denominator] Q_A^T for the (out, fan_in) gradient ∇W.
+
+    ``block_a`` / ``block_g`` (:data:`LiveBlock`) when A's / G's decomposition deflated exactly
+    zero rows (inputs that never fire, outputs whose gradient is always 0): the same V is
+    computed rotating by the live blocks alone. The rows of V on G's zero rows are
+    ``((∇ Q_A) / denominator) Q_A^T`` of ∇'s rows there; with ``eigen_damping`` (the
+    denominator λ_G λ_Aᵀ + γ, whose rows for λ_G = 0 are all γ) that is ∇ / γ, without a
+    rotation. On Pong the Nature CNN's fc layer has 1150 dead inputs of 3137 and 200 dead
+    outputs of 512, and its preconditioning, the largest per-update cost of K-FAC there, drops
+    from 2 x 512 x 3137² to about 2 x 312 x 1987² multiply-adds.
+    """
+    if block_g is None:
+        rotated = _times_basis(eigenvectors_g.mT @ grad, eigenvectors_a, block_a)
+        return eigenvectors_g @ _times_basis_t(rotated / denominator, eigenvectors_a, block_a)
+    zero_rows, live_rows, live_vectors = block_g
+    n_zero = zero_rows.numel()
+    out = torch.empty_like(grad)
+    dead = grad[zero_rows]
+    if eigen_damping:
+        out[zero_rows] = dead / denominator[:n_zero]
+    else:
+        rotated_dead = _times_basis(dead, eigenvectors_a, block_a) / denominator[:n_zero]
+        out[zero_rows] = _times_basis_t(rotated_dead, eigenvectors_a, block_a)
+    rotated = _times_basis(live_vectors.mT @ grad[live_rows], eigenvectors_a, block_a)
+    out[live_rows] = live_vectors @ _times_basis_t(rotated / denominator[n_zero:], eigenvectors_a, block_a)
+    return out
 
 
 def _kl_scale_on_device(vg_sum: Tensor, lr: float | Tensor, kl_clip: float | None) -> Tensor:
@@ -380,6 +432,8 @@ class KFAC(torch.optim.Optimizer):
         self._warned_missing_statistics = False
         self.statistics_reducer = statistics_reducer
         self._eigh_generation = 0  # bumped whenever an eigendecomposition may have changed
+        self._live_blocks: dict[tuple[int, str], tuple[Tensor, LiveBlock]] = {}
+        """(layer state's id, factor) -> the eigenvectors a live block was gathered from, and the block."""
         self._eigen_stats: tuple[tuple[Any, ...], dict[str, float | Tensor]] | None = None
 
     @property
@@ -596,12 +650,13 @@ class KFAC(torch.optim.Optimizer):
             return
         for factor in ("A", "G"):
             try:
-                eigenvalues, eigenvectors, retried = symmetric_eigh(state[factor])
+                (eigenvalues, eigenvectors, retried), zero_rows = deflated_symmetric_eigh(state[factor])
             except EigendecompositionError as error:
                 self._counters["eigh_retries"] += len(error.dtypes) - 1
             else:
                 self._counters["eigh_retries"] += int(retried)
                 state[f"eigenvalues_{factor}"], state[f"eigenvectors_{factor}"] = eigenvalues, eigenvectors
+                state[f"zero_rows_{factor}"] = zero_rows
                 continue
             self._counters["eigh_fallbacks"] += 1
             if f"eigenvectors_{factor}" not in state:
@@ -609,7 +664,26 @@ class KFAC(torch.optim.Optimizer):
                 identity = torch.eye(size, dtype=state[factor].dtype, device=state[factor].device)
                 state[f"eigenvalues_{factor}"] = identity.diagonal().clone()
                 state[f"eigenvectors_{factor}"] = identity
+                state[f"zero_rows_{factor}"] = torch.zeros(0, dtype=torch.int64, device=identity.device)
         state["updates_since_eigh"] = 0
+
+    def _live_block(self, state: dict[str, Any], factor: str) -> LiveBlock | None:
+        """The :data:`LiveBlock` of ``factor``'s ("A" or "G") current eigenbasis when its
+        decomposition deflated zero rows, else None (always None with ``sync_free``). It is
+        gathered once per eigenbasis and cached off the state: it is derived, not saved."""
+        zero_rows = state.get(f"zero_rows_{factor}")
+        if zero_rows is None or zero_rows.numel() == 0 or self._sync_free:
+            return None
+        eigenvectors = state[f"eigenvectors_{factor}"]
+        cached = self._live_blocks.get((id(state), factor))
+        if cached is not None and cached[0] is eigenvectors:
+            return cached[1]
+        live = torch.ones(eigenvectors.shape[0], dtype=torch.bool, device=eigenvectors.device)
+        live[zero_rows] = False
+        live_rows = torch.nonzero(live).squeeze(1)
+        block = (zero_rows, live_rows, eigenvectors[live_rows][:, zero_rows.numel():].contiguous())
+        self._live_blocks[(id(state), factor)] = (eigenvectors, block)
+        return block
 
     def _refresh_on_device(self, state: dict[str, Any]) -> None:
         """The refresh of ``sync_free``: float32 (working dtype) only, no float64 retry; a
@@ -626,6 +700,7 @@ class KFAC(torch.optim.Optimizer):
                 previous_values = previous_vectors.diagonal().clone()
             state[values_key] = torch.where(result.finite, result.eigenvalues, previous_values)
             state[vectors_key] = torch.where(result.finite, result.eigenvectors, previous_vectors)
+            state.pop(f"zero_rows_{factor}", None)  # a host path's deflation (a loaded checkpoint's) is stale
             self._count("eigh_fallbacks", ~result.finite)
         state["updates_since_eigh"] = 0
 
@@ -687,7 +762,8 @@ class KFAC(torch.optim.Optimizer):
                 bias_column = weight.new_zeros(weight.shape[0]) if bias_grad is None else bias_grad
                 matrix = torch.cat([matrix, bias_column.unsqueeze(1)], dim=1)
             preconditioned = _precondition_matrix(
-                matrix, state["eigenvectors_A"], state["eigenvectors_G"], self._denominator(state)
+                matrix, state["eigenvectors_A"], state["eigenvectors_G"], self._denominator(state),
+                self._live_block(state, "A"), self._live_block(state, "G"), group["damping_mode"] == "eigen",
             )
             if self._sync_free:
                 unseen = state["stat_updates"] == 0
@@ -1021,6 +1097,9 @@ class KFAC(torch.optim.Optimizer):
                 param_state["stat_updates"] = param_state["stat_updates"].to(torch.int64)
             if "momentum_started" in param_state:
                 param_state["momentum_started"] = param_state["momentum_started"].to(torch.bool)
+            for factor in ("A", "G"):
+                if f"zero_rows_{factor}" in param_state:
+                    param_state[f"zero_rows_{factor}"] = param_state[f"zero_rows_{factor}"].to(torch.int64)
         unknown = set(counters) - set(_COUNTER_NAMES)
         if unknown:
             raise ValueError(f"Invalid kfac_counters: unknown names {sorted(unknown)}")

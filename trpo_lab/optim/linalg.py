@@ -57,6 +57,7 @@ from trpo_lab.validation import check_int, check_number
 
 __all__ = [
     "EigendecompositionError",
+    "deflated_symmetric_eigh",
     "InverseRootError",
     "DeviceEigh",
     "SymmetricEigh",
@@ -152,6 +153,25 @@ def _with_float64_retry(
     ) from failure
 
 
+def deflated_symmetric_eigh(matrix: Tensor) -> tuple[SymmetricEigh, Tensor]:
+    """:func:`symmetric_eigh` and the indices of the deflated (exactly zero) rows, int64.
+
+    When ``k`` rows were deflated, eigenvector ``j < k`` is the unit vector of row
+    ``zero_rows[j]`` (eigenvalue 0), and the other rows' block of eigenvectors ``k:`` holds the
+    rest: a caller can rotate by the live rows' ``(n-k)²`` block alone (K-FAC's
+    preconditioning does). The indices are empty when nothing was deflated.
+    """
+    _check_square(matrix)
+    zero_rows = ((matrix + matrix.mT) == 0).all(dim=1)
+    if bool(zero_rows.any()):  # deflate (see the module docstring); one host read
+        return _deflated_eigh(matrix, zero_rows), torch.nonzero(zero_rows).squeeze(1)
+    (eigenvalues, eigenvectors), retried = _with_float64_retry(
+        matrix, _clamped_eigh, EigendecompositionError, "eigendecomposition"
+    )
+    empty = torch.zeros(0, dtype=torch.int64, device=matrix.device)
+    return SymmetricEigh(eigenvalues, flush_subnormal(eigenvectors), retried), empty
+
+
 def symmetric_eigh(matrix: Tensor) -> SymmetricEigh:
     """Eigendecomposition of a symmetric PSD matrix: symmetrise, ``eigh``, float64 retry, clamp.
 
@@ -166,14 +186,7 @@ def symmetric_eigh(matrix: Tensor) -> SymmetricEigh:
         EigendecompositionError: If the float64 attempt also raises or is not finite.
         ValueError: If ``matrix`` is not square.
     """
-    _check_square(matrix)
-    zero_rows = ((matrix + matrix.mT) == 0).all(dim=1)
-    if bool(zero_rows.any()):  # deflate (see the module docstring); one host read
-        return _deflated_eigh(matrix, zero_rows)
-    (eigenvalues, eigenvectors), retried = _with_float64_retry(
-        matrix, _clamped_eigh, EigendecompositionError, "eigendecomposition"
-    )
-    return SymmetricEigh(eigenvalues, flush_subnormal(eigenvectors), retried)
+    return deflated_symmetric_eigh(matrix)[0]
 
 
 def _deflated_eigh(matrix: Tensor, zero_rows: Tensor) -> SymmetricEigh:
