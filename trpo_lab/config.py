@@ -470,7 +470,16 @@ class ACKTRConfig(AgentConfig):
     damping: float = _param(1e-2, _positive, "> 0", "K-FAC damping")
     momentum: float = _param(0.9, lambda v: 0 <= v < 1, "in [0, 1)", "K-FAC momentum")
     stat_decay: float = _param(0.99, _unit_open, "in (0, 1)", "running-average decay of the factors")
-    inverse_every: int = _param(10, _positive, ">= 1", "updates between eigendecompositions")
+    inverse_every: int = _param(
+        10, _positive, ">= 1", "Fisher passes between eigendecompositions (updates, with stats_every = 1)"
+    )
+    stats_every: int = _param(
+        1, _positive, ">= 1", "updates between Fisher passes (K-FAC statistics); the others reuse the factors"
+    )
+    stats_batch_size: int | None = _param(
+        None, _positive, ">= 1 or none",
+        "samples of a Fisher pass: a random subset of the rollout, in a forward of its own (None: the whole rollout)",
+    )
     normalize_advantage: bool = _param(False, doc="standardise advantages per batch")
     target_kl: float | None = _param(
         None,

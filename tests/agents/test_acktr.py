@@ -3,6 +3,7 @@ config validation, the CLI."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 from pathlib import Path
@@ -184,11 +185,15 @@ def _assert_same_state(a: ACKTR, b: ACKTR) -> None:
                 assert torch.equal(value, other) if isinstance(value, Tensor) else value == other, key
 
 
-def test_resume_continues_bit_identically(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "amortised", [{}, {"stats_every": 2, "stats_batch_size": 12}], ids=["every-update", "amortised-statistics"]
+)
+def test_resume_continues_bit_identically(tmp_path: Path, amortised: dict[str, int]) -> None:
     """A checkpoint holds everything the next updates depend on: weights, K-FAC factors,
     their eigendecompositions, momentum buffers and counters, the Fisher pass's generator
-    (and, from the shared loop, the env state and the rollout generator)."""
-    kwargs = {"n_envs": 2, "seed": 3, "n_steps": 16, "inverse_every": 2, "normalize_obs": True}
+    (and, from the shared loop, the env state and the rollout generator); with amortised
+    statistics, also where the Fisher-pass schedule stands (5 updates: the next one skips it)."""
+    kwargs = {"n_envs": 2, "seed": 3, "n_steps": 16, "inverse_every": 2, "normalize_obs": True, **amortised}
     original = ACKTR("CartPole-v1", **kwargs)
     original.learn(16 * 2 * 5)  # 5 updates: factors, eigendecompositions and momentum exist
     original.save(tmp_path / "mid.pt")
@@ -204,6 +209,59 @@ def test_resume_continues_bit_identically(tmp_path: Path) -> None:
         assert list(row_a) == list(row_b)
         np.testing.assert_array_equal(list(row_a.values()), list(row_b.values()))
     _assert_same_state(original, loaded)
+
+
+def test_stats_every_runs_the_fisher_pass_on_every_kth_update_only() -> None:
+    """stats_every = 3: statistics on updates 1, 4, 7 (of 7), the eigenbases refreshed every
+    inverse_every = 2 Fisher passes, and every update still steps."""
+    agent = ACKTR("CartPole-v1", n_envs=2, seed=0, n_steps=8, stats_every=3, inverse_every=2)
+    weights: list[Tensor] = []
+    eigenbases: list[Tensor] = []
+    passes: list[int] = []
+    last = _linears(agent.policy.actor)[-1]
+
+    def record(a: ACKTR, metrics: dict[str, float]) -> None:
+        state = a.actor_optimizer.state[last.weight]
+        passes.append(int(state["stat_updates"]))
+        weights.append(last.weight.detach().clone())
+        eigenbases.append(state["eigenvectors_A"].clone())
+
+    agent.learn(8 * 2 * 7, callback=lambda a, m: record(a, m) or None)
+    passes, weights, eigenbases = passes[:7], weights[:7], eigenbases[:7]  # autoreset steps are not counted: 8 updates
+    assert passes == [1, 1, 1, 2, 2, 2, 3]
+    assert all(not torch.equal(x, y) for x, y in zip(weights, weights[1:]))  # every update steps
+    changed = [not torch.equal(x, y) for x, y in zip(eigenbases, eigenbases[1:])]
+    assert changed == [False, False, False, False, False, True]  # refreshed at the 3rd pass (update 7)
+
+
+def test_stats_batch_size_takes_the_statistics_of_a_random_subset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """stats_batch_size = 24 of a 4 x 16 rollout: the Fisher pass sees 24 distinct rollout
+    samples drawn with the Fisher generator, A is their exact second moment, and the loss
+    still uses every sample."""
+    agent = ACKTR("CartPole-v1", n_envs=4, seed=0, n_steps=16, stats_batch_size=24)
+    agent.collect_rollout()
+    batch = agent.buffer.batch()
+    obs = agent.policy.preprocess(batch.observations)
+    replica = torch.Generator()
+    replica.set_state(agent.fisher_generator.get_state())
+    expected_index = torch.randperm(batch.size, generator=replica)[:24]
+    seen: list[Tensor] = []
+    original = agent.forward_with_fisher_pass
+
+    def spy(observations: Tensor) -> tuple[Tensor, Tensor]:
+        seen.append(observations.clone())
+        return original(observations)
+
+    monkeypatch.setattr(agent, "forward_with_fisher_pass", spy)
+    full = copy.deepcopy(agent.policy)
+    metrics = agent.update(batch)
+    assert len(seen) == 1 and torch.equal(seen[0], obs[expected_index])
+    rows = torch.cat([seen[0], torch.ones(24, 1)], dim=1)
+    first_a = agent.actor_optimizer.state[_linears(agent.policy.actor)[0].weight]["A"]
+    torch.testing.assert_close(first_a, rows.T @ rows / 24, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # the policy loss is the mean over the whole rollout
+        log_probs = full.distribution.log_prob(full.dist_params(obs), batch.actions)
+    torch.testing.assert_close(metrics["train/policy_loss"], -(log_probs * batch.advantages).mean())
 
 
 # ---------------------------------------------------------------------- action spaces
@@ -265,6 +323,9 @@ def test_action_spaces_update_without_nan(env: Any) -> None:
         ({"momentum": -0.1}, r"Invalid momentum: -0.1; expected in \[0, 1\)"),
         ({"stat_decay": 1.0}, r"Invalid stat_decay: 1.0; expected in \(0, 1\)"),
         ({"inverse_every": 0}, r"Invalid inverse_every: 0; expected >= 1"),
+        ({"stats_every": 0}, r"Invalid stats_every: 0; expected >= 1"),
+        ({"stats_batch_size": 0}, r"Invalid stats_batch_size: 0; expected >= 1 or none"),
+        ({"stats_batch_size": 2.5}, r"Invalid stats_batch_size: 2.5"),
         ({"learning_rate": 0}, r"Invalid learning_rate: 0.0; expected > 0"),
         ({"vf_coef": -1}, r"Invalid vf_coef: -1.0; expected >= 0"),
         ({"lr_schedule": "cosine"}, r"Invalid lr_schedule: 'cosine'; lr_schedule is retired, write learning_rate = 'linear'"),

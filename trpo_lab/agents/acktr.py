@@ -98,7 +98,7 @@ from trpo_lab.nn.policy import ActorCritic
 from trpo_lab.optim._flat import clip_grad_norm_
 from trpo_lab.optim.fisher import FisherLoss, sampled_fisher_loss
 from trpo_lab.optim.kfac import KFAC, StatisticsReducer
-from trpo_lab.rollout.buffer import RolloutBatch
+from trpo_lab.rollout.buffer import Observations, RolloutBatch, map_observations
 
 __all__ = ["ACKTR", "ActorCriticKFAC", "FisherLoss", "sampled_fisher_loss"]
 
@@ -246,8 +246,20 @@ class ACKTR(OnPolicyAgent):
     See the module docstring for the update. Hyperparameters are :class:`ACKTRConfig`'s
     (SB3 names where the concept exists: ``n_steps``, ``learning_rate``, ``gae_lambda``,
     ``ent_coef``, ``vf_coef``, ``max_grad_norm``; new ones: ``kl_clip``, ``vf_kl_clip``,
-    ``damping``, ``momentum``, ``stat_decay``, ``inverse_every``); ``learning_rate`` and
-    ``ent_coef`` may be schedules.
+    ``damping``, ``momentum``, ``stat_decay``, ``inverse_every``, ``stats_every``,
+    ``stats_batch_size``);
+    ``learning_rate`` and ``ent_coef`` may be schedules.
+
+    ``stats_every = k`` runs the Fisher pass (the sampled-Fisher backward to the layer outputs
+    and the factor statistics) on every k-th update only; the updates between precondition
+    with the running factors as they stand, and ``inverse_every`` counts Fisher passes, so
+    the eigenbases are refreshed every ``k · inverse_every`` updates. The factors are running
+    averages over hundreds of batches (``stat_decay`` 0.99), so skipping batches changes them
+    little. ``stats_batch_size = m`` runs each Fisher pass on ``m`` samples drawn at random
+    from the rollout, in a forward of their own (the loss then takes a plain forward of the
+    whole rollout): an unbiased estimate of the same expectations at ``m / batch`` of the cost.
+    On a CPU the Nature CNN's statistics at the Atari batch of 320 frames cost twice its
+    first-order update (see ``benchmarks/results/acktr_overhead.md``).
     ``batch_size`` is unused: every update is one step on the whole rollout.
 
     Logged per update, besides ``train/policy_loss``, ``train/value_loss``,
@@ -365,7 +377,7 @@ class ACKTR(OnPolicyAgent):
         return lr * scale
 
     # ------------------------------------------------------------------ update
-    def forward_with_fisher_pass(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_with_fisher_pass(self, obs: Observations) -> tuple[Tensor, Tensor]:
         """One forward of actor and critic, and the Fisher pass's backward on it.
 
         Statistics are recorded only here: every Linear and Conv2d layer's inputs from the forward and
@@ -395,7 +407,16 @@ class ACKTR(OnPolicyAgent):
         actor_lr = self._adapt_actor_step(lr)
         self.actor_optimizer.param_groups[0]["lr"] = actor_lr
 
-        dist_params, values = self.forward_with_fisher_pass(obs)
+        fisher_pass = self.num_updates % cfg.stats_every == 0
+        subset = cfg.stats_batch_size is not None and cfg.stats_batch_size < batch.size
+        if fisher_pass and subset:  # statistics from a forward of their own on a random subset
+            index = torch.randperm(batch.size, generator=self.fisher_generator, device=self.device)
+            chosen = index[: cfg.stats_batch_size]
+            self.forward_with_fisher_pass(map_observations(lambda field: field[chosen], obs))
+        if fisher_pass and not subset:
+            dist_params, values = self.forward_with_fisher_pass(obs)
+        else:  # between Fisher passes the factors (and their eigenbases) are reused
+            dist_params, values = policy.dist_params_and_value(obs)
         self.optimizer.zero_grad(set_to_none=True)
         log_probs = dist.log_prob(dist_params, batch.actions)
         entropy = dist.entropy(dist_params).mean()
