@@ -217,16 +217,16 @@ class NatureCNN(nn.Module):
 
     def forward(self, obs: Tensor) -> Tensor:
         """Features ``(batch, features_dim)`` of a batch of raw images (any dtype)."""
-        x = obs.to(torch.float32)
-        if self.normalize_images:
-            x = x / 255.0
         if not self.channels_first:
-            x = x.permute(0, 3, 1, 2)
+            obs = obs.permute(0, 3, 1, 2)
         # Channels-last activations (the values, not the weights, whose layout stays contiguous)
         # take the CPU's fast convolution kernels: on one core the forward and backward of a
         # minibatch of 256 Atari frames run in 0.13 s instead of 0.21 s, with the same results
-        # up to rounding.
-        x = x.contiguous(memory_format=torch.channels_last)
+        # up to rounding. The cast, the layout change and the scaling take two passes over the
+        # batch (a copy, then an in-place division of that copy), not three.
+        x = obs.to(torch.float32, memory_format=torch.channels_last, copy=True)
+        if self.normalize_images:
+            x = x.div_(255.0)
         features: Tensor = self.linear(self.cnn(x))
         return features
 
