@@ -141,9 +141,7 @@ class AgentConfig:
     }
     """Fields a resumed run cannot change (``train --resume --set``), each with the reason."""
 
-    n_steps: int = _param(
-        256, _positive, ">= 1", "steps per environment per update (8 envs x 256: SB3's 2048 samples per update)"
-    )
+    n_steps: int = _param(2048, _positive, ">= 1", "steps per environment per update")
     batch_size: int = _param(64, _positive, ">= 1", "minibatch size")
     gamma: float = _param(0.99, _unit_open_closed, "in (0, 1]", "discount factor")
     gae_lambda: float = _param(0.95, _unit_closed, "in [0, 1]", "GAE lambda")

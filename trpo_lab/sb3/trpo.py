@@ -76,9 +76,6 @@ NaturalGradientStep = NaturalStep
 
 _TRPO = TRPOConfig()
 _NPG = NPGConfig()
-SB3_N_STEPS = 2048
-"""sb3-contrib's default ``n_steps``. SB3 envs usually come one at a time, so the adapters keep
-it; the native agents default to 8 envs x 256 steps, the same 2048 samples per update."""
 
 
 class _ConfigValue:
@@ -391,7 +388,7 @@ class TRPO(NaturalGradientAlgorithm):
         policy: str | type[ActorCriticPolicy],
         env: GymEnv | str,
         learning_rate: float | Schedule = _TRPO.learning_rate,
-        n_steps: int = SB3_N_STEPS,
+        n_steps: int = _TRPO.n_steps,
         batch_size: int = _TRPO.batch_size,
         gamma: float = _TRPO.gamma,
         cg_max_steps: int = _TRPO.cg_max_steps,
@@ -471,7 +468,7 @@ class NPG(NaturalGradientAlgorithm):
         policy: str | type[ActorCriticPolicy],
         env: GymEnv | str,
         learning_rate: float | Schedule = _NPG.learning_rate,
-        n_steps: int = SB3_N_STEPS,
+        n_steps: int = _NPG.n_steps,
         batch_size: int = _NPG.batch_size,
         gamma: float = _NPG.gamma,
         cg_max_steps: int = _NPG.cg_max_steps,
