@@ -32,6 +32,20 @@ def test_defaults_learn_which_side_the_square_is_on(cls: type[OnPolicyAgent]) ->
     assert agent.evaluate(20).mean() >= 6.0
 
 
+@pytest.mark.slow
+def test_acktr_with_amortised_statistics_learns_the_pixel_task() -> None:
+    """The Fisher pass on every 4th update only (stats_every) still learns the two-choice pixel
+    task, with the shared trunk the Atari presets use."""
+    agent = ACKTR(
+        ENV, n_envs=8, seed=0, n_steps=32, stats_every=4,
+        policy_kwargs={"share_features_extractor": True, "net_arch": []},
+    )
+    agent.learn(4096)
+    passes = agent.actor_optimizer.state[agent.policy.features_extractor.cnn[0].weight]["stat_updates"]
+    assert agent.num_updates >= 16 and passes == -(-agent.num_updates // 4)  # updates 1, 5, 9, ...
+    assert agent.evaluate(20).mean() >= 6.0
+
+
 def test_images_are_stored_as_uint8_on_the_agents_device() -> None:
     agent = PPO(ENV, n_envs=2, seed=0, n_steps=4, policy_kwargs=SMALL)
     agent.collect_rollout()
