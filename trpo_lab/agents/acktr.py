@@ -409,13 +409,13 @@ class ACKTR(OnPolicyAgent):
 
         fisher_pass = self.num_updates % cfg.stats_every == 0
         subset = cfg.stats_batch_size is not None and cfg.stats_batch_size < batch.size
-        if fisher_pass and subset:  # statistics from a forward of their own on a random subset
-            index = torch.randperm(batch.size, generator=self.fisher_generator, device=self.device)
-            chosen = index[: cfg.stats_batch_size]
-            self.forward_with_fisher_pass(map_observations(lambda field: field[chosen], obs))
         if fisher_pass and not subset:
             dist_params, values = self.forward_with_fisher_pass(obs)
-        else:  # between Fisher passes the factors (and their eigenbases) are reused
+        else:  # the loss's own forward; the factors (and their eigenbases) are reused or
+            if fisher_pass:  # come from a forward of their own on a random subset
+                index = torch.randperm(batch.size, generator=self.fisher_generator, device=self.device)
+                chosen = index[: cfg.stats_batch_size]
+                self.forward_with_fisher_pass(map_observations(lambda field: field[chosen], obs))
             dist_params, values = policy.dist_params_and_value(obs)
         self.optimizer.zero_grad(set_to_none=True)
         log_probs = dist.log_prob(dist_params, batch.actions)

@@ -164,7 +164,8 @@ def deflated_symmetric_eigh(matrix: Tensor) -> tuple[SymmetricEigh, Tensor]:
     _check_square(matrix)
     zero_rows = ((matrix + matrix.mT) == 0).all(dim=1)
     if bool(zero_rows.any()):  # deflate (see the module docstring); one host read
-        return _deflated_eigh(matrix, zero_rows), torch.nonzero(zero_rows).squeeze(1)
+        zero_index = torch.nonzero(zero_rows).squeeze(1)
+        return _deflated_eigh(matrix, zero_index, torch.nonzero(~zero_rows).squeeze(1)), zero_index
     (eigenvalues, eigenvectors), retried = _with_float64_retry(
         matrix, _clamped_eigh, EigendecompositionError, "eigendecomposition"
     )
@@ -189,13 +190,11 @@ def symmetric_eigh(matrix: Tensor) -> SymmetricEigh:
     return deflated_symmetric_eigh(matrix)[0]
 
 
-def _deflated_eigh(matrix: Tensor, zero_rows: Tensor) -> SymmetricEigh:
-    """:func:`symmetric_eigh` of a matrix whose rows ``zero_rows`` (and columns) are 0: those
+def _deflated_eigh(matrix: Tensor, zero_index: Tensor, keep: Tensor) -> SymmetricEigh:
+    """:func:`symmetric_eigh` of a matrix whose rows ``zero_index`` (and columns) are 0: those
     give the eigenvalues 0 with the unit vectors ``e_i`` (first, as eigenvalues ascend), the
-    other rows' principal submatrix the rest."""
+    other rows' (``keep``) principal submatrix the rest."""
     size = matrix.shape[0]
-    zero_index = torch.nonzero(zero_rows).squeeze(1)
-    keep = torch.nonzero(~zero_rows).squeeze(1)
     n_zero = zero_index.numel()
     eigenvalues = matrix.new_zeros(size)
     eigenvectors = matrix.new_zeros(size, size)
