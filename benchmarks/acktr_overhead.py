@@ -36,11 +36,11 @@ import time
 import warnings
 from typing import Any
 
-import tomllib
 import torch
 from torch import Tensor
 
 from trpo_lab.agents.acktr import ACKTR
+from trpo_lab.config import parse_set_option
 from trpo_lab.presets import load_preset
 from trpo_lab.rollout.buffer import Observations, RolloutBatch
 
@@ -82,10 +82,10 @@ def main() -> None:
     if args.n_steps is not None:
         hyperparameters["n_steps"] = args.n_steps
     for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set expects KEY=VALUE, got {item!r}")
-        hyperparameters[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        try:
+            parse_set_option(item, hyperparameters)  # trpo-lab train's --set
+        except ValueError as error:
+            parser.error(str(error))
     if args.hidden is not None:
         hyperparameters["policy_kwargs"] = {**hyperparameters.get("policy_kwargs", {}), "net_arch": args.hidden}
     n_envs = args.n_envs or int(run.get("n_envs", 8))
