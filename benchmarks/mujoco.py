@@ -10,7 +10,9 @@ of one torch thread each, so machine load hits both sides alike.
 
 It resumes: finished runs (``result.json``) are skipped, unfinished ones continue from their
 checkpoint, so the grid can be run in pieces (``--envs``, ``--algos``, ``--seeds``) into one
-``--out``. Outputs, in ``--out``: ``summary.csv`` (a row per run), ``report.md`` (per env: the
+``--out``. The outputs always cover every finished run of the whole grid in ``--out`` (all
+envs and algorithms, seeds up to ``max(--seeds, 5)``), whichever piece an invocation trained.
+Outputs, in ``--out``: ``summary.csv`` (a row per run), ``report.md`` (per env: the
 final deterministic return over 10 episodes, mean ± 95% CI over seeds, IQM, steps/s, wall
 time), ``learning_curves.png`` (return against steps and against wall-clock), ``results.md``
 (the README "Results" section) and, with ``--readme``, that section rewritten in README.md
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -36,7 +39,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from trpo_lab.experiments import experiment_from_dict, finished_result, run_experiment  # noqa: E402
+from trpo_lab.experiments import Experiment, experiment_from_dict, finished_result, run_experiment  # noqa: E402
 from trpo_lab.experiments.report import write_outputs  # noqa: E402
 from trpo_lab.experiments.stats import AlgoSummary, summarize  # noqa: E402
 from trpo_lab.logging import atomic_write_text  # noqa: E402
@@ -47,6 +50,7 @@ ALGOS = ("trpo", "sb3-trpo", "ppo", "sb3-ppo", "npg", "acktr")
 PEER_OF = {"trpo": "sb3-trpo", "ppo": "sb3-ppo"}
 BEGIN = "<!-- mujoco-results:begin -->"
 END = "<!-- mujoco-results:end -->"
+DEFAULT_SEEDS = 5
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "mujoco"
 
 
@@ -119,12 +123,22 @@ def _names(value: str, option: str, allowed: Sequence[str]) -> list[str]:
     return names
 
 
+def _experiment(envs: Sequence[str], algos: Sequence[str], seeds: int, steps: int, eval_episodes: int) -> Experiment:
+    """The grid (or a piece of it) as a ``trpo-lab compare`` experiment."""
+    return experiment_from_dict(
+        {"description": "MuJoCo v5 at the published scale, ours against sb3-contrib / SB3 with rl-zoo settings",
+         "algos": list(algos), "suite": "mujoco", "envs": list(envs), "seeds": seeds, "steps": steps,
+         "eval_episodes": eval_episodes},
+        name="mujoco", origin="benchmarks/mujoco.py",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, run the grid, write the outputs; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--envs", default=",".join(ENVS), help=f"comma-separated, of {', '.join(ENVS)}")
     parser.add_argument("--algos", default=",".join(ALGOS), help=f"comma-separated, of {', '.join(ALGOS)}")
-    parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
+    parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help=f"seeds 0..N-1 (default {DEFAULT_SEEDS})")
     parser.add_argument("--steps", type=int, default=1_000_000, help="env steps per run (default 1M)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--eval-episodes", type=int, default=10, help="deterministic evaluation episodes (default 10)")
@@ -143,32 +157,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                               ("--eval-episodes", args.eval_episodes)):
             if value < 1:
                 raise ValueError(f"Invalid {option}: {value}; expected an integer >= 1")
-        experiment = experiment_from_dict(
-            {"description": "MuJoCo v5 at the published scale, ours against sb3-contrib / SB3 with rl-zoo settings",
-             "algos": algos, "suite": "mujoco", "envs": envs, "seeds": args.seeds, "steps": args.steps,
-             "eval_episodes": args.eval_episodes},
-            name="mujoco", origin="benchmarks/mujoco.py",
-        )
+        piece = _experiment(envs, algos, args.seeds, args.steps, args.eval_episodes)
+        # The outputs always cover every finished run of the whole grid in --out, not just this
+        # piece's: a piece run alone would otherwise overwrite the report with its own runs only.
+        grid = _experiment(list(ENVS), list(ALGOS), max(args.seeds, DEFAULT_SEEDS), args.steps, args.eval_episodes)
         failures: list[str] = []
-        if args.report_only:
-            args.out.mkdir(parents=True, exist_ok=True)
-            specs = experiment.runs(args.out)
-            found = [(s, finished_result(s)) for s in specs]
-            finished = [(s, r) for s, r in found if r is not None]
-            report = write_outputs(experiment, [s for s, _ in finished], [r for _, r in finished], [], 0.0,
-                                   args.workers, args.out)
-            records = [r for _, r in finished]
-            print(f"mujoco.py: {len(finished)} of {len(specs)} runs of the grid finished in {args.out}", file=sys.stderr)
-        else:
-            result = run_experiment(experiment, args.out, workers=args.workers, progress=not args.no_progress,
-                                    interleave=True)
-            report, records, failures = result.report, result.records, result.failures
-        table = summarize(records, experiment.algos)
+        started = time.perf_counter()
+        if not args.report_only:
+            failures = run_experiment(piece, args.out, workers=args.workers, progress=not args.no_progress,
+                                      interleave=True).failures
+        args.out.mkdir(parents=True, exist_ok=True)
+        specs = grid.runs(args.out)
+        finished = [(s, r) for s, r in ((s, finished_result(s)) for s in specs) if r is not None]
+        records = [r for _, r in finished]
+        report = write_outputs(grid, [s for s, _ in finished], records, failures, time.perf_counter() - started,
+                               args.workers, args.out)
+        print(f"mujoco.py: {len(finished)} of {len(specs)} runs of the grid finished in {args.out}", file=sys.stderr)
+        table = summarize(records, grid.algos)
         command = "python benchmarks/mujoco.py " + " ".join(
-            f"--{k} {v}" for k, v in (("envs", ",".join(envs)), ("algos", ",".join(algos)), ("seeds", args.seeds),
-                                      ("steps", args.steps), ("workers", args.workers)))
-        section = results_section(table, experiment.steps, experiment.eval_episodes, command,
-                                  finished=len(records), total=len(experiment.runs(args.out)))
+            f"--{k} {v}" for k, v in (("seeds", len(grid.seeds)), ("steps", args.steps), ("workers", args.workers)))
+        section = results_section(table, grid.steps, grid.eval_episodes, command, finished=len(records),
+                                  total=len(specs))
         atomic_write_text(args.out / "results.md", section)
         if args.readme is not None:
             rewrite_readme(args.readme, section)

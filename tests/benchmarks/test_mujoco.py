@@ -63,10 +63,21 @@ def test_ours_and_a_peer_side_by_side_then_a_rerun_skips_them(
     assert "0 to run" in second.err and "skipped Hopper-v5-sb3-trpo-seed0" in second.err
     assert "skipped Hopper-v5-trpo-seed0" in second.err
 
-    more_seeds = [*args[: args.index("--seeds") + 1], "2", *args[args.index("--seeds") + 2 :], "--report-only"]
-    assert bench.main(more_seeds) == 0  # trains nothing: reports the 2 finished runs of the 4
+    # A piece of the grid (one algorithm here) leaves the other finished runs in the outputs:
+    # summary, report and README always cover every finished run of the whole grid in --out.
+    piece = [*args[: args.index("--algos") + 1], "trpo", *args[args.index("--algos") + 2 :]]
+    assert bench.main(piece) == 0
     third = capsys.readouterr()
-    assert "2 of 4 runs of the grid finished" in third.err and "| trpo | " in (tmp_path / "out" / "results.md").read_text()
+    assert "0 to run" in third.err and "2 of 90 runs of the grid finished" in third.err
+    with (tmp_path / "out" / "summary.csv").open(newline="") as fh:
+        assert {row["algo"] for row in csv.DictReader(fh)} == {"trpo", "sb3-trpo"}
+    assert "| sb3-trpo |" in (tmp_path / "out" / "results.md").read_text()
+    assert "| sb3-trpo |" in (tmp_path / "out" / "report.md").read_text()
+
+    report_only = [*args[: args.index("--seeds") + 1], "2", *args[args.index("--seeds") + 2 :], "--report-only"]
+    assert bench.main(report_only) == 0  # trains nothing: reports the 2 finished runs of the grid
+    fourth = capsys.readouterr()
+    assert "2 of 90 runs of the grid finished" in fourth.err and "| trpo | " in (tmp_path / "out" / "results.md").read_text()
 
 
 @pytest.mark.slow
