@@ -167,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             failures = run_experiment(piece, args.out, workers=args.workers, progress=not args.no_progress,
                                       interleave=True).failures
         args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out / "experiment.toml", grid.to_toml())  # the grid the outputs describe
         specs = grid.runs(args.out)
         finished = [(s, r) for s, r in ((s, finished_result(s)) for s in specs) if r is not None]
         records = [r for _, r in finished]

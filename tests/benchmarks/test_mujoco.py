@@ -73,6 +73,7 @@ def test_ours_and_a_peer_side_by_side_then_a_rerun_skips_them(
         assert {row["algo"] for row in csv.DictReader(fh)} == {"trpo", "sb3-trpo"}
     assert "| sb3-trpo |" in (tmp_path / "out" / "results.md").read_text()
     assert "| sb3-trpo |" in (tmp_path / "out" / "report.md").read_text()
+    assert '"Walker2d-v5"' in (tmp_path / "out" / "experiment.toml").read_text()  # the grid's spec, not the piece's
 
     report_only = [*args[: args.index("--seeds") + 1], "2", *args[args.index("--seeds") + 2 :], "--report-only"]
     assert bench.main(report_only) == 0  # trains nothing: reports the 2 finished runs of the grid
