@@ -393,6 +393,15 @@ class NPGConfig(TrustRegionConfig):
     algo: ClassVar[str] = "npg"
 
 
+def _kl_batch_size() -> Any:
+    """PPO's and ACKTR's ``kl_batch_size`` (one field per class: dataclass fields are not shared)."""
+    return _param(
+        None, _positive, ">= 1 or none",
+        "samples the post-update KL and entropy are measured on: a random subset of the rollout, drawn "
+        "each update (None: the whole rollout)",
+    )
+
+
 PPO_OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "shampoo")
 
 
@@ -420,6 +429,7 @@ class PPOConfig(AgentConfig):
     target_kl: float | None = _param(
         None, _positive, "> 0 or none", "stop the epochs once the approx KL exceeds 1.5 * target_kl (None: off)"
     )
+    kl_batch_size: int | None = _kl_batch_size()
     optimizer: str = _param(
         "adam",
         _optimizer_name,
@@ -480,6 +490,7 @@ class ACKTRConfig(AgentConfig):
         None, _positive, ">= 1 or none",
         "samples of a Fisher pass: a random subset of the rollout, in a forward of its own (None: the whole rollout)",
     )
+    kl_batch_size: int | None = _kl_batch_size()
     normalize_advantage: bool = _param(False, doc="standardise advantages per batch")
     target_kl: float | None = _param(
         None,

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 import trpo_lab.agents.acktr as acktr_module
 from trpo_lab.agents.acktr import ACKTR
-from trpo_lab.agents.metrics import to_host
+from trpo_lab.agents.metrics import to_host, update_seed
 from trpo_lab.cli import main as cli_main
 from trpo_lab.optim.kfac import KFAC
 from trpo_lab.presets import load_preset
@@ -186,7 +186,9 @@ def _assert_same_state(a: ACKTR, b: ACKTR) -> None:
 
 
 @pytest.mark.parametrize(
-    "amortised", [{}, {"stats_every": 2, "stats_batch_size": 12}], ids=["every-update", "amortised-statistics"]
+    "amortised",
+    [{}, {"stats_every": 2, "stats_batch_size": 12}, {"kl_batch_size": 8, "target_kl": 0.002}],
+    ids=["every-update", "amortised-statistics", "kl-subset-adaptive-step"],
 )
 def test_resume_continues_bit_identically(tmp_path: Path, amortised: dict[str, int]) -> None:
     """A checkpoint holds everything the next updates depend on: weights, K-FAC factors,
@@ -209,6 +211,34 @@ def test_resume_continues_bit_identically(tmp_path: Path, amortised: dict[str, i
         assert list(row_a) == list(row_b)
         np.testing.assert_array_equal(list(row_a.values()), list(row_b.values()))
     _assert_same_state(original, loaded)
+
+
+def test_kl_batch_size_changes_the_kl_metric_and_nothing_else() -> None:
+    """Without target_kl the post-update KL is a metric only: measured on 8 of 32 samples, the
+    training is bit-identical to the full-batch measure, and the estimate is the exact mean KL
+    over the rows drawn (recomputed here from the agent's own update)."""
+    kwargs = {"n_envs": 2, "seed": 1, "n_steps": 16, "inverse_every": 2}
+    full, subset = ACKTR("CartPole-v1", **kwargs), ACKTR("CartPole-v1", kl_batch_size=8, **kwargs)
+    logs: list[list[dict[str, float]]] = [[], []]
+    for agent, log in zip((full, subset), logs, strict=True):
+        agent.learn(32 * 6, callback=lambda a, m, log=log: log.append(m) or None)
+    for a, b in zip(full.policy.parameters(), subset.policy.parameters(), strict=True):
+        assert torch.equal(a, b)
+    kl_full, kl_subset = [[row["train/kl"] for row in log] for log in logs]
+    assert kl_full != kl_subset and all(k >= 0 for k in kl_subset)
+    assert [row["train/policy_loss"] for row in logs[0]] == [row["train/policy_loss"] for row in logs[1]]
+
+    subset.collect_rollout()
+    batch = subset.buffer.batch()
+    obs = subset.policy.preprocess(batch.observations)
+    with torch.no_grad():
+        before = subset.policy.dist_params(obs)
+    rows = torch.randperm(batch.size, generator=torch.Generator().manual_seed(update_seed(1, subset.num_updates)))[:8]
+    metrics = subset.update(batch)
+    with torch.no_grad():
+        after = subset.policy.dist_params(obs)
+    exact = subset.policy.distribution.kl(before[rows], after[rows]).mean()
+    torch.testing.assert_close(metrics["train/kl"], exact, rtol=1e-5, atol=1e-9)
 
 
 def test_stats_every_runs_the_fisher_pass_on_every_kth_update_only() -> None:
@@ -326,6 +356,8 @@ def test_action_spaces_update_without_nan(env: Any) -> None:
         ({"stats_every": 0}, r"Invalid stats_every: 0; expected >= 1"),
         ({"stats_batch_size": 0}, r"Invalid stats_batch_size: 0; expected >= 1 or none"),
         ({"stats_batch_size": 2.5}, r"Invalid stats_batch_size: 2.5"),
+        ({"kl_batch_size": 0}, r"Invalid kl_batch_size: 0; expected >= 1 or none"),
+        ({"kl_batch_size": 2.5}, r"Invalid kl_batch_size: 2.5"),
         ({"learning_rate": 0}, r"Invalid learning_rate: 0.0; expected > 0"),
         ({"vf_coef": -1}, r"Invalid vf_coef: -1.0; expected >= 0"),
         ({"lr_schedule": "cosine"}, r"Invalid lr_schedule: 'cosine'; lr_schedule is retired, write learning_rate = 'linear'"),

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from trpo_lab.agents.metrics import kl_sample, update_seed
 from trpo_lab.agents.ppo import PPO, optimizer_class, ppo_loss
 from trpo_lab.nn.acting import NumpyActor
 from trpo_lab.presets import load_preset
@@ -142,6 +143,51 @@ def test_update_logs_metrics_and_early_stop_limits_the_epochs() -> None:
     metrics = stopping.update(stopping.buffer.batch())
     assert metrics["train/early_stop"] == 1
     assert metrics["train/n_updates"] < 50 * 4
+
+
+@pytest.mark.parametrize("target_kl", [None, 0.05], ids=["plain", "sync-free-early-stop"])
+def test_kl_batch_size_measures_the_kl_on_a_subset_and_changes_nothing_else(target_kl: float | None) -> None:
+    """The policy-change metrics on 16 of 64 samples: the update is bit-identical to the
+    full-batch measure, and train/kl is the exact mean KL over the rows drawn."""
+    kwargs = {"n_envs": 2, "seed": 0, "n_steps": 32, "batch_size": 16, "n_epochs": 3, "learning_rate": 3e-3,
+              "target_kl": target_kl, "sync_free": target_kl is not None}
+    full, subset = PPO("CartPole-v1", **kwargs), PPO("CartPole-v1", kl_batch_size=16, **kwargs)
+    for agent in (full, subset):
+        agent.learn(64 * 3, tensorboard=False)
+    for a, b in zip(full.policy.parameters(), subset.policy.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+    subset.collect_rollout()
+    batch = subset.buffer.batch()
+    obs = subset.policy.preprocess(batch.observations)
+    with torch.no_grad():
+        before = subset.policy.dist_params(obs)
+    rows = torch.randperm(batch.size, generator=torch.Generator().manual_seed(update_seed(0, subset.num_updates)))[:16]
+    metrics = subset.update(batch)
+    with torch.no_grad():
+        after = subset.policy.dist_params(obs)
+    dist = subset.policy.distribution
+    torch.testing.assert_close(metrics["train/kl"], dist.kl(before[rows], after[rows]).mean(), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(metrics["train/entropy"], dist.entropy(after[rows]).mean())
+    assert float(metrics["train/kl"]) > 0
+
+
+def test_kl_sample_draws_distinct_rows_of_every_key_and_the_whole_batch_at_or_above_its_size() -> None:
+    obs = {"a": torch.arange(10.0), "b": torch.arange(10.0)[:, None].expand(10, 3)}
+    chosen, rows = kl_sample(obs, 10, 4, seed=5)
+    assert rows is not None and rows.unique().numel() == 4
+    assert isinstance(chosen, dict) and torch.equal(chosen["a"], rows.float()) and torch.equal(chosen["b"][:, 0], rows.float())
+    again, rows_again = kl_sample(obs, 10, 4, seed=5)
+    assert rows_again is not None and torch.equal(rows, rows_again)  # a resumed run draws the same rows
+    for count in (None, 10, 11):
+        whole, none = kl_sample(obs, 10, count, seed=5)
+        assert whole is obs and none is None
+    assert update_seed(0, 1) != update_seed(0, 2) and update_seed(-3, 7) >= 0
+
+
+def test_bad_kl_batch_size_is_named() -> None:
+    with pytest.raises(ValueError, match=r"Invalid kl_batch_size: 0; expected >= 1 or none"):
+        PPO("CartPole-v1", n_envs=1, kl_batch_size=0)
 
 
 def test_update_returns_device_tensors_read_once_by_the_loop() -> None:

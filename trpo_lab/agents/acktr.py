@@ -92,7 +92,7 @@ import torch
 from torch import Tensor, nn
 
 from trpo_lab.agents.base import OnPolicyAgent
-from trpo_lab.agents.metrics import explained_variance
+from trpo_lab.agents.metrics import explained_variance, kl_sample, update_seed
 from trpo_lab.config import ACKTRConfig
 from trpo_lab.nn.policy import ActorCritic
 from trpo_lab.optim._flat import clip_grad_norm_
@@ -247,7 +247,7 @@ class ACKTR(OnPolicyAgent):
     (SB3 names where the concept exists: ``n_steps``, ``learning_rate``, ``gae_lambda``,
     ``ent_coef``, ``vf_coef``, ``max_grad_norm``; new ones: ``kl_clip``, ``vf_kl_clip``,
     ``damping``, ``momentum``, ``stat_decay``, ``inverse_every``, ``stats_every``,
-    ``stats_batch_size``);
+    ``stats_batch_size``, ``kl_batch_size``);
     ``learning_rate`` and ``ent_coef`` may be schedules.
 
     ``stats_every = k`` runs the Fisher pass (the sampled-Fisher backward to the layer outputs
@@ -264,7 +264,9 @@ class ACKTR(OnPolicyAgent):
 
     Logged per update, besides ``train/policy_loss``, ``train/value_loss``,
     ``train/entropy``, ``train/explained_variance`` and ``train/kl`` (the exact mean
-    KL(π_before ‖ π_after) on the batch): every :attr:`KFAC.last_stats` entry of both
+    KL(π_before ‖ π_after) on the batch, or with ``kl_batch_size = m`` on ``m`` samples drawn
+    at random each update, an unbiased estimate for ``m / batch`` of a forward; ``target_kl``'s
+    adaptive step reads the same figure): every :attr:`KFAC.last_stats` entry of both
     optimizers, as ``kfac/actor/...`` and ``kfac/critic/...`` (KL-clip scale, effective
     step size, damping, eigenvalue extremes and condition number of the factors,
     eigendecomposition retries and fallbacks, skipped steps).
@@ -427,8 +429,10 @@ class ACKTR(OnPolicyAgent):
         self.reducer.grads([*policy.trunk_parameters(), *policy.actor_parameters(), *policy.critic_parameters()])  # one bucket
         self.optimizer.step()
 
+        kl_obs, rows = kl_sample(obs, batch.size, cfg.kl_batch_size, update_seed(self.local_seed, self.num_updates))
+        old_params = dist_params.detach() if rows is None else dist_params.detach()[rows]
         with torch.no_grad():
-            kl = dist.kl(dist_params.detach(), policy.dist_params(obs)).mean()
+            kl = dist.kl(old_params, policy.dist_params(kl_obs)).mean()
         if cfg.target_kl is not None:
             self._last_kl = self.reducer.mean(kl.detach())
         metrics: dict[str, Tensor | float] = {

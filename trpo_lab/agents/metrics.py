@@ -11,7 +11,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["explained_variance", "to_host"]
+from trpo_lab.rollout.buffer import Observations, map_observations
+
+__all__ = ["explained_variance", "kl_sample", "to_host", "update_seed"]
 
 
 def explained_variance(predictions: Tensor, targets: Tensor) -> Tensor:
@@ -28,3 +30,27 @@ def to_host(metrics: Mapping[str, Tensor | float]) -> dict[str, float]:
         stacked = torch.stack([metrics[key].detach().float().reshape(()) for key in keys])  # type: ignore[union-attr]
         out.update(zip(keys, stacked.cpu().tolist()))
     return {key: out[key] for key in metrics}
+
+
+def kl_sample(obs: Observations, size: int, count: int | None, seed: int) -> tuple[Observations, Tensor | None]:
+    """The observations an update's policy-change metrics are measured on (``kl_batch_size``).
+
+    ``(obs, None)`` when ``count`` is None or not below the batch ``size``; otherwise ``count``
+    rows drawn without replacement by a generator seeded with ``seed`` (the agent passes one
+    made of its seed and update count), with their indices. The draw touches none of the
+    agent's generators, so training is the same with and without a subset, and a resumed run
+    draws the same rows. The mean KL over them is an unbiased estimate of the batch's mean
+    KL, for ``count / size`` of the forward passes it takes (PPO needs one before and one
+    after the epochs, ACKTR one after its step).
+    """
+    if count is None or count >= size:
+        return obs, None
+    generator = torch.Generator().manual_seed(seed)
+    first = next(iter(obs.values())) if isinstance(obs, dict) else obs
+    index = torch.randperm(size, generator=generator)[:count].to(first.device)
+    return map_observations(lambda field: field[index], obs), index
+
+
+def update_seed(seed: int, update: int) -> int:
+    """A 63-bit seed for the ``update``-th update of an agent seeded with ``seed``."""
+    return (seed * 0x9E3779B97F4A7C15 + update) % (1 << 63)

@@ -18,6 +18,13 @@ advantages are normalized with each minibatch's statistics over all ranks, and t
 KL travels in the gradients' bucket (one all-reduce per minibatch step,
 ``reducer.grads(..., with_means=approx_kl)``), so every rank takes the same optimizer step.
 In one process each of these is the local computation.
+
+After the epochs the update reports what it did to the policy: ``train/kl``, the exact mean
+KL(π_old ‖ π_new), and ``train/entropy``, from a forward of the rollout before the epochs
+and one after. They are metrics only (the early stop uses the minibatches' estimate), and
+with ``kl_batch_size = m`` both forwards take ``m`` samples drawn at random each update:
+an unbiased estimate for ``m / batch`` of their cost, which on the Nature CNN is 0.6 s of a
+4 s update at 1,024 frames.
 """
 
 from __future__ import annotations
@@ -30,10 +37,10 @@ import torch
 from torch import Tensor
 
 from trpo_lab.agents.base import OnPolicyAgent
-from trpo_lab.agents.metrics import explained_variance
+from trpo_lab.agents.metrics import explained_variance, kl_sample, update_seed
 from trpo_lab.config import PPOConfig
 from trpo_lab.optim._flat import clip_grad_norm_
-from trpo_lab.rollout.buffer import RolloutBatch
+from trpo_lab.rollout.buffer import Observations, RolloutBatch
 
 __all__ = ["PPO", "PPOLoss", "ppo_loss", "optimizer_class"]
 
@@ -221,8 +228,9 @@ class PPO(OnPolicyAgent):
         assert cfg.target_kl is not None
         parameters = list(policy.parameters())
         obs = policy.preprocess(batch.observations)
+        kl_obs, _ = kl_sample(obs, batch.size, cfg.kl_batch_size, update_seed(self.local_seed, self.num_updates))
         with torch.no_grad():
-            old_params = policy.dist_params(obs)
+            old_params = policy.dist_params(kl_obs)
         stopped = torch.zeros((), dtype=torch.bool, device=batch.device)
         kept: list[Tensor] = []
         losses: list[PPOLoss] = []
@@ -254,7 +262,7 @@ class PPO(OnPolicyAgent):
                                 ("train/approx_kl", "approx_kl"), ("train/clip_fraction", "clip_fraction"))
         }
         metrics["train/grad_norm"] = mean_of(grad_norms)
-        metrics.update(self._policy_change_metrics(obs, old_params, batch))
+        metrics.update(self._policy_change_metrics(kl_obs, old_params, batch))
         metrics["train/n_updates"] = count
         metrics["train/epochs"] = epochs_done
         metrics["train/early_stop"] = stopped.to(batch.advantages.dtype)
@@ -272,9 +280,10 @@ class PPO(OnPolicyAgent):
         assert approx_kl is not None
         return loss, approx_kl
 
-    def _policy_change_metrics(self, obs: Tensor, old_params: Tensor, batch: RolloutBatch) -> dict[str, Tensor]:
-        """What the update did to the policy: exact mean KL(old ‖ new), entropy, the critic's
-        explained variance before the update, and the Gaussian's mean std (device tensors)."""
+    def _policy_change_metrics(self, obs: Observations, old_params: Tensor, batch: RolloutBatch) -> dict[str, Tensor]:
+        """What the update did to the policy: exact mean KL(old ‖ new) and entropy over ``obs``
+        (the rollout, or ``kl_batch_size`` samples of it), the critic's explained variance
+        before the update, and the Gaussian's mean std (device tensors)."""
         policy = self.policy
         with torch.no_grad():
             new_params = policy.dist_params(obs)
@@ -304,8 +313,9 @@ class PPO(OnPolicyAgent):
         cfg, policy, reducer = self.config, self.policy, self.reducer
         parameters = list(policy.parameters())
         obs = policy.preprocess(batch.observations)
+        kl_obs, _ = kl_sample(obs, batch.size, cfg.kl_batch_size, update_seed(self.local_seed, self.num_updates))
         with torch.no_grad():
-            old_params = policy.dist_params(obs)
+            old_params = policy.dist_params(kl_obs)
         losses: list[PPOLoss] = []
         grad_norms: list[Tensor] = []
         early_stop = False
@@ -335,7 +345,7 @@ class PPO(OnPolicyAgent):
                 "train/clip_fraction": mean_of("clip_fraction"),
                 "train/grad_norm": torch.stack(grad_norms).mean(),
             }
-        metrics.update(self._policy_change_metrics(obs, old_params, batch))
+        metrics.update(self._policy_change_metrics(kl_obs, old_params, batch))
         metrics["train/n_updates"] = float(len(losses))
         metrics["train/epochs"] = float(epochs_done)
         metrics["train/early_stop"] = float(early_stop)
