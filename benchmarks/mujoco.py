@@ -185,6 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"mujoco.py: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # as trpo-lab compare: TrainingInterrupted names the signal
+        print(f"mujoco.py: interrupted{f': {exc}' if str(exc) else ''}; the same command continues the unfinished "
+              "runs from their checkpoints", file=sys.stderr)
+        return 128 + getattr(exc, "signum", 2)
     print(report)
     for failure in failures:
         print(f"FAILED {failure}", file=sys.stderr)

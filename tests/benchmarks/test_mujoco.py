@@ -143,3 +143,18 @@ def test_the_grid_is_interleaved_seed_by_seed_ours_next_to_the_peer(tmp_path: Pa
         "Hopper-v5-trpo-seed1", "Hopper-v5-sb3-trpo-seed1", "Walker2d-v5-trpo-seed1", "Walker2d-v5-sb3-trpo-seed1",
     ]
     assert [s.key for s in experiment.runs(tmp_path)][:2] == ["Hopper-v5-trpo-seed0", "Hopper-v5-trpo-seed1"]
+
+
+def test_a_signal_stops_the_grid_with_one_line_and_the_signal_exit_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = _load()
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise TrainingInterrupted("SIGTERM received", signal.SIGTERM)
+
+    monkeypatch.setattr(bench, "run_experiment", interrupted)
+    assert bench.main(["--envs", "Hopper-v5", "--algos", "trpo", "--seeds", "1", "--out", str(tmp_path)]) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mujoco.py: interrupted: SIGTERM received; the same command continues the unfinished runs from "
+                   "their checkpoints"]
