@@ -463,7 +463,7 @@ class ACKTRConfig(AgentConfig):
     fixed_on_resume: ClassVar[dict[str, str]] = {
         **AgentConfig.fixed_on_resume,
         **{key: "the checkpoint's K-FAC state restores it" for key in (
-            "kl_clip", "vf_kl_clip", "damping", "momentum", "stat_decay", "inverse_every")},
+            "kl_clip", "vf_kl_clip", "damping", "momentum", "stat_decay", "inverse_every", "eigen_tolerance")},
     }
 
     n_steps: int = _param(20, _positive, ">= 1", "steps per environment per update")
@@ -482,6 +482,11 @@ class ACKTRConfig(AgentConfig):
     stat_decay: float = _param(0.99, _unit_open, "in (0, 1)", "running-average decay of the factors")
     inverse_every: int = _param(
         10, _positive, ">= 1", "Fisher passes between eigendecompositions (updates, with stats_every = 1)"
+    )
+    eigen_tolerance: float = _param(
+        0.0, lambda v: 0 <= v < 1, "in [0, 1)",
+        "K-FAC: skip eigenvector pairs of curvature <= eigen_tolerance * damping, at a relative error "
+        "<= eigen_tolerance in the direction (0: exact)",
     )
     stats_every: int = _param(
         1, _positive, ">= 1", "updates between Fisher passes (K-FAC statistics); the others reuse the factors"

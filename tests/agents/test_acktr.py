@@ -187,8 +187,8 @@ def _assert_same_state(a: ACKTR, b: ACKTR) -> None:
 
 @pytest.mark.parametrize(
     "amortised",
-    [{}, {"stats_every": 2, "stats_batch_size": 12}, {"kl_batch_size": 8, "target_kl": 0.002}],
-    ids=["every-update", "amortised-statistics", "kl-subset-adaptive-step"],
+    [{}, {"stats_every": 2, "stats_batch_size": 12}, {"kl_batch_size": 8, "target_kl": 0.002}, {"eigen_tolerance": 0.01}],
+    ids=["every-update", "amortised-statistics", "kl-subset-adaptive-step", "eigen-tolerance"],
 )
 def test_resume_continues_bit_identically(tmp_path: Path, amortised: dict[str, int]) -> None:
     """A checkpoint holds everything the next updates depend on: weights, K-FAC factors,
@@ -197,6 +197,7 @@ def test_resume_continues_bit_identically(tmp_path: Path, amortised: dict[str, i
     statistics, also where the Fisher-pass schedule stands (5 updates: the next one skips it)."""
     kwargs = {"n_envs": 2, "seed": 3, "n_steps": 16, "inverse_every": 2, "normalize_obs": True, **amortised}
     original = ACKTR("CartPole-v1", **kwargs)
+    assert original.actor_optimizer.param_groups[0]["eigen_tolerance"] == amortised.get("eigen_tolerance", 0.0)
     original.learn(16 * 2 * 5)  # 5 updates: factors, eigendecompositions and momentum exist
     original.save(tmp_path / "mid.pt")
     loaded = ACKTR.load(tmp_path / "mid.pt")
@@ -358,6 +359,8 @@ def test_action_spaces_update_without_nan(env: Any) -> None:
         ({"stats_batch_size": 2.5}, r"Invalid stats_batch_size: 2.5"),
         ({"kl_batch_size": 0}, r"Invalid kl_batch_size: 0; expected >= 1 or none"),
         ({"kl_batch_size": 2.5}, r"Invalid kl_batch_size: 2.5"),
+        ({"eigen_tolerance": 1.0}, r"Invalid eigen_tolerance: 1.0; expected in \[0, 1\)"),
+        ({"eigen_tolerance": -1e-3}, r"Invalid eigen_tolerance: -0.001; expected in \[0, 1\)"),
         ({"learning_rate": 0}, r"Invalid learning_rate: 0.0; expected > 0"),
         ({"vf_coef": -1}, r"Invalid vf_coef: -1.0; expected >= 0"),
         ({"lr_schedule": "cosine"}, r"Invalid lr_schedule: 'cosine'; lr_schedule is retired, write learning_rate = 'linear'"),

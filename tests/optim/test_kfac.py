@@ -7,6 +7,7 @@ import copy
 import io
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -825,3 +826,68 @@ def test_dead_inputs_and_outputs_are_deflated_and_precondition_exactly(damping_m
     assert restored_first["zero_rows_A"].dtype == restored_first["zero_rows_G"].dtype == torch.int64
     for ours, theirs in zip(directions, restored.precondition(grads), strict=True):
         assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("tolerance", [1e-1, 1e-2, 1e-3])
+def test_eigen_tolerance_drops_negligible_pairs_within_its_error_bound(tolerance: float) -> None:
+    """eigen_tolerance = τ leaves out the eigenvector pairs with λ_G λ_A ≤ τγ: the direction
+    is within τ‖V‖ of the exact dense (A ⊗ G + γI)⁻¹∇, fewer eigenvectors are kept than there
+    are (the check must bite), and a saved and loaded optimizer gives it bit for bit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4)).double()
+    inputs = torch.randn(200, 12, dtype=torch.float64) * torch.logspace(0, -3, 12, dtype=torch.float64)
+    targets = torch.randint(0, 4, (200,))
+    damping = 1e-2
+    optimizer = KFAC(model, damping=damping, inverse_every=1, eigen_tolerance=tolerance)
+    exact_optimizer = KFAC(copy.deepcopy(model), damping=damping, inverse_every=1)
+    generator = torch.Generator().manual_seed(0)
+    _training_step(optimizer, model, inputs, targets, generator)
+    exact_optimizer.load_state_dict(optimizer.state_dict())
+    assert exact_optimizer.param_groups[0]["eigen_tolerance"] == tolerance
+    exact_optimizer.param_groups[0]["eigen_tolerance"] = 0.0
+
+    optimizer.zero_grad()
+    F.cross_entropy(model(inputs), targets).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    directions = optimizer.precondition(grads)
+    kept = 0
+    for index, weight in ((0, model[0].weight), (2, model[2].weight)):
+        state = optimizer.state[weight]
+        gradient = torch.cat([grads[index], grads[index + 1].unsqueeze(1)], dim=1)
+        dense = {f: (state[f"eigenvectors_{f}"] * state[f"eigenvalues_{f}"]) @ state[f"eigenvectors_{f}"].mT
+                 for f in ("A", "G")}
+        size_a, size_g = dense["A"].shape[0], dense["G"].shape[0]
+        fisher = torch.kron(dense["A"], dense["G"]) + damping * torch.eye(size_a * size_g, dtype=torch.float64)
+        exact = torch.linalg.solve(fisher, gradient.mT.reshape(-1)).reshape(size_a, size_g).mT
+        ours = torch.cat([directions[index], directions[index + 1].unsqueeze(1)], dim=1)
+        error = float((ours - exact).norm() / exact.norm())
+        assert 0.0 < error <= tolerance, (index, error)
+        vectors_g, vectors_a, _ = optimizer._truncated[id(state)][1]
+        kept += vectors_a.shape[1] + vectors_g.shape[1]
+        assert vectors_a.shape[1] < size_a
+    exact_directions = exact_optimizer.precondition(grads)
+    assert any(not torch.equal(a, b) for a, b in zip(directions, exact_directions, strict=True))
+
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    restored = KFAC(copy.deepcopy(model), damping=damping, inverse_every=1)
+    restored.load_state_dict(torch.load(buffer))
+    for ours, theirs in zip(directions, restored.precondition(grads), strict=True):
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"eigen_tolerance": -0.1}, r"Invalid eigen_tolerance: -0.1"),
+        ({"eigen_tolerance": 1.0}, r"Invalid eigen_tolerance: 1.0; expected a number in \[0, 1\)"),
+        (
+            {"eigen_tolerance": 1e-3, "damping_mode": "factored"},
+            r'Invalid eigen_tolerance: 0.001; expected 0 with damping_mode="factored"',
+        ),
+    ],
+)
+def test_bad_eigen_tolerance_is_named(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        KFAC(nn.Linear(3, 2), **kwargs)

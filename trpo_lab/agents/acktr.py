@@ -123,7 +123,7 @@ class ActorCriticKFAC:
         actor: The actor's parameters as a module (its Linear/Conv2d layers are preconditioned,
             free parameters such as a log-std take the plain gradient).
         critic: The critic's parameters as a module.
-        lr, momentum, damping, stat_decay, inverse_every: Shared by both KFACs.
+        lr, momentum, damping, stat_decay, inverse_every, eigen_tolerance: Shared by both KFACs.
         kl_clip: The actor's trust region κ.
         vf_kl_clip: The critic's trust region κ, or None for no clip.
         max_grad_norm: Per-network gradient-norm clip before preconditioning, or None.
@@ -146,6 +146,7 @@ class ActorCriticKFAC:
         max_grad_norm: float | None,
         statistics_reducer: StatisticsReducer | None = None,
         sync_free: bool = False,
+        eigen_tolerance: float = 0.0,
     ) -> None:
         common: dict[str, Any] = {
             "lr": lr,
@@ -153,6 +154,7 @@ class ActorCriticKFAC:
             "damping": damping,
             "stat_decay": stat_decay,
             "inverse_every": inverse_every,
+            "eigen_tolerance": eigen_tolerance,
             "statistics_reducer": statistics_reducer,
             "sync_free": sync_free,
         }
@@ -247,7 +249,7 @@ class ACKTR(OnPolicyAgent):
     (SB3 names where the concept exists: ``n_steps``, ``learning_rate``, ``gae_lambda``,
     ``ent_coef``, ``vf_coef``, ``max_grad_norm``; new ones: ``kl_clip``, ``vf_kl_clip``,
     ``damping``, ``momentum``, ``stat_decay``, ``inverse_every``, ``stats_every``,
-    ``stats_batch_size``, ``kl_batch_size``);
+    ``stats_batch_size``, ``kl_batch_size``, ``eigen_tolerance``);
     ``learning_rate`` and ``ent_coef`` may be schedules.
 
     ``stats_every = k`` runs the Fisher pass (the sampled-Fisher backward to the layer outputs
@@ -290,6 +292,7 @@ class ACKTR(OnPolicyAgent):
             damping=cfg.damping,
             stat_decay=cfg.stat_decay,
             inverse_every=cfg.inverse_every,
+            eigen_tolerance=cfg.eigen_tolerance,
             kl_clip=cfg.kl_clip,
             vf_kl_clip=cfg.vf_kl_clip,
             max_grad_norm=cfg.max_grad_norm,
