@@ -107,7 +107,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="PongNoFrameskip-v4")
     parser.add_argument("--frames", type=int, default=2_000_000, help="emulator frames per run (4 per agent step)")
-    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--seeds", type=int, default=1, help="how many seeds (default 1)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first..first+N-1 (default 0)")
     parser.add_argument("--algos", default="acktr,ppo", help="ours, each against its SB3 pair (acktr: A2C)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="JSON result file (written atomically)")
@@ -118,14 +119,17 @@ def main() -> None:
     unknown = sorted(set(algos) - set(PAIRS))
     if unknown:
         parser.error(f"unknown --algos {unknown}; expected some of {sorted(PAIRS)}")
+    if args.seeds < 1 or args.first_seed < 0:
+        parser.error(f"invalid --seeds {args.seeds} / --first-seed {args.first_seed}; expected >= 1 / >= 0")
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
 
     results: dict[str, list[dict[str, Any]]] = {}
     for algo in algos:
-        for seed in range(args.seeds):
+        for seed in seeds:
             results.setdefault(f"ours/{algo}", []).append(run_ours(algo, args.env, seed, steps))
             results.setdefault(f"sb3/{PAIRS[algo]}", []).append(run_theirs(PAIRS[algo], args.env, seed, steps))
 
-    print(f"{args.env}: {args.frames} frames = {steps} agent steps per run, {args.seeds} seed(s), {args.threads} thread(s)")
+    print(f"{args.env}: {args.frames} frames = {steps} agent steps per run, seeds {seeds}, {args.threads} thread(s)")
     print(f"{'run':12s} {'n_envs':>6s} {'wall_s':>8s} {'steps/s':>8s} {'final return (last 100 ep.)':>30s}")
     rate: dict[str, float] = {}
     for name, runs in results.items():
@@ -138,13 +142,13 @@ def main() -> None:
         ours_name, theirs_name = f"ours/{algo}", f"sb3/{PAIRS[algo]}"
         print(f"steps/s ratio {ours_name} / {theirs_name} = {rate[ours_name] / rate[theirs_name]:.2f}x")
     for name, runs in results.items():
-        for seed, r in enumerate(runs):
+        for seed, r in zip(seeds, runs, strict=True):
             points = r["curve"][:: max(1, len(r["curve"]) // 8)]
             print(f"  {name} seed {seed} return vs frames: " + ", ".join(f"{int(f)}:{v:.1f}" for f, v in points))
     if args.out is not None:
         from trpo_lab.logging import atomic_write_text
 
-        payload = {"env": args.env, "frames": args.frames, "agent_steps": steps, "seeds": args.seeds,
+        payload = {"env": args.env, "frames": args.frames, "agent_steps": steps, "seeds": seeds,
                    "threads": args.threads, "runs": results,
                    "steps_per_s_ratio": {a: rate[f"ours/{a}"] / rate[f"sb3/{PAIRS[a]}"] for a in algos}}
         args.out.parent.mkdir(parents=True, exist_ok=True)
