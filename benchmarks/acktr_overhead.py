@@ -26,6 +26,7 @@ This script:
     python benchmarks/acktr_overhead.py --env CartPole-v1 --n-steps 256 --hidden 256 256
     python benchmarks/acktr_overhead.py --env PongNoFrameskip-v4 --blocks 3   # Nature CNN
     python benchmarks/acktr_overhead.py --env PongNoFrameskip-v4 --blocks 3 --set stats_every=4
+    python benchmarks/acktr_overhead.py --env PongNoFrameskip-v4 --blocks 2 --set eigen_tolerance=0 --spectrum 1e-3 1e-2
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from torch import Tensor
 
 from trpo_lab.agents.acktr import ACKTR
 from trpo_lab.config import parse_set_option
+from trpo_lab.optim.kfac import _truncated_basis
 from trpo_lab.presets import load_preset
 from trpo_lab.rollout.buffer import Observations, RolloutBatch
 
@@ -70,6 +72,10 @@ def main() -> None:
     parser.add_argument("--loop-steps", type=int, default=0, help="also time learn() runs of this many env steps")
     parser.add_argument("--loop-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--spectrum", type=float, nargs="+", default=[], metavar="TAU",
+        help="after timing, print how many eigenvectors of each layer's factors eigen_tolerance TAU keeps",
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override a preset hyperparameter of both agents (TOML value), e.g. --set stats_every=4",
@@ -115,10 +121,27 @@ def main() -> None:
         spread = f"(min {1e3 * min(times):.3f}, max {1e3 * max(times):.3f})"
         print(f"  {name:12s} median {1e3 * median[name]:7.3f} ms/update   {spread}")
     print(f"  ratio kfac / first_order = {median['kfac'] / median['first_order']:.2f}x")
+    for tolerance in args.spectrum:
+        _print_spectrum(agents["kfac"], tolerance)
     for agent in agents.values():
         agent.close()
     if args.loop_steps:
         _loop_throughput(args.env, kwargs, args.loop_steps, args.loop_repeats)
+
+
+def _print_spectrum(agent: ACKTR, tolerance: float) -> None:
+    """Per K-FAC layer of the actor: the eigenvectors of A and G that ``eigen_tolerance`` keeps."""
+    damping = agent.actor_optimizer.param_groups[0]["damping"]
+    print(f"  eigen_tolerance {tolerance:g} (damping {damping:g}) keeps, after {agent.num_updates} updates:")
+    for param, state in agent.actor_optimizer.state.items():
+        if "eigenvalues_A" not in state:
+            continue
+        vectors_g, vectors_a, _ = _truncated_basis(
+            state["eigenvalues_A"], state["eigenvectors_A"], state["eigenvalues_G"], state["eigenvectors_G"],
+            damping, tolerance,
+        )
+        print(f"    {tuple(param.shape)!s:18s} A {vectors_a.shape[1]:5d} of {state['eigenvalues_A'].numel():5d}"
+              f"   G {vectors_g.shape[1]:4d} of {state['eigenvalues_G'].numel():4d}")
 
 
 def _loop_throughput(env_id: str, kwargs: dict[str, Any], steps: int, repeats: int) -> None:
