@@ -6,8 +6,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from trpo_lab.nn.policy import ActorCritic, mlp_forward, validate_policy_kwargs
+from trpo_lab.nn.policy import ActorCritic, mlp_forward, mlp_mse_gradients, validate_policy_kwargs
 
 BOX_OBS = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
 ACTION_SPACES = [gym.spaces.Discrete(3), gym.spaces.Box(-1, 1, (2,), np.float32), gym.spaces.MultiDiscrete([2, 4])]
@@ -206,3 +207,38 @@ def test_extractor_policy_kwargs_are_validated(kwargs: dict, match: str) -> None
 def test_extractor_kwargs_the_extractor_does_not_take_are_named() -> None:
     with pytest.raises(ValueError, match=r"Invalid policy_kwargs.features_extractor_kwargs \{'width': 3\}: .*'width'"):
         ActorCritic(IMAGE_OBS, gym.spaces.Discrete(2), features_extractor_kwargs={"width": 3})
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hidden", [[], [7], [64, 64], [5, 9, 3]])
+def test_mlp_mse_gradients_by_hand_equal_autograds(activation: str, dtype: torch.dtype, hidden: list[int]) -> None:
+    """The critic fit's hand-written chain rule (every layer count, both activations) gives
+    autograd's loss and gradients of mean((V(x) − y)²), ReLU's kink at 0 included."""
+    torch.manual_seed(0)
+    policy = ActorCritic(
+        gym.spaces.Box(-1, 1, (6,)), gym.spaces.Discrete(2), net_arch={"pi": [4], "vf": hidden},
+        activation_fn=activation,
+    ).to(dtype)
+    x = torch.randn(33, 6, dtype=dtype)
+    x[0] = 0.0  # with zero biases, ReLU inputs exactly at the kink
+    targets = torch.randn(33, dtype=dtype)
+    loss = nn.functional.mse_loss(policy.value(x), targets)
+    expected = torch.autograd.grad(loss, policy.critic_parameters())
+    result = mlp_mse_gradients(policy.critic_layers(), policy.critic_activations, x, targets)
+    assert result is not None
+    ours, grads = result
+    tolerance = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-7}
+    torch.testing.assert_close(ours, loss.detach(), **tolerance)
+    assert len(grads) == len(expected)
+    for mine, theirs in zip(grads, expected, strict=True):
+        assert mine.shape == theirs.shape and mine.dtype == dtype and not mine.requires_grad
+        torch.testing.assert_close(mine, theirs, **tolerance)
+
+
+def test_mlp_mse_gradients_leave_other_activations_and_outputs_to_autograd() -> None:
+    layers = [(torch.randn(3, 2), torch.randn(3)), (torch.randn(1, 3), torch.randn(1))]
+    x, y = torch.randn(4, 2), torch.randn(4)
+    assert mlp_mse_gradients(layers, [nn.functional.elu], x, y) is None
+    assert mlp_mse_gradients([(torch.randn(2, 2), torch.randn(2))], [], x, y) is None  # two outputs
+    assert mlp_mse_gradients(layers, [torch.tanh], x, y) is not None

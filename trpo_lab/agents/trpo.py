@@ -46,6 +46,7 @@ from trpo_lab.agents.curvature import (
 )
 from trpo_lab.agents.metrics import explained_variance
 from trpo_lab.config import TRPOConfig, TrustRegionConfig
+from trpo_lab.nn.policy import mlp_mse_gradients
 from trpo_lab.optim._flat import clip_grad_norm_, flat_params, to_device_async, total_numel
 from trpo_lab.optim.exact import cosine_similarity, output_space_fisher
 from trpo_lab.optim.fisher import fisher_vector_product, fisher_vector_product_func, flat_grad
@@ -272,6 +273,12 @@ class TrustRegionAgent(OnPolicyAgent):
         if cfg.critic_optimizer == "lbfgs":
             return self._fit_critic_lbfgs(obs_all, batch)
         critic_params = policy.critic_parameters()
+        # A plain MLP critic on flat features: its gradient by hand (mlp_mse_gradients).
+        by_hand = policy.flat_features and policy.vf_features_extractor is None and not policy.share_features_extractor
+        layers = policy.critic_layers() if by_hand else []
+        flat_layers = [t for layer in layers for t in layer]
+        assert not layers or (len(flat_layers) == len(critic_params) and all(
+            a is b for a, b in zip(flat_layers, critic_params, strict=True)))
         losses = []
         # Data-parallel: every rank's rows once, then the same fit on every rank (no collective per step).
         *obs_parts, returns_all = self.reducer.gather([*flatten_observations(obs_all), batch.returns])
@@ -284,9 +291,18 @@ class TrustRegionAgent(OnPolicyAgent):
             obs_epoch, returns_epoch = map_observations(itemgetter(perm), obs_all), returns_all[perm]
             for start, stop, total_count in reducer.minibatch_plan(size, cfg.batch_size):
                 obs_mb = map_observations(itemgetter(slice(start, stop)), obs_epoch)
-                loss = nn.functional.mse_loss(policy.value(obs_mb), returns_epoch[start:stop])
-                self.critic_optimizer.zero_grad(set_to_none=True)
-                torch.autograd.backward(loss)
+                by_hand = (
+                    mlp_mse_gradients(layers, policy.critic_activations, obs_mb, returns_epoch[start:stop])
+                    if layers else None
+                )
+                if by_hand is not None:  # the same gradient, without autograd's per-step graph
+                    loss, grads = by_hand
+                    for param, grad in zip(critic_params, grads, strict=True):
+                        param.grad = grad
+                else:
+                    loss = nn.functional.mse_loss(policy.value(obs_mb), returns_epoch[start:stop])
+                    self.critic_optimizer.zero_grad(set_to_none=True)
+                    torch.autograd.backward(loss)
                 reducer.grads(critic_params, stop - start, total_count)
                 clip_grad_norm_(critic_params, cfg.max_grad_norm)
                 self.critic_optimizer.step()
