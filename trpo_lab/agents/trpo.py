@@ -274,8 +274,8 @@ class TrustRegionAgent(OnPolicyAgent):
             return self._fit_critic_lbfgs(obs_all, batch)
         critic_params = policy.critic_parameters()
         # A plain MLP critic on flat features: its gradient by hand (mlp_mse_gradients).
-        by_hand = policy.flat_features and policy.vf_features_extractor is None and not policy.share_features_extractor
-        layers = policy.critic_layers() if by_hand else []
+        plain_mlp = policy.flat_features and policy.vf_features_extractor is None and not policy.share_features_extractor
+        layers = policy.critic_layers() if plain_mlp else []
         flat_layers = [t for layer in layers for t in layer]
         assert not layers or (len(flat_layers) == len(critic_params) and all(
             a is b for a, b in zip(flat_layers, critic_params, strict=True)))
@@ -293,7 +293,7 @@ class TrustRegionAgent(OnPolicyAgent):
                 obs_mb = map_observations(itemgetter(slice(start, stop)), obs_epoch)
                 by_hand = (
                     mlp_mse_gradients(layers, policy.critic_activations, obs_mb, returns_epoch[start:stop])
-                    if layers else None
+                    if layers and isinstance(obs_mb, Tensor) else None
                 )
                 if by_hand is not None:  # the same gradient, without autograd's per-step graph
                     loss, grads = by_hand
