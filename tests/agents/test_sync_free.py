@@ -59,6 +59,8 @@ ALGOS: dict[str, tuple[type[OnPolicyAgent], dict[str, Any]]] = {
     "trpo-func": (TRPO, {"fvp_backend": "func", "sub_sampling_factor": 2}),
     "npg": (NPG, {}),
     "ppo": (PPO, {"target_kl": 0.002, "learning_rate": 3e-3, "batch_size": 32, "n_epochs": 4}),
+    "ppo-kl-subset": (PPO, {"target_kl": 0.002, "learning_rate": 3e-3, "batch_size": 32, "n_epochs": 4,
+                            "kl_batch_size": 40}),
 }
 
 
@@ -148,6 +150,7 @@ def test_sync_free_rejects_non_bool() -> None:
 KFAC_ALGOS: dict[str, tuple[type[OnPolicyAgent], dict[str, Any]]] = {
     "acktr": (ACKTR, {"inverse_every": 2}),
     "acktr-target-kl": (ACKTR, {"inverse_every": 2, "target_kl": 0.002}),
+    "acktr-kl-subset": (ACKTR, {"inverse_every": 2, "target_kl": 0.002, "kl_batch_size": 24}),
     "trpo-kfac": (TRPO, {"curvature": "kfac"}),
 }
 
