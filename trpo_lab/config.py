@@ -486,7 +486,7 @@ class ACKTRConfig(AgentConfig):
     eigen_tolerance: float = _param(
         0.0, lambda v: 0 <= v < 1, "in [0, 1)",
         "K-FAC: skip eigenvector pairs of curvature <= eigen_tolerance * damping, at a relative error "
-        "<= eigen_tolerance in the direction (0: exact)",
+        "<= eigen_tolerance in the direction (0: exact; ignored by the sync-free GPU path)",
     )
     stats_every: int = _param(
         1, _positive, ">= 1", "updates between Fisher passes (K-FAC statistics); the others reuse the factors"
