@@ -37,7 +37,9 @@ __all__ = [
     "POLICY_KWARGS",
     "ActorCritic",
     "Layer",
+    "mlp_backward",
     "mlp_forward",
+    "mlp_forward_cached",
     "mlp_mse_gradients",
     "resolve_activation",
     "validate_policy_kwargs",
@@ -100,7 +102,7 @@ def _tanh_derivative(pre: Tensor, out: Tensor) -> Tensor:
 
 
 def _relu_derivative(pre: Tensor, out: Tensor) -> Tensor:
-    return (pre > 0).to(pre.dtype)
+    return (pre > 0).to(pre.dtype)  # the mask autograd uses (1 where the input is > 0)
 
 
 _DERIVATIVES: dict[Activation, Callable[[Tensor, Tensor], Tensor]] = {
@@ -109,24 +111,16 @@ _DERIVATIVES: dict[Activation, Callable[[Tensor, Tensor], Tensor]] = {
 }
 
 
-def mlp_mse_gradients(
-    layers: Sequence[Layer], activations: Sequence[Activation], x: Tensor, targets: Tensor
-) -> tuple[Tensor, list[Tensor]] | None:
-    """``mean((mlp(x) − y)²)`` of a one-output :func:`mlp_forward` and its gradient, by hand.
+MLPCache = tuple[list[Tensor], list[Tensor]]
+"""What :func:`mlp_backward` needs of a forward: every linear layer's input, and the hidden layers' pre-activations."""
 
-    The critic fit of TRPO and NPG takes hundreds of small Adam steps per update (20 epochs of
-    minibatches of 128 with the MuJoCo presets), and on a CPU autograd's graph and engine cost
-    more than the arithmetic of a 64 x 64 MLP. This is the same chain rule written out:
-    ``δ_L = 2(v − y)/n``, ``∇W_k = δ_kᵀ x_k``, ``∇b_k = Σ δ_k``, ``δ_{k−1} = (δ_k W_k) ⊙ σ'(z_{k−1})``,
-    with σ' from the layer's output for tanh (``1 − x²``) and from its input for ReLU. It is
-    tested equal to autograd's.
 
-    Returns:
-        ``(loss, [∇W_0, ∇b_0, ∇W_1, ...])``, detached; None when an activation is not tanh or
-        ReLU (the caller then takes autograd).
-    """
-    derivatives = [_DERIVATIVES.get(a) for a in activations]
-    if any(d is None for d in derivatives) or layers[-1][0].shape[0] != 1:
+def mlp_forward_cached(
+    layers: Sequence[Layer], activations: Sequence[Activation], x: Tensor
+) -> tuple[Tensor, MLPCache] | None:
+    """:func:`mlp_forward` without a graph, keeping what :func:`mlp_backward` needs; None when an
+    activation is not tanh or ReLU (the caller then takes autograd)."""
+    if any(a not in _DERIVATIVES for a in activations):
         return None
     with torch.no_grad():
         inputs, pre = [x], []
@@ -135,19 +129,56 @@ def mlp_mse_gradients(
             if i < len(layers) - 1:
                 pre.append(z)
                 inputs.append(activations[i](z))
-        error = z.squeeze(-1) - targets
-        loss = error.square().mean()
-        delta = error.mul(2.0 / error.numel()).unsqueeze(-1)
+    return z, (inputs, pre)
+
+
+def mlp_backward(
+    layers: Sequence[Layer], activations: Sequence[Activation], cache: MLPCache, grad_output: Tensor
+) -> list[Tensor]:
+    """The gradient of a loss with respect to every ``(W, b)`` of :func:`mlp_forward_cached`'s
+    MLP, given the gradient ``grad_output`` with respect to its output: the chain rule written out.
+
+    ``∇W_k = δ_kᵀ x_k``, ``∇b_k = Σ δ_k``, ``δ_{k−1} = (δ_k W_k) ⊙ σ'(z_{k−1})``, with σ' from the
+    layer's output for tanh (``1 − x²``) and from its input for ReLU. On a CPU autograd's graph
+    and engine cost more than the arithmetic of a 64 x 64 MLP, and the agents take hundreds of
+    small minibatch steps per update (TRPO's critic fit, PPO's epochs); tested equal to autograd.
+
+    Returns:
+        ``[∇W_0, ∇b_0, ∇W_1, ...]``, detached.
+    """
+    inputs, pre = cache
+    with torch.no_grad():
+        delta = grad_output
         grads: list[Tensor] = []
         for i in range(len(layers) - 1, -1, -1):
-            weight = layers[i][0]
             grads += [delta.sum(0), delta.mT @ inputs[i]]  # reversed below: (W, b) per layer
             if i > 0:
-                derivative = derivatives[i - 1]
-                assert derivative is not None
-                delta = (delta @ weight).mul_(derivative(pre[i - 1], inputs[i]))
+                delta = (delta @ layers[i][0]).mul_(_DERIVATIVES[activations[i - 1]](pre[i - 1], inputs[i]))
         grads.reverse()
-    return loss, grads
+    return grads
+
+
+def mlp_mse_gradients(
+    layers: Sequence[Layer], activations: Sequence[Activation], x: Tensor, targets: Tensor
+) -> tuple[Tensor, list[Tensor]] | None:
+    """``mean((mlp(x) − y)²)`` of a one-output :func:`mlp_forward` and its gradient, by hand
+    (:func:`mlp_backward` of ``δ_L = 2(v − y)/n``): TRPO's and NPG's critic fit.
+
+    Returns:
+        ``(loss, [∇W_0, ∇b_0, ∇W_1, ...])``, detached; None when an activation is not tanh or
+        ReLU or the MLP has more than one output (the caller then takes autograd).
+    """
+    if layers[-1][0].shape[0] != 1:
+        return None
+    forward = mlp_forward_cached(layers, activations, x)
+    if forward is None:
+        return None
+    output, cache = forward
+    with torch.no_grad():
+        error = output.squeeze(-1) - targets
+        loss = error.square().mean()
+        delta = error.mul(2.0 / error.numel()).unsqueeze(-1)
+    return loss, mlp_backward(layers, activations, cache, delta)
 
 
 def _mlp(sizes: Sequence[int], activation: type[nn.Module], out_gain: float) -> nn.Sequential:
