@@ -163,4 +163,7 @@ def _loop_throughput(env_id: str, kwargs: dict[str, Any], steps: int, repeats: i
 
 
 if __name__ == "__main__":
+    import sys
+
+    sys.path.append(sys.path.pop(0))  # this folder last: its mujoco.py must not shadow the mujoco package
     main()

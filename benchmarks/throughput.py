@@ -411,4 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    import sys
+
+    sys.path.append(sys.path.pop(0))  # this folder last: its mujoco.py must not shadow the mujoco package
     raise SystemExit(main())

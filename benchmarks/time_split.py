@@ -77,4 +77,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    sys.path.append(sys.path.pop(0))  # this folder last: its mujoco.py must not shadow the mujoco package
     main()
