@@ -62,12 +62,14 @@ def _assert_same_actions(agent: OnPolicyAgent, path: Path) -> None:
     actions = _onnx_actions(path, obs)
     assert actions.shape == expected.shape and actions.dtype == expected.dtype
     if isinstance(agent.action_space, gym.spaces.Box):
-        # float32 matmuls of two libraries: equal to rounding (the Box case's head is scaled 300x)
-        np.testing.assert_allclose(actions, expected, rtol=1e-4, atol=1e-5)
+        # float32 matmuls of two libraries: equal to rounding. The Box case's head is scaled 300x,
+        # so the rounding of a 64-term float32 sum (~1e-7 relative) reaches a few 1e-5 in the
+        # action; one seed's weights gave 1.4e-5 at an action of -0.039.
+        np.testing.assert_allclose(actions, expected, rtol=1e-4, atol=5e-5)
     else:
         np.testing.assert_array_equal(actions, expected)
     # a batch of one, and the single-observation form of predict
-    np.testing.assert_allclose(_onnx_actions(path, obs[:1])[0], agent.predict(obs[0]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_onnx_actions(path, obs[:1])[0], agent.predict(obs[0]), rtol=1e-4, atol=5e-5)
 
 
 @pytest.mark.parametrize(
