@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 import trpo_lab.agents.acktr as acktr_module
 from trpo_lab.agents.acktr import ACKTR
-from trpo_lab.agents.metrics import to_host, update_seed
+from trpo_lab.agents.metrics import to_host
 from trpo_lab.cli import main as cli_main
 from trpo_lab.optim.kfac import KFAC
 from trpo_lab.presets import load_preset
@@ -214,7 +214,7 @@ def test_resume_continues_bit_identically(tmp_path: Path, amortised: dict[str, i
     _assert_same_state(original, loaded)
 
 
-def test_kl_batch_size_changes_the_kl_metric_and_nothing_else() -> None:
+def test_kl_batch_size_changes_the_kl_metric_and_nothing_else(update_on_drawn_rows: Any) -> None:
     """Without target_kl the post-update KL is a metric only: measured on 8 of 32 samples, the
     training is bit-identical to the full-batch measure, and the estimate is the exact mean KL
     over the rows drawn (recomputed here from the agent's own update)."""
@@ -229,16 +229,8 @@ def test_kl_batch_size_changes_the_kl_metric_and_nothing_else() -> None:
     assert kl_full != kl_subset and all(k >= 0 for k in kl_subset)
     assert [row["train/policy_loss"] for row in logs[0]] == [row["train/policy_loss"] for row in logs[1]]
 
-    subset.collect_rollout()
-    batch = subset.buffer.batch()
-    obs = subset.policy.preprocess(batch.observations)
-    with torch.no_grad():
-        before = subset.policy.dist_params(obs)
-    rows = torch.randperm(batch.size, generator=torch.Generator().manual_seed(update_seed(1, subset.num_updates)))[:8]
-    metrics = subset.update(batch)
-    with torch.no_grad():
-        after = subset.policy.dist_params(obs)
-    exact = subset.policy.distribution.kl(before[rows], after[rows]).mean()
+    metrics, before, after = update_on_drawn_rows(subset, 8)
+    exact = subset.policy.distribution.kl(before, after).mean()
     torch.testing.assert_close(metrics["train/kl"], exact, rtol=1e-5, atol=1e-9)
 
 

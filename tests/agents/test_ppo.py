@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -146,7 +147,9 @@ def test_update_logs_metrics_and_early_stop_limits_the_epochs() -> None:
 
 
 @pytest.mark.parametrize("target_kl", [None, 0.05], ids=["plain", "sync-free-early-stop"])
-def test_kl_batch_size_measures_the_kl_on_a_subset_and_changes_nothing_else(target_kl: float | None) -> None:
+def test_kl_batch_size_measures_the_kl_on_a_subset_and_changes_nothing_else(
+    target_kl: float | None, update_on_drawn_rows: Any
+) -> None:
     """The policy-change metrics on 16 of 64 samples: the update is bit-identical to the
     full-batch measure, and train/kl is the exact mean KL over the rows drawn."""
     kwargs = {"n_envs": 2, "seed": 0, "n_steps": 32, "batch_size": 16, "n_epochs": 3, "learning_rate": 3e-3,
@@ -157,18 +160,10 @@ def test_kl_batch_size_measures_the_kl_on_a_subset_and_changes_nothing_else(targ
     for a, b in zip(full.policy.parameters(), subset.policy.parameters(), strict=True):
         assert torch.equal(a, b)
 
-    subset.collect_rollout()
-    batch = subset.buffer.batch()
-    obs = subset.policy.preprocess(batch.observations)
-    with torch.no_grad():
-        before = subset.policy.dist_params(obs)
-    rows = torch.randperm(batch.size, generator=torch.Generator().manual_seed(update_seed(0, subset.num_updates)))[:16]
-    metrics = subset.update(batch)
-    with torch.no_grad():
-        after = subset.policy.dist_params(obs)
+    metrics, before, after = update_on_drawn_rows(subset, 16)
     dist = subset.policy.distribution
-    torch.testing.assert_close(metrics["train/kl"], dist.kl(before[rows], after[rows]).mean(), rtol=1e-5, atol=1e-9)
-    torch.testing.assert_close(metrics["train/entropy"], dist.entropy(after[rows]).mean())
+    torch.testing.assert_close(metrics["train/kl"], dist.kl(before, after).mean(), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(metrics["train/entropy"], dist.entropy(after).mean())
     assert float(metrics["train/kl"]) > 0
 
 

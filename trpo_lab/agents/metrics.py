@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from trpo_lab.rollout.buffer import Observations, map_observations
+from trpo_lab.rollout.buffer import Observations, _first, map_observations
 
 __all__ = ["explained_variance", "kl_sample", "to_host", "update_seed"]
 
@@ -46,8 +46,7 @@ def kl_sample(obs: Observations, size: int, count: int | None, seed: int) -> tup
     if count is None or count >= size:
         return obs, None
     generator = torch.Generator().manual_seed(seed)
-    first = next(iter(obs.values())) if isinstance(obs, dict) else obs
-    index = torch.randperm(size, generator=generator)[:count].to(first.device)
+    index = torch.randperm(size, generator=generator)[:count].to(_first(obs).device)
     return map_observations(lambda field: field[index], obs), index
 
 
