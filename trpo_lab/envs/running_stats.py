@@ -32,24 +32,24 @@ def _divide(total: Any, count: np.intp) -> Any:
     return total.dtype.type(total / count)
 
 
-class RunningMeanStd(GymnasiumRunningMeanStd):  # type: ignore[misc]
+class RunningMeanStd(GymnasiumRunningMeanStd):
     """:class:`gymnasium.wrappers.utils.RunningMeanStd` with a cheaper, bit-identical ``update``."""
 
     def update(self, x: Any) -> None:
         x = np.asarray(x)
         if x.dtype not in _FAST_DTYPES or x.ndim == 0 or x.shape[0] == 0:
-            super().update(x)
+            super().update(x)  # type: ignore[no-untyped-call]
             return
         count = np.intp(x.shape[0])
         batch_mean = _divide(np.add.reduce(x, axis=0), count)
         centred = x - _divide(np.add.reduce(x, axis=0, keepdims=True), count)
         np.multiply(centred, centred, out=centred)
         batch_var = _divide(np.add.reduce(centred, axis=0), count)
-        self.update_from_moments(batch_mean, batch_var, x.shape[0])
+        self.update_from_moments(batch_mean, batch_var, x.shape[0])  # type: ignore[no-untyped-call]
 
 
 def _fast_copy(rms: GymnasiumRunningMeanStd) -> RunningMeanStd:
-    fast = RunningMeanStd(shape=np.shape(rms.mean), dtype=np.asarray(rms.mean).dtype)
+    fast = RunningMeanStd(shape=np.shape(rms.mean), dtype=np.asarray(rms.mean).dtype)  # type: ignore[no-untyped-call]
     fast.mean, fast.var, fast.count = rms.mean, rms.var, rms.count
     return fast
 
