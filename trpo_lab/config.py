@@ -336,7 +336,8 @@ class TrustRegionConfig(AgentConfig):
     )
     sub_sampling_factor: int = _param(1, _positive, ">= 1", "use every k-th sample for the FVP")
     fvp_backend: str = _param(
-        "autograd", lambda v: v in ("autograd", "func"), "'autograd' or 'func'", "how Fisher-vector products are formed"
+        "autograd", lambda v: v in ("autograd", "func"), "'autograd' or 'func'",
+        "how Fisher-vector products are formed ('autograd': by hand for a plain MLP actor)",
     )
     diagnostics: dict[str, Any] = _param({}, doc="optional checks: exact_every (log train/exact_cosine every N updates)")
 

@@ -8,7 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from trpo_lab.nn.policy import ActorCritic, mlp_forward, mlp_mse_gradients, validate_policy_kwargs
+from trpo_lab.nn.policy import (
+    ActorCritic,
+    mlp_forward,
+    mlp_forward_cached,
+    mlp_jvp,
+    mlp_mse_gradients,
+    validate_policy_kwargs,
+)
+from trpo_lab.optim import fisher_vector_product
 
 BOX_OBS = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
 ACTION_SPACES = [gym.spaces.Discrete(3), gym.spaces.Box(-1, 1, (2,), np.float32), gym.spaces.MultiDiscrete([2, 4])]
@@ -242,3 +250,67 @@ def test_mlp_mse_gradients_leave_other_activations_and_outputs_to_autograd() -> 
     assert mlp_mse_gradients(layers, [nn.functional.elu], x, y) is None
     assert mlp_mse_gradients([(torch.randn(2, 2), torch.randn(2))], [], x, y) is None  # two outputs
     assert mlp_mse_gradients(layers, [torch.tanh], x, y) is not None
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("hidden", [[], [7], [5, 9, 3]])
+def test_mlp_jvp_by_hand_equals_autograds(activation: str, hidden: list[int]) -> None:
+    """Forward-mode through the MLP, written out, is torch.func.jvp of mlp_forward."""
+    torch.manual_seed(1)
+    policy = _perturbed(ActorCritic(gym.spaces.Box(-1, 1, (6,)), gym.spaces.Box(-1, 1, (2,)),
+                                    net_arch={"pi": hidden, "vf": [4]}, activation_fn=activation).double())
+    x = torch.randn(17, 6, dtype=torch.float64)
+    x[0] = 0.0
+    layers, activations = policy.actor_layers(), policy.actor_activations
+    flat = [t.detach() for layer in layers for t in layer]
+    tangents = [torch.randn_like(t) for t in flat]
+
+    def forward(*tensors: torch.Tensor) -> torch.Tensor:
+        return mlp_forward(list(zip(tensors[::2], tensors[1::2], strict=True)), activations, x)
+
+    _, expected = torch.func.jvp(forward, tuple(flat), tuple(tangents))
+    forward_cached = mlp_forward_cached(layers, activations, x)
+    assert forward_cached is not None
+    ours = mlp_jvp(layers, activations, forward_cached[1], list(zip(tangents[::2], tangents[1::2], strict=True)))
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("action_space", [gym.spaces.Box(-1, 1, (3,), np.float32), gym.spaces.Discrete(4)],
+                         ids=["gaussian", "categorical"])
+@pytest.mark.parametrize("hidden", [[], [8], [16, 16]])
+def test_actor_fisher_product_by_hand_equals_autograds(
+    activation: str, dtype: torch.dtype, action_space: gym.Space, hidden: list[int]
+) -> None:
+    """F v by hand equals the double backward of the mean KL at θ_old, for several v, with a
+    log_std away from 0 (its Fisher block and the mean's precision both depend on it)."""
+    torch.manual_seed(2)
+    policy = _perturbed(ActorCritic(gym.spaces.Box(-1, 1, (5,)), action_space,
+                                    net_arch={"pi": hidden, "vf": [4]}, activation_fn=activation)).to(dtype)
+    obs = torch.randn(41, 5, dtype=dtype)
+    obs[0] = 0.0
+    params = policy.actor_parameters()
+    old = policy.dist_params(obs).detach()
+    autograd = fisher_vector_product(lambda: policy.distribution.kl(old, policy.dist_params(obs)).mean(), params,
+                                     damping=0.0)
+    by_hand = policy.actor_fisher_product(obs)
+    assert by_hand is not None
+    size = sum(p.numel() for p in params)
+    tolerance = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-6}
+    for _ in range(3):
+        vector = torch.randn(size, dtype=dtype)
+        expected = autograd(vector)
+        ours = by_hand(vector)
+        assert ours.shape == (size,) and ours.dtype == dtype and not ours.requires_grad
+        torch.testing.assert_close(ours, expected, **tolerance)
+        assert vector @ ours > 0  # a Fisher is positive semi-definite; these v are not in its null space
+
+
+def test_actor_fisher_product_leaves_other_actors_to_autograd() -> None:
+    box = gym.spaces.Box(-1, 1, (5,))
+    assert ActorCritic(box, gym.spaces.Discrete(2), activation_fn="elu").actor_fisher_product(torch.randn(3, 5)) is None
+    assert ActorCritic(box, gym.spaces.MultiDiscrete([2, 3])).actor_fisher_product(torch.randn(3, 5)) is None
+    image = gym.spaces.Box(0, 255, (40, 40, 1), np.uint8)
+    assert ActorCritic(image, gym.spaces.Discrete(2)).actor_fisher_product(torch.zeros(2, 40, 40, 1)) is None
+    assert ActorCritic(box, gym.spaces.Discrete(2)).actor_fisher_product(torch.randn(3, 5)) is not None

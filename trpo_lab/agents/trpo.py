@@ -156,14 +156,15 @@ class TrustRegionAgent(OnPolicyAgent):
         k = self.config.sub_sampling_factor
         obs_sub, old_sub = self._fisher_states(obs, old_params)
         dist, policy = self.policy.distribution, self.policy
-        local_fvp: Callable[[Tensor], Tensor]
-        if self.config.fvp_backend == "func":
+        # A plain MLP actor takes the same product by hand, without a graph of the graph.
+        local_fvp = policy.actor_fisher_product(obs_sub) if self.config.fvp_backend == "autograd" else None
+        if local_fvp is None and self.config.fvp_backend == "func":
             def kl_of(params: tuple[Tensor, ...]) -> Tensor:
                 flat = torch.cat([p.reshape(-1) for p in params])
                 return dist.kl(old_sub, policy.dist_params_from_flat(flat, obs_sub)).mean()
 
             local_fvp = fisher_vector_product_func(kl_of, actor_params, damping=0.0)
-        else:
+        elif local_fvp is None:
             def kl_fn() -> Tensor:
                 current = new_params if new_params is not None and k == 1 else policy.dist_params(obs_sub)
                 return dist.kl(old_sub, current).mean()

@@ -25,7 +25,7 @@ import gymnasium as gym
 import torch
 from torch import Tensor, nn
 
-from trpo_lab.nn.distributions import ActionDistribution, DiagGaussian, make_distribution
+from trpo_lab.nn.distributions import ActionDistribution, Categorical, DiagGaussian, make_distribution
 from trpo_lab.nn.extractors import EXTRACTORS, check_observation_space, features_dim, make_extractor, uses_flat_features
 from trpo_lab.validation import is_number
 
@@ -40,6 +40,7 @@ __all__ = [
     "mlp_backward",
     "mlp_forward",
     "mlp_forward_cached",
+    "mlp_jvp",
     "mlp_mse_gradients",
     "resolve_activation",
     "validate_policy_kwargs",
@@ -156,6 +157,28 @@ def mlp_backward(
                 delta = (delta @ layers[i][0]).mul_(_DERIVATIVES[activations[i - 1]](pre[i - 1], inputs[i]))
         grads.reverse()
     return grads
+
+
+def mlp_jvp(
+    layers: Sequence[Layer], activations: Sequence[Activation], cache: MLPCache, tangents: Sequence[Layer]
+) -> Tensor:
+    """The change of :func:`mlp_forward_cached`'s output along the parameter direction
+    ``tangents`` (one ``(dW, db)`` per layer): forward-mode differentiation written out.
+
+    ``ż_k = ẋ_k W_kᵀ + x_k dW_kᵀ + db_k`` and ``ẋ_{k+1} = σ'(z_k) ⊙ ż_k`` (``ẋ_0 = 0``: the
+    input does not move), with σ' as in :func:`mlp_backward`. Tested equal to autograd's
+    ``torch.func.jvp``.
+    """
+    inputs, pre = cache
+    with torch.no_grad():
+        moved: Tensor | None = None
+        for i, ((weight, _), (d_weight, d_bias)) in enumerate(zip(layers, tangents, strict=True)):
+            change = torch.addmm(d_bias, inputs[i], d_weight.mT)
+            if moved is not None:
+                change.addmm_(moved, weight.mT)
+            if i < len(layers) - 1:
+                moved = change.mul_(_DERIVATIVES[activations[i]](pre[i], inputs[i + 1]))
+    return change
 
 
 def mlp_mse_gradients(
@@ -378,6 +401,60 @@ class ActorCritic(nn.Module):
     def critic_layers(self) -> list[Layer]:
         """``(weight, bias)`` of the critic's linear layers."""
         return [(m.weight, m.bias) for m in self.critic_linears]
+
+    def actor_fisher_product(self, obs: Tensor) -> Callable[[Tensor], Tensor] | None:
+        """``v ↦ F v``, the Fisher of the mean KL over preprocessed ``obs`` at the current actor,
+        by hand; None unless the actor is a plain tanh or ReLU MLP on flat features with a
+        Gaussian or categorical head (the caller then takes autograd's double backward).
+
+        The Fisher is the Gauss-Newton form ``F = (1/n) Σ_s J_sᵀ M_s J_s`` of the KL's Hessian
+        at θ_old, where the KL's gradient is zero: ``J_s`` is the actor output's Jacobian and
+        ``M_s`` the KL's Hessian in the output, ``diag(e^{−2 log σ})`` for a Gaussian's mean (and
+        ``2`` per action dimension for the state-independent ``log_std``, which joins no other
+        parameter), ``diag(p) − ppᵀ`` for logits. One product is one :func:`mlp_jvp` and one
+        :func:`mlp_backward` on a forward cached here, where autograd re-walks a graph of the
+        graph; the layout of ``v`` is that of :meth:`actor_parameters`. Tested equal to
+        :func:`trpo_lab.optim.fisher_vector_product` of :meth:`dist_params`' KL.
+        """
+        gaussian = isinstance(self.distribution, DiagGaussian)
+        if (
+            not isinstance(obs, Tensor)
+            or not self.flat_features
+            or self.pi_features_extractor is not None
+            or not (gaussian or isinstance(self.distribution, Categorical))
+        ):
+            return None
+        layers, activations = self.actor_layers(), self.actor_activations
+        forward = mlp_forward_cached(layers, activations, obs)
+        if forward is None:
+            return None
+        output, cache = forward
+        count = output.shape[0]
+        shapes = [shape for layer in layers for shape in (layer[0].shape, layer[1].shape)]
+        sizes = [math.prod(shape) for shape in shapes]
+        with torch.no_grad():
+            if gaussian:
+                assert self.log_std is not None
+                precision = torch.exp(-2.0 * self.log_std.detach()).div_(count)
+                sizes.append(self.log_std.numel())
+            else:
+                probs = torch.softmax(output, dim=-1)
+
+        def product(vector: Tensor) -> Tensor:
+            with torch.no_grad():
+                parts = [part.view(shape) for part, shape in zip(vector.split(sizes), shapes, strict=False)]
+                change = mlp_jvp(layers, activations, cache, list(zip(parts[::2], parts[1::2], strict=True)))
+                if gaussian:
+                    metric = change.mul_(precision)
+                else:
+                    mixed = (probs * change).sum(-1, keepdim=True)
+                    metric = change.sub_(mixed).mul_(probs).div_(count)
+                grads = [g.reshape(-1) for g in mlp_backward(layers, activations, cache, metric)]
+                if gaussian:
+                    grads.append(vector[-sizes[-1] :] * 2.0)
+                return torch.cat(grads)
+
+        return product
 
     # ------------------------------------------------------------------ the reference forward
     def preprocess(self, obs: Any) -> Any:
