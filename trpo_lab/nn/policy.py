@@ -442,7 +442,7 @@ class ActorCritic(nn.Module):
 
         def product(vector: Tensor) -> Tensor:
             with torch.no_grad():
-                parts = [part.view(shape) for part, shape in zip(vector.split(sizes), shapes, strict=False)]
+                parts = [part.view(shape) for part, shape in zip(torch.split(vector, sizes), shapes, strict=False)]
                 change = mlp_jvp(layers, activations, cache, list(zip(parts[::2], parts[1::2], strict=True)))
                 if gaussian:
                     metric = change.mul_(precision)
