@@ -5,7 +5,7 @@ a random subset of the rollout's frames (``stats_batch_size``), and skip the eig
 pairs of negligible curvature (``eigen_tolerance``), to cut K-FAC's cost on a CPU.
 This trains ACKTR with the presets' shared Nature-CNN trunk on the two-choice pixel task
 (:class:`trpo_lab.envs.visual.VisualChoiceEnv`, 36x36 frames, 8 envs x 32 steps = 256 frames
-per update) under five settings, over seeds, and evaluates the greedy policy (40 episodes,
+per update) under six settings, over seeds, and evaluates the greedy policy (40 episodes,
 best score 8, random 4) after 4k, 8k and 12k steps:
 
 - ``full``: the Fisher pass on every update, on all 256 frames;
@@ -13,7 +13,8 @@ best score 8, random 4) after 4k, 8k and 12k steps:
 - ``every4_sub128`` / ``every4_sub64``: on every 4th update, 128 / 64 random frames;
 - ``every4_sub128_tol``: as ``every4_sub128``, with K-FAC's ``eigen_tolerance = 1e-3`` (the
   eigenvector pairs of curvature below 1e-3 x damping left out, at most 0.1% error in the
-  direction), the Atari presets' settings.
+  direction), the Atari presets' settings;
+- ``every8_sub128_tol``: the same with the Fisher pass on every 8th update.
 
 It prints the mean ± 95% Student-t interval over seeds and the worst seed per setting and
 budget, and appends one JSON line per run to ``--out`` (a rerun skips the runs already there).
@@ -43,6 +44,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "every4_sub128": {"stats_every": 4, "stats_batch_size": 128},
     "every4_sub64": {"stats_every": 4, "stats_batch_size": 64},
     "every4_sub128_tol": {"stats_every": 4, "stats_batch_size": 128, "eigen_tolerance": 1e-3},
+    "every8_sub128_tol": {"stats_every": 8, "stats_batch_size": 128, "eigen_tolerance": 1e-3},
 }
 BUDGETS = (4096, 8192, 12288)
 
