@@ -194,3 +194,33 @@ def test_the_critic_fit_takes_the_hand_written_gradient_and_lands_where_autograd
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(metrics["by hand"]["train/value_loss"], metrics["autograd"]["train/value_loss"],
                                rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+@pytest.mark.parametrize("sub_sampling_factor", [1, 3])
+def test_the_natural_step_takes_the_hand_written_fisher_product_and_matches_autograds(
+    env_id: str, sub_sampling_factor: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain MLP actor's Fisher products come from actor_fisher_product, on the sub-sampled
+    states; the natural step (CG direction, scaled to the KL radius) is the autograd one's."""
+    from trpo_lab.nn.policy import ActorCritic
+
+    kwargs = {"n_envs": 2, "seed": 0, "n_steps": 64, "sub_sampling_factor": sub_sampling_factor}
+    steps: dict[str, torch.Tensor] = {}
+    rows: list[int] = []
+    original = ActorCritic.actor_fisher_product
+    for path in ("by hand", "autograd"):
+        if path == "autograd":
+            monkeypatch.setattr(ActorCritic, "actor_fisher_product", lambda self, obs: None)
+        else:
+            monkeypatch.setattr(ActorCritic, "actor_fisher_product",
+                                lambda self, obs: rows.append(obs.shape[0]) or original(self, obs))
+        agent = TRPO(env_id, **kwargs)
+        agent.collect_rollout()
+        batch = agent.buffer.batch()
+        obs = agent.policy.preprocess(batch.observations)
+        steps[path] = agent.natural_step(obs, batch, agent._advantages(batch)).full_step
+        agent.close()
+    assert rows == [-(-batch.size // sub_sampling_factor)]
+    assert steps["by hand"].norm() > 0
+    torch.testing.assert_close(steps["by hand"], steps["autograd"], rtol=2e-3, atol=1e-5)
