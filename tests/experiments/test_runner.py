@@ -96,19 +96,24 @@ def test_compare_writes_every_promised_file_and_a_rerun_skips_finished_runs(tmp_
 
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs POSIX process groups")
-def test_sigterm_checkpoints_every_running_run_and_leaves_no_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [2, 1], ids=["every run running", "runs queued behind one worker"])
+def test_sigterm_checkpoints_every_running_run_and_leaves_no_process(tmp_path: Path, workers: int) -> None:
+    """SIGTERM: the running runs stop at a checkpoint, and no queued run starts. With one worker
+    for four runs the executor has already handed that worker its next run, which must not
+    start either (it used to, and trained until the shutdown's grace period killed it)."""
     import signal
     import time
 
-    (tmp_path / "long.toml").write_text(TINY.replace("steps = 2000", "steps = 1000000").replace("seeds = 2", "seeds = 1"))
+    seeds = "seeds = 1" if workers == 2 else "seeds = 2"
+    (tmp_path / "long.toml").write_text(TINY.replace("steps = 2000", "steps = 1000000").replace("seeds = 2", seeds))
     env = {**os.environ, "TRPO_LAB_PRESETS": str(ROOT)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "trpo_lab", "compare", "long.toml", "--out", "out", "--workers", "2", "--quiet"],
+        [sys.executable, "-m", "trpo_lab", "compare", "long.toml", "--out", "out", "--workers", str(workers), "--quiet"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 120
-        while len(list((tmp_path / "out").glob("runs/*/checkpoint.pt"))) < 2:
+        while len(list((tmp_path / "out").glob("runs/*/checkpoint.pt"))) < workers:
             assert process.poll() is None and time.monotonic() < deadline, process.stderr and process.stderr.read()
             time.sleep(0.1)
         process.send_signal(signal.SIGTERM)
@@ -118,13 +123,15 @@ def test_sigterm_checkpoints_every_running_run_and_leaves_no_process(tmp_path: P
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert "run the same command again" in stderr
-    assert stderr.count("writing a checkpoint") == 2  # each worker finished its update and checkpointed
+    assert stderr.count("writing a checkpoint") == workers  # each worker finished its update and checkpointed
     deadline = time.monotonic() + 30
     with pytest.raises(ProcessLookupError):  # no worker outlives the compare (for long)
         while time.monotonic() < deadline:
             os.killpg(process.pid, 0)
             time.sleep(0.2)
-    for run_dir in (tmp_path / "out" / "runs").iterdir():
+    started = list((tmp_path / "out" / "runs").iterdir())
+    assert len(started) == workers  # the queued runs never started
+    for run_dir in started:
         assert (run_dir / "checkpoint.pt").is_file() and not (run_dir / "result.json").exists()
 
 

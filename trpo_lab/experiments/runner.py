@@ -128,6 +128,10 @@ def finished_result(spec: RunSpec) -> dict[str, Any] | None:
 
 _progress_queue: Any = None
 _busy = threading.Event()  # set while this worker runs a task
+_in_worker = False  # set by _init_worker
+# Set in a worker once the experiment is stopping (a SIGTERM, or a run stopped by one): the
+# executor may already have handed this worker its next run, which must then not start.
+_stopping = threading.Event()
 
 
 def _init_worker(queue: Any) -> None:
@@ -135,23 +139,28 @@ def _init_worker(queue: Any) -> None:
 
     SIGINT is ignored: Ctrl-C reaches the whole process group, and the main process answers
     it by sending each worker one SIGTERM, on which ``learn`` finishes its update, writes
-    ``checkpoint.pt`` and stops. Outside ``learn`` SIGTERM does nothing: killing an idle
+    ``checkpoint.pt`` and stops. Outside ``learn`` SIGTERM does not exit: killing an idle
     worker could leave the executor's shared call-queue lock held and deadlock the others,
-    which then exit normally on the executor's shutdown. A watchdog stops the run the same
+    which then exit normally on the executor's shutdown. Once stopped, by a signal or by a run
+    that stopped at a checkpoint, a worker starts no further run: the executor hands a worker
+    its next run ahead of time, and cancelling the queue cannot take that one back. A watchdog stops the run the same
     way if the main process dies, then exits instead of waiting forever for tasks.
     """
     import torch
 
-    global _progress_queue
+    global _progress_queue, _in_worker
     _progress_queue = queue
+    _in_worker = True
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _ignore_signal)  # a handler, not SIG_IGN: learn() replaces it while training
+    signal.signal(signal.SIGTERM, _note_stop)  # a handler, not SIG_IGN: learn() replaces it while training
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
 
-def _ignore_signal(signum: int, frame: Any) -> None:
-    """SIGTERM outside ``learn``: deliberately nothing (see :func:`_init_worker`'s docstring)."""
+def _note_stop(signum: int, frame: Any) -> None:
+    """SIGTERM outside ``learn``: no exit (see :func:`_init_worker`'s docstring), but no further
+    run starts in this worker (:func:`execute_run`)."""
+    _stopping.set()
 
 
 def _exit_with_parent(parent_pid: int, grace_s: float = 300.0) -> None:
@@ -200,6 +209,10 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
     """
     import torch
 
+    from trpo_lab.agents.base import TrainingInterrupted
+
+    if _in_worker and _stopping.is_set():  # handed over before the stop: leave it for the rerun
+        raise TrainingInterrupted(f"{spec.key} not started: the experiment is stopping", signal.SIGTERM)
     torch.set_num_threads(1)
     _busy.set()
     try:
@@ -208,6 +221,10 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
 
             return execute_peer_run(spec, _report)
         return _train_and_evaluate(spec)
+    except TrainingInterrupted:
+        if _in_worker:
+            _stopping.set()
+        raise
     finally:
         _busy.clear()
 
