@@ -31,6 +31,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 # Run as a script, this file's folder comes first on sys.path, where this file would shadow the
@@ -58,12 +59,28 @@ def _fmt(value: float, digits: int = 0) -> str:
     return "n/a" if math.isnan(value) else f"{value:,.{digits}f}"
 
 
+def cpu_ratio(records: Sequence[Mapping[str, Any]], env_id: str, algo: str, peer: str) -> str:
+    """Ours' training CPU time over the peer's, summed over the seeds where both recorded it
+    (``"0.45x (2 seeds)"``; empty when none did)."""
+    cpu: dict[str, dict[int, float]] = {algo: {}, peer: {}}
+    for r in records:
+        value = float(r.get("cpu_s", math.nan))
+        if r["env"] == env_id and r["algo"] in cpu and math.isfinite(value):
+            cpu[r["algo"]][int(r["seed"])] = value
+    seeds = sorted(set(cpu[algo]) & set(cpu[peer]))
+    if not seeds:
+        return ""
+    ratio = sum(cpu[algo][s] for s in seeds) / max(sum(cpu[peer][s] for s in seeds), 1e-9)
+    return f"{ratio:.2f}x ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})"
+
+
 def results_section(
     table: Mapping[str, Mapping[str, AlgoSummary]], steps: Mapping[str, int], eval_episodes: int, command: str,
-    finished: int | None = None, total: int | None = None,
+    finished: int | None = None, total: int | None = None, records: Sequence[Mapping[str, Any]] = (),
 ) -> str:
-    """The README "Results" section: one table per env, ours' wall time over the peer's in the same run;
-    with ``finished`` and ``total``, how much of the grid the tables cover."""
+    """The README "Results" section: one table per env, ours' wall time (and, from ``records``,
+    CPU time) over the peer's in the same run; with ``finished`` and ``total``, how much of the
+    grid the tables cover."""
     budgets = sorted(set(steps.values()))
     lines = [
         f"### Results: MuJoCo at {', '.join(f'{b:,}' for b in budgets)} steps",
@@ -71,7 +88,10 @@ def results_section(
         f"Made by `{command}` (`benchmarks/mujoco.py`; outputs in `benchmarks/results/mujoco/`). Final "
         f"return: the final agent's mean over {eval_episodes} deterministic episodes, mean over seeds ± the 95% "
         "Student-t interval; IQM over all evaluation episodes; wall time and steps/s of training, mean "
-        "over seeds, all runs in the same invocation, interleaved, one torch thread each. sb3-trpo / "
+        "over seeds, all runs in the same invocation, interleaved, one torch thread each. CPU time / peer's: "
+        "the training's CPU seconds (`time.process_time`, which does not count the time other jobs held "
+        "the core, the fairer figure on a shared machine) over the peer's, on the seeds both recorded "
+        "(runs from before 2026-12-02 did not). sb3-trpo / "
         "sb3-ppo: sb3-contrib TRPO and SB3 PPO with rl-baselines3-zoo's MuJoCo settings.",
         "",
     ]
@@ -87,15 +107,18 @@ def results_section(
         lines += [
             f"**{env_id}** ({steps.get(env_id, 0):,} steps)",
             "",
-            "| algorithm | final return (mean ± 95% CI) | IQM | seeds | wall time (s) | steps/s | wall time / peer's |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| algorithm | final return (mean ± 95% CI) | IQM | seeds | wall time (s) | steps/s | wall time / peer's "
+            "| CPU time / peer's |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for algo, s in summaries.items():
             peer = summaries.get(PEER_OF.get(algo, ""))
             ratio = f"{s.wall_s / peer.wall_s:.2f}x" if peer is not None and peer.wall_s > 0 else ""
+            cpu = cpu_ratio(records, env_id, algo, PEER_OF[algo]) if peer is not None else ""
             ci = "" if math.isnan(s.ci) else f" ± {_fmt(s.ci)}"
             lines.append(
-                f"| {algo} | {_fmt(s.mean)}{ci} | {_fmt(s.iqm)} | {s.seeds} | {_fmt(s.wall_s)} | {_fmt(s.fps)} | {ratio} |"
+                f"| {algo} | {_fmt(s.mean)}{ci} | {_fmt(s.iqm)} | {s.seeds} | {_fmt(s.wall_s)} | {_fmt(s.fps)} | {ratio} "
+                f"| {cpu} |"
             )
         lines.append("")
     lines += ["![MuJoCo learning curves](benchmarks/results/mujoco/learning_curves.png)", ""]
@@ -178,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = "python benchmarks/mujoco.py " + " ".join(
             f"--{k} {v}" for k, v in (("seeds", len(grid.seeds)), ("steps", args.steps), ("workers", args.workers)))
         section = results_section(table, grid.steps, grid.eval_episodes, command, finished=len(records),
-                                  total=len(specs))
+                                  total=len(specs), records=records)
         atomic_write_text(args.out / "results.md", section)
         if args.readme is not None:
             rewrite_readme(args.readme, section)

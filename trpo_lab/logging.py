@@ -84,7 +84,7 @@ CSV_HEADLINE: dict[str, str] = {
     "fps": "time/fps",
     "wall_s": "time/wall_s",
 }
-TIMING_COLUMNS = ("fps", "wall_s", "time/update_s", "time/rollout_s")
+TIMING_COLUMNS = ("fps", "wall_s", "time/update_s", "time/rollout_s", "time/cpu_s")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -29,6 +29,26 @@ def test_state_round_trips_through_the_file(tmp_path: Path) -> None:
     other.close()
 
 
+def test_training_cpu_time_accumulates_across_a_resume_and_is_unknown_for_old_checkpoints() -> None:
+    import math
+
+    agent = PPO("CartPole-v1", n_envs=2, seed=0, n_steps=16, batch_size=16)
+    agent.learn(64, tensorboard=False)
+    assert 0 < agent.cpu_time <= agent.wall_time * 1.5 + 0.5  # one thread: CPU time about the wall time
+    data = checkpoint.agent_state(agent)
+    resumed = PPO("CartPole-v1", n_envs=2, seed=0, n_steps=16, batch_size=16)
+    checkpoint.load_agent_state(resumed, data)
+    assert resumed.cpu_time == agent.cpu_time
+    resumed.learn(128, tensorboard=False)  # total steps over the lifetime: 64 more
+    assert resumed.cpu_time > agent.cpu_time
+    del data["counters"]["cpu_time"]  # as written before CPU time was recorded
+    old = PPO("CartPole-v1", n_envs=2, seed=0, n_steps=16, batch_size=16)
+    checkpoint.load_agent_state(old, data)
+    assert math.isnan(old.cpu_time)
+    for each in (agent, resumed, old):
+        each.close()
+
+
 def test_a_checkpoint_of_another_network_is_refused_before_anything_changes(tmp_path: Path) -> None:
     small = PPO("CartPole-v1", n_envs=1, seed=0, n_steps=8, batch_size=8, policy_kwargs={"net_arch": [4, 4]})
     data = checkpoint.agent_state(small)

@@ -46,6 +46,7 @@ def test_ours_and_a_peer_side_by_side_then_a_rerun_skips_them(
     assert set(rows) == {"trpo", "sb3-trpo"}
     for algo, row in rows.items():
         assert row["env"] == "Hopper-v5" and int(row["timesteps"]) >= 2048 and float(row["wall_s"]) > 0
+        assert 0 < float(row["cpu_s"]) <= 1.5 * float(row["wall_s"]) + 1, row  # one thread: CPU time <= wall time
         assert float(row["final_return"]) > 0  # Hopper pays for staying alive
         with (tmp_path / "out" / row["run_dir"] / "progress.csv").open(newline="") as fh:
             curve = list(csv.DictReader(fh))
@@ -54,6 +55,8 @@ def test_ours_and_a_peer_side_by_side_then_a_rerun_skips_them(
     assert len(record["eval_returns"]) == 2 and record["settings"]["hyperparameters"]["n_critic_updates"] == 20
     section = (tmp_path / "out" / "results.md").read_text()
     assert "| trpo |" in section and "| sb3-trpo |" in section and "x |" in section  # wall time over the peer's
+    cpu = float(rows["trpo"]["cpu_s"]) / float(rows["sb3-trpo"]["cpu_s"])
+    assert f"| {cpu:.2f}x (1 seed) |" in section  # CPU time over the peer's, on the seeds both recorded
     text = readme.read_text()
     assert "old text" not in text and section.strip() in text and text.endswith(f"{bench.END}\n\ntail\n")
     assert (tmp_path / "out" / "learning_curves.png").stat().st_size > 0
@@ -101,9 +104,11 @@ def test_a_stopped_peer_run_resumes_from_its_checkpoint(tmp_path: Path, monkeypa
         peers.execute_peer_run(spec, stop_after_first_rollout)
     state = json.loads((spec.run_dir / "checkpoint.json").read_text())
     assert state["timesteps"] == 512 and not (spec.run_dir / "result.json").exists()
+    assert state["cpu_s"] > 0
 
     record = peers.execute_peer_run(spec)
     assert record["timesteps"] == 1024 and record["updates"] == 2
+    assert record["cpu_s"] > state["cpu_s"]  # the resumed piece adds to the first one's
     with (spec.run_dir / "progress.csv").open(newline="") as fh:
         steps = [int(row["timesteps"]) for row in csv.DictReader(fh)]
     assert steps == [512, 1024]  # continued, no gap and no duplicate

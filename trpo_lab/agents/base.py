@@ -213,6 +213,10 @@ class OnPolicyAgent(ABC):
         self.num_episodes = 0
         self.num_nonfinite_skipped = 0
         self.wall_time = 0.0
+        self.cpu_time = 0.0
+        """CPU seconds this process spent in training updates (``time.process_time``; NaN when a
+        run resumed from a checkpoint that did not record it). On a shared machine it is the
+        fairer figure for comparing speed: it does not count the time other jobs held the core."""
         self.episode_returns: deque[float] = deque(maxlen=100)
         self.episode_lengths: deque[float] = deque(maxlen=100)
         self._last_obs: Any = None  # an array; tensors for a torch vector env; a dict of arrays for Dict spaces
@@ -425,7 +429,7 @@ class OnPolicyAgent(ABC):
 
     def _train_one_update(self) -> dict[str, float]:
         """Collect a rollout, update under the guard, and return the metrics to log."""
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         episodes_before, skipped_before = self.num_episodes, self.num_nonfinite_skipped
         steps = self.collect_rollout()
         rollout_done = time.perf_counter()
@@ -444,6 +448,7 @@ class OnPolicyAgent(ABC):
         self.num_timesteps += counts.steps
         self.num_updates += 1
         self.wall_time += end - start
+        self.cpu_time += time.process_time() - cpu_start
         self.data_parallel.check_in_sync(self.policy, self.num_updates)
         metrics.update(
             {
@@ -457,6 +462,7 @@ class OnPolicyAgent(ABC):
                 "train/rejected_updates": float(self.num_rejected_updates),
                 "time/fps": counts.steps / max(end - start, 1e-9),
                 "time/wall_s": self.wall_time,
+                "time/cpu_s": self.cpu_time,
                 "time/rollout_s": rollout_done - start,
                 "time/update_s": end - rollout_done,
                 **{f"train/{name}": value for name, value in self.current_values.items()},

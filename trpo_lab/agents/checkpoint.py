@@ -15,6 +15,7 @@ used. Files are written atomically (temporary file, fsync, rename) by
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import warnings
 from collections.abc import Mapping
@@ -208,6 +209,7 @@ def agent_state(agent: OnPolicyAgent, local: Mapping[str, Any] | None = None) ->
             "consecutive_rejections": guard.consecutive,
             "reset_seed": local["reset_seed"],
             "wall_time": agent.wall_time,
+            "cpu_time": agent.cpu_time,
             "schedule_total_timesteps": agent.schedule_total_timesteps,
         },
         "episodes": local["episodes"],
@@ -375,6 +377,7 @@ def load_agent_state(agent: OnPolicyAgent, data: Mapping[str, Any]) -> None:
         agent.guard.num_rejected = int(counters.get("num_rejected_updates", 0))
         agent.guard.consecutive = int(counters.get("consecutive_rejections", 0))
         agent.wall_time = float(counters["wall_time"])
+        agent.cpu_time = float(counters.get("cpu_time", math.nan))  # not recorded before 2026-12-02
         total = counters.get("schedule_total_timesteps")
         agent.schedule_total_timesteps = None if total is None else int(total)
         agent._apply_schedules(agent.num_timesteps)

@@ -218,13 +218,14 @@ def execute_peer_run(spec: RunSpec, report: Any = None) -> dict[str, Any]:
         if settings.get("normalize"):
             env = VecNormalize(env, gamma=gamma)
         model = cls(settings.get("policy", "MlpPolicy"), env, seed=spec.seed, device="cpu", **_model_kwargs(settings))
-        state = {"timesteps": 0, "wall_s": 0.0, "updates": 0}
+        state = {"timesteps": 0, "wall_s": 0.0, "cpu_s": 0.0, "updates": 0}
         rows = []
     say(("start", spec.key, int(state["timesteps"])))
     stop = StopRequest()
     wall_before = float(state["wall_s"])
+    cpu_before = float(state.get("cpu_s", math.nan))  # NaN: a checkpoint from before cpu_s was recorded
     updates_before = int(state["updates"])
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
 
     def checkpoint(updates: int) -> None:
         model.save(run_dir / "checkpoint.zip")
@@ -232,7 +233,7 @@ def execute_peer_run(spec: RunSpec, report: Any = None) -> dict[str, Any]:
             model.get_env().save(str(run_dir / "vecnormalize.pkl"))
         _write_progress(progress_path, rows)
         record = {"timesteps": model.num_timesteps, "wall_s": wall_before + time.perf_counter() - started,
-                  "updates": updates}
+                  "cpu_s": cpu_before + time.process_time() - cpu_started, "updates": updates}
         atomic_write_text(state_path, json.dumps(record))
 
     class Progress(BaseCallback):
@@ -272,6 +273,7 @@ def execute_peer_run(spec: RunSpec, report: Any = None) -> dict[str, Any]:
         checkpoint(callback.updates)
         raise TrainingInterrupted(f"{spec.key} stopped at {model.num_timesteps} steps, checkpointed", stop.signum)
     wall_s = wall_before + time.perf_counter() - started
+    cpu_s = cpu_before + time.process_time() - cpu_started
     _write_progress(progress_path, rows)
     train_env = model.get_env()
     eval_env = venv(1, spec.seed + 10_000)
@@ -292,5 +294,5 @@ def execute_peer_run(spec: RunSpec, report: Any = None) -> dict[str, Any]:
     eval_env.close()
     return write_result(
         spec, returns, timesteps=model.num_timesteps, updates=callback.updates, wall_s=wall_s,
-        train_returns=train_returns, eval_s=eval_s,
+        train_returns=train_returns, eval_s=eval_s, cpu_s=cpu_s,
     )

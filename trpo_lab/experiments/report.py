@@ -43,7 +43,7 @@ __all__ = ["SUMMARY_COLUMNS", "read_curve", "write_summary", "plot_learning_curv
 
 SUMMARY_COLUMNS = (
     "algo", "env", "seed", "final_return", "final_return_std", "eval_episodes", "timesteps", "updates",
-    "wall_s", "fps", "train_return", "eval_s", "run_dir", "base_algo", "learning_return",
+    "wall_s", "fps", "train_return", "eval_s", "run_dir", "base_algo", "learning_return", "cpu_s",
 )
 """``algo`` is the name a run is reported under (an algorithm or a variant), ``base_algo`` its algorithm."""
 

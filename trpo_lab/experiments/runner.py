@@ -15,6 +15,7 @@ watchdog thread in each worker does the same if the main process dies.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -245,6 +246,7 @@ def _train_and_evaluate(spec: RunSpec) -> dict[str, Any]:
         agent.close()
     return write_result(
         spec, returns, timesteps=agent.num_timesteps, updates=agent.num_updates, wall_s=agent.wall_time,
+        cpu_s=agent.cpu_time,
         train_returns=list(agent.episode_returns), eval_s=eval_s,
     )
 
@@ -258,11 +260,12 @@ def write_result(
     wall_s: float,
     train_returns: list[float],
     eval_s: float,
+    cpu_s: float = math.nan,
 ) -> dict[str, Any]:
     """The run's ``result.json`` record (ours and SB3 peers alike), written atomically.
 
     ``returns`` are the final agent's deterministic evaluation returns; ``train_returns`` the
-    returns of the last training episodes.
+    returns of the last training episodes; ``cpu_s`` the training's CPU seconds (NaN: unknown).
     """
     record = {
         "algo": spec.name,
@@ -277,6 +280,7 @@ def write_result(
         "updates": int(updates),
         "wall_s": wall_s,
         "fps": timesteps / max(wall_s, 1e-9),
+        "cpu_s": cpu_s,
         "train_return": float(np.mean(train_returns)) if train_returns else float("nan"),
         "eval_s": eval_s,
         "settings": spec.settings(),

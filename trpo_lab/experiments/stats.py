@@ -148,6 +148,8 @@ class AlgoSummary:
     timesteps: float
     learning: float = math.nan
     learning_ci: float = math.nan
+    cpu_s: float = math.nan
+    """Mean training CPU seconds over the seeds that recorded them (NaN: none did)."""
 
     def interval(self, metric: str = "final_return") -> tuple[float, float]:
         """``(mean, 95% half width)`` of ``metric`` (a key of :data:`METRICS`) over the seeds."""
@@ -187,6 +189,7 @@ def summarize(records: Sequence[Mapping[str, Any]], algos: Sequence[str]) -> dic
             learning = [float(r.get("learning_return", math.nan)) for r in runs]
             learning_mean, learning_ci = mean_ci(learning) if all(np.isfinite(learning)) else (math.nan, math.nan)
             episodes = [x for r in runs for x in r["eval_returns"]]
+            cpu = [float(r["cpu_s"]) for r in runs if np.isfinite(float(r.get("cpu_s", math.nan)))]
             table[env_id][algo] = AlgoSummary(
                 algo=algo,
                 seeds=len(runs),
@@ -198,6 +201,7 @@ def summarize(records: Sequence[Mapping[str, Any]], algos: Sequence[str]) -> dic
                 timesteps=float(np.mean([r["timesteps"] for r in runs])),
                 learning=learning_mean,
                 learning_ci=learning_ci,
+                cpu_s=float(np.mean(cpu)) if cpu else math.nan,
             )
     return table
 
