@@ -4,7 +4,7 @@ Gymnasium's vector ``NormalizeObservation`` and ``NormalizeReward`` update a
 :class:`gymnasium.wrappers.utils.RunningMeanStd` on every step, from a batch of ``num_envs``
 rows. With the MuJoCo presets' two environments that batch is tiny, and ``np.mean`` and
 ``np.var`` cost more in their Python wrappers (axis handling, counting, ``keepdims``) than in
-arithmetic: the two updates were about 20% of a HalfCheetah-v5 rollout's host time.
+arithmetic: an update of 17 features from 2 rows took 23 us, of which the moments took 16.
 
 :class:`RunningMeanStd` is a subclass that computes the same batch moments with the ufunc
 reductions those wrappers end in, in the same order and with the same divisions, so its
