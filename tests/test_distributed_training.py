@@ -26,6 +26,7 @@ from spawn_ranks import free_port, spawn_two
 
 from trpo_lab.distributed import DistributedContext, RankDriftError, init_distributed
 from trpo_lab.envs import running_statistics
+from trpo_lab.logging import TIMING_COLUMNS
 from trpo_lab.rollout.buffer import RolloutBatch
 
 
@@ -44,7 +45,7 @@ def _flat(agent: Any) -> torch.Tensor:
 def _progress(run_dir: Path) -> list[dict[str, str]]:
     with (run_dir / "progress.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    timing = {"fps", "wall_s", "time/update_s", "time/rollout_s", "dist/bytes_reduced"}
+    timing = {*TIMING_COLUMNS, "dist/bytes_reduced"}
     return [{k: v for k, v in row.items() if k not in timing} for row in rows]
 
 
@@ -328,7 +329,7 @@ def test_compare_on_ray_writes_what_the_local_executor_writes_and_a_rerun_skips(
     assert not local.failures and not on_ray.failures
     assert _files(tmp_path / "ray") == _files(tmp_path / "local")
     assert "summary.csv" in _files(tmp_path / "ray") and "report.md" in _files(tmp_path / "ray")
-    timing = {"wall_s", "fps", "eval_s"}
+    timing = {"wall_s", "fps", "eval_s", "cpu_s"}
 
     def summary(out: Path) -> list[dict[str, str]]:
         rows = csv.DictReader((out / "summary.csv").open(newline=""))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from trpo_lab.agents.trpo import TRPO
+from trpo_lab.logging import TIMING_COLUMNS
 from trpo_lab.presets import load_preset
 
 
@@ -111,8 +112,7 @@ def test_load_rejects_other_algorithm_and_other_env(tmp_path: Path) -> None:
 def _progress_rows(run_dir: Path) -> list[dict[str, str]]:
     with (run_dir / "progress.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    timing = {"fps", "wall_s", "time/update_s", "time/rollout_s"}
-    return [{k: v for k, v in row.items() if k not in timing} for row in rows]
+    return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in rows]
 
 
 def test_same_seed_gives_identical_progress(tmp_path: Path) -> None:
