@@ -101,3 +101,22 @@ def test_variants_and_overrides_layer_most_specific_last(tmp_path: Path) -> None
     data = load_toml(tmp_path / "resolved.toml")
     again = experiment_from_dict({k: v for k, v in data.items() if k != "steps"}, name="v", origin="round trip")
     assert again.variants == experiment.variants and again.hyperparameters == experiment.hyperparameters
+
+
+def test_a_variant_sets_the_run_settings_n_envs_and_vectorization(tmp_path: Path) -> None:
+    variants = {"ppo-wide": {"algo": "ppo", "n_envs": 16, "vectorization": "async", "n_steps": 64}}
+    experiment = experiment_from_dict({"algos": ["ppo", "ppo-wide"], "envs": ["CartPole-v1"], "seeds": 1,
+                                       "variants": variants}, name="v", origin="test")
+    runs = {r.name: r for r in experiment.runs(tmp_path)}
+    assert (runs["ppo"].n_envs, runs["ppo"].vectorization) == (8, "sync")  # the CartPole preset's
+    assert (runs["ppo-wide"].n_envs, runs["ppo-wide"].vectorization) == (16, "async")
+    wide = runs["ppo-wide"].hyperparameters
+    assert wide["n_steps"] == 64 and "n_envs" not in wide and "vectorization" not in wide  # run settings, not fields
+    assert runs["ppo-wide"].settings()["n_envs"] == 16  # in spec.json: a resume with other settings is refused
+    for bad, message in ((0, "n_envs = 0; expected an integer >= 1"), (2.0, "n_envs = 2.0; expected an integer >= 1"),
+                         ("threads", "vectorization = 'threads'; expected one of sync, async, vector_entry_point")):
+        key = "vectorization" if isinstance(bad, str) else "n_envs"
+        with pytest.raises(ValueError) as error:
+            experiment_from_dict({"algos": ["ppo-x"], "envs": ["CartPole-v1"],
+                                  "variants": {"ppo-x": {"algo": "ppo", key: bad}}}, name="v", origin="test")
+        assert str(error.value) == f"Invalid experiment test: [variants.ppo-x]: {message}"

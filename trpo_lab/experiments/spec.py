@@ -18,7 +18,9 @@ An experiment spec has the keys::
 
     [variants.trpo-kfac]                 # optional: another row of the comparison, an
     algo = "trpo"                        #   algorithm with some settings changed; list its
-    curvature = "kfac"                   #   name in algos like any algorithm
+    curvature = "kfac"                   #   name in algos like any algorithm. Besides the
+    n_envs = 16                          #   algorithm's fields a variant may set the run
+                                         #   settings n_envs and vectorization
 
 The settings of a run layer, most specific last: the agent's preset for the env, the
 variant's settings, ``[hyperparameters]``'s keys for every algorithm, its table for the run's
@@ -39,19 +41,32 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from trpo_lab.config import CONFIGS, merge_hyperparameters
+from trpo_lab.envs.make import Vectorization
 from trpo_lab.experiments.peers import PEER_ALGOS, is_peer, peer_settings
 from trpo_lab.presets import BUILTIN_EXPERIMENTS, experiment_names, load_preset, load_suite, preset_file, suite_entry
 from trpo_lab.validation import is_int
 
-__all__ = ["DEFAULT_TIMESTEPS", "RunSpec", "Experiment", "load_experiment", "experiment_from_dict"]
+__all__ = ["DEFAULT_TIMESTEPS", "VARIANT_RUN_KEYS", "RunSpec", "Experiment", "load_experiment", "experiment_from_dict"]
 
 DEFAULT_TIMESTEPS = 100_000
 _EXPERIMENT_KEYS = (
     "description", "algos", "suite", "envs", "seeds", "steps", "eval_episodes", "workers", "hyperparameters", "variants",
 )
+VARIANT_RUN_KEYS = ("n_envs", "vectorization")
+"""Run settings a variant may set besides its algorithm's fields (the budget is the experiment's)."""
+
+
+def _check_run_settings(where: str, table: Mapping[str, Any]) -> None:
+    if "n_envs" in table and not (is_int(table["n_envs"]) and table["n_envs"] >= 1):
+        raise ValueError(f"Invalid {where}: n_envs = {table['n_envs']!r}; expected an integer >= 1")
+    modes = get_args(Vectorization)
+    if "vectorization" in table and table["vectorization"] not in modes:
+        raise ValueError(
+            f"Invalid {where}: vectorization = {table['vectorization']!r}; expected one of {', '.join(modes)}"
+        )
 
 
 @dataclass(kw_only=True)
@@ -147,6 +162,10 @@ class Experiment:
             raise ValueError(f"Invalid {where}: workers {self.workers!r}; expected an integer >= 1")
 
     # ------------------------------------------------------------------ variants and overrides
+    def run_settings_of(self, label: str) -> dict[str, Any]:
+        """The run settings (:data:`VARIANT_RUN_KEYS`) a variant sets; ``{}`` for an algorithm."""
+        return {k: v for k, v in self.variants.get(label, {}).items() if k in VARIANT_RUN_KEYS}
+
     def algo_of(self, label: str) -> str:
         """The algorithm behind a name of :attr:`algos` (a variant's ``algo``, else the name itself)."""
         return str(self.variants[label]["algo"]) if label in self.variants else label
@@ -162,7 +181,8 @@ class Experiment:
                 raise ValueError(
                     f"Invalid {where}: [variants.{name}] needs algo = one of {', '.join(CONFIGS)}, got {algo!r}"
                 )
-            settings = {k: v for k, v in table.items() if k != "algo"}
+            settings = {k: v for k, v in table.items() if k != "algo" and k not in VARIANT_RUN_KEYS}
+            _check_run_settings(f"{where}: [variants.{name}]", table)
             try:
                 CONFIGS[algo].from_dict(settings)
             except ValueError as exc:
@@ -202,7 +222,7 @@ class Experiment:
         if shared is None or own is None:
             shared, own = self._label_tables()
         fields = CONFIGS[self.algo_of(label)].field_names()
-        variant = {k: v for k, v in self.variants.get(label, {}).items() if k != "algo"}
+        variant = {k: v for k, v in self.variants.get(label, {}).items() if k != "algo" and k not in VARIANT_RUN_KEYS}
         merged = merge_hyperparameters(variant, {k: v for k, v in shared.items() if k in fields})
         return merge_hyperparameters(merged, own.get(label, {}))
 
@@ -273,6 +293,7 @@ class Experiment:
                     continue
                 algo = self.algo_of(label)
                 preset, run = load_preset(algo, env_id, suite=entry)
+                run = {**run, **self.run_settings_of(label)}
                 hyperparameters = merge_hyperparameters(preset, self.overrides_for(label))
                 try:
                     CONFIGS[algo].from_dict(hyperparameters)
