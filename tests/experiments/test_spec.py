@@ -113,8 +113,9 @@ def test_a_variant_sets_the_run_settings_n_envs_and_vectorization(tmp_path: Path
     wide = runs["ppo-wide"].hyperparameters
     assert wide["n_steps"] == 64 and "n_envs" not in wide and "vectorization" not in wide  # run settings, not fields
     assert runs["ppo-wide"].settings()["n_envs"] == 16  # in spec.json: a resume with other settings is refused
-    for bad, message in ((0, "n_envs = 0; expected an integer >= 1"), (2.0, "n_envs = 2.0; expected an integer >= 1"),
-                         ("threads", "vectorization = 'threads'; expected one of sync, async, vector_entry_point")):
+    for bad, message in ((0, "Invalid n_envs: 0; expected an integer >= 1"),
+                         (2.0, "Invalid n_envs: 2.0; expected an integer >= 1"),
+                         ("threads", "Invalid vectorization: 'threads'; expected one of sync, async, vector_entry_point")):
         key = "vectorization" if isinstance(bad, str) else "n_envs"
         with pytest.raises(ValueError) as error:
             experiment_from_dict({"algos": ["ppo-x"], "envs": ["CartPole-v1"],

@@ -47,7 +47,7 @@ from trpo_lab.config import CONFIGS, merge_hyperparameters
 from trpo_lab.envs.make import Vectorization
 from trpo_lab.experiments.peers import PEER_ALGOS, is_peer, peer_settings
 from trpo_lab.presets import BUILTIN_EXPERIMENTS, experiment_names, load_preset, load_suite, preset_file, suite_entry
-from trpo_lab.validation import is_int
+from trpo_lab.validation import check_int, is_int, require
 
 __all__ = ["DEFAULT_TIMESTEPS", "VARIANT_RUN_KEYS", "RunSpec", "Experiment", "load_experiment", "experiment_from_dict"]
 
@@ -59,14 +59,17 @@ VARIANT_RUN_KEYS = ("n_envs", "vectorization")
 """Run settings a variant may set besides its algorithm's fields (the budget is the experiment's)."""
 
 
-def _check_run_settings(where: str, table: Mapping[str, Any]) -> None:
-    if "n_envs" in table and not (is_int(table["n_envs"]) and table["n_envs"] >= 1):
-        raise ValueError(f"Invalid {where}: n_envs = {table['n_envs']!r}; expected an integer >= 1")
-    modes = get_args(Vectorization)
-    if "vectorization" in table and table["vectorization"] not in modes:
-        raise ValueError(
-            f"Invalid {where}: vectorization = {table['vectorization']!r}; expected one of {', '.join(modes)}"
-        )
+def _variant_fields(table: Mapping[str, Any]) -> dict[str, Any]:
+    """A variant's settings of its algorithm's config: all but ``algo`` and the run settings."""
+    return {k: v for k, v in table.items() if k != "algo" and k not in VARIANT_RUN_KEYS}
+
+
+def _check_run_settings(table: Mapping[str, Any]) -> None:
+    if "n_envs" in table:
+        check_int("n_envs", table["n_envs"], minimum=1)
+    if "vectorization" in table:
+        modes = get_args(Vectorization)
+        require(table["vectorization"] in modes, "vectorization", table["vectorization"], f"one of {', '.join(modes)}")
 
 
 @dataclass(kw_only=True)
@@ -181,10 +184,9 @@ class Experiment:
                 raise ValueError(
                     f"Invalid {where}: [variants.{name}] needs algo = one of {', '.join(CONFIGS)}, got {algo!r}"
                 )
-            settings = {k: v for k, v in table.items() if k != "algo" and k not in VARIANT_RUN_KEYS}
-            _check_run_settings(f"{where}: [variants.{name}]", table)
             try:
-                CONFIGS[algo].from_dict(settings)
+                _check_run_settings(table)
+                CONFIGS[algo].from_dict(_variant_fields(table))
             except ValueError as exc:
                 raise ValueError(f"Invalid {where}: [variants.{name}]: {exc}") from None
 
@@ -222,7 +224,7 @@ class Experiment:
         if shared is None or own is None:
             shared, own = self._label_tables()
         fields = CONFIGS[self.algo_of(label)].field_names()
-        variant = {k: v for k, v in self.variants.get(label, {}).items() if k != "algo" and k not in VARIANT_RUN_KEYS}
+        variant = _variant_fields(self.variants.get(label, {}))
         merged = merge_hyperparameters(variant, {k: v for k, v in shared.items() if k in fields})
         return merge_hyperparameters(merged, own.get(label, {}))
 
