@@ -22,6 +22,7 @@ The result file (``--out``, JSON, written atomically) holds every curve.
 
     python benchmarks/atari.py --frames 2000000 --seeds 3                 # the README figure
     python benchmarks/atari.py --frames 40000 --seeds 1 --out benchmarks/results/atari_pong_short.json
+    python benchmarks/atari.py --algos ppo --frames 40000 --set policy_kwargs.features_extractor_kwargs.compute_dtype=float32
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +42,14 @@ FRAME_SKIP = 4
 PAIRS = {"acktr": "a2c", "ppo": "ppo"}
 
 
-def run_ours(algo: str, env_id: str, seed: int, steps: int) -> dict[str, Any]:
+def run_ours(algo: str, env_id: str, seed: int, steps: int, overrides: Sequence[str] = ()) -> dict[str, Any]:
     from trpo_lab.agents import agent_class
+    from trpo_lab.config import parse_set_option
     from trpo_lab.presets import load_preset
 
     hyperparameters, run = load_preset(algo, env_id)
+    for item in overrides:  # trpo-lab train's --set, on top of the preset
+        parse_set_option(item, hyperparameters)
     agent = agent_class(algo)(env_id, n_envs=int(run["n_envs"]), seed=seed, **hyperparameters)
     curve: list[tuple[float, float]] = []
 
@@ -112,6 +117,10 @@ def main() -> None:
     parser.add_argument("--algos", default="acktr,ppo", help="ours, each against its SB3 pair (acktr: A2C)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="JSON result file (written atomically)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override one of our presets' values, as trpo-lab train --set does (repeatable; SB3's side is unchanged)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     steps = args.frames // FRAME_SKIP
@@ -126,10 +135,11 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {}
     for algo in algos:
         for seed in seeds:
-            results.setdefault(f"ours/{algo}", []).append(run_ours(algo, args.env, seed, steps))
+            results.setdefault(f"ours/{algo}", []).append(run_ours(algo, args.env, seed, steps, args.set))
             results.setdefault(f"sb3/{PAIRS[algo]}", []).append(run_theirs(PAIRS[algo], args.env, seed, steps))
 
-    print(f"{args.env}: {args.frames} frames = {steps} agent steps per run, seeds {seeds}, {args.threads} thread(s)")
+    print(f"{args.env}: {args.frames} frames = {steps} agent steps per run, seeds {seeds}, {args.threads} thread(s)"
+          + (f", ours with {args.set}" if args.set else ""))
     print(f"{'run':12s} {'n_envs':>6s} {'wall_s':>8s} {'steps/s':>8s} {'final return (last 100 ep.)':>30s}")
     rate: dict[str, float] = {}
     for name, runs in results.items():
@@ -149,7 +159,7 @@ def main() -> None:
         from trpo_lab.logging import atomic_write_text
 
         payload = {"env": args.env, "frames": args.frames, "agent_steps": steps, "seeds": seeds,
-                   "threads": args.threads, "runs": results,
+                   "threads": args.threads, "overrides": args.set, "runs": results,
                    "steps_per_s_ratio": {a: rate[f"ours/{a}"] / rate[f"sb3/{PAIRS[a]}"] for a in algos}}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, json.dumps(payload, indent=1))

@@ -113,6 +113,28 @@ def test_discrete_observations_and_no_normalization(tmp_path: Path) -> None:
         agent.close()
 
 
+def test_a_bfloat16_image_policy_is_exported_in_float32(tmp_path: Path) -> None:
+    """onnxruntime's convolutions take no bfloat16: the export runs the Nature CNN in float32
+    (and leaves the agent's own network in bfloat16), so its actions are those of the float32
+    network with the same weights."""
+    from trpo_lab.envs.visual import VisualChoiceEnv
+    from trpo_lab.nn.extractors import NatureCNN
+
+    kwargs = {"features_extractor_kwargs": {"features_dim": 32, "compute_dtype": "bfloat16"}}
+    agent = PPO(lambda: VisualChoiceEnv(size=36), n_envs=2, n_steps=16, seed=0, policy_kwargs=kwargs)
+    try:
+        agent.learn(64, tensorboard=False)
+        path = export_onnx(agent, tmp_path / "visual.onnx")
+        cnn = next(m for m in agent.policy.modules() if isinstance(m, NatureCNN))
+        assert cnn.compute_dtype == torch.bfloat16
+        obs = np.stack([agent.observation_space.sample() for _ in range(256)])
+        actions = _onnx_actions(path, obs.astype(np.float32))
+        cnn.compute_dtype = torch.float32
+        np.testing.assert_array_equal(actions, agent.predict(obs, deterministic=True))
+    finally:
+        agent.close()
+
+
 def test_cli_export_of_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from trpo_lab.cli import main
 

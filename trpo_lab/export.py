@@ -7,7 +7,9 @@ deterministic=True)`` returns, with everything ``predict`` does folded in:
    running statistics frozen at export time, computed in float64 as the Gymnasium wrapper
    does, then cast to float32;
 2. the policy's feature extractor and actor network (:meth:`ActorCritic.preprocess`,
-   :meth:`ActorCritic.dist_params`);
+   :meth:`ActorCritic.dist_params`), in float32 (a Nature CNN trained with
+   ``compute_dtype="bfloat16"`` is exported in float32: onnxruntime's convolutions take no
+   bfloat16, and float32 is the more exact of the two);
 3. the mode of the action distribution (:meth:`ActionDistribution.mode`): the argmax per
    component for ``Discrete`` / ``MultiDiscrete``, the mean for ``Box``;
 4. ``Box`` actions clipped to the action space's bounds.
@@ -54,6 +56,7 @@ from torch import Tensor, nn
 
 from trpo_lab.envs import find_wrapper
 from trpo_lab.logging import atomic_write_bytes
+from trpo_lab.nn.extractors import NatureCNN
 
 if TYPE_CHECKING:
     from trpo_lab.agents.base import OnPolicyAgent
@@ -87,6 +90,9 @@ class DeterministicPolicy(nn.Module):
         self.policy: ActorCritic = copy.deepcopy(agent.policy).cpu().eval()
         for param in self.policy.parameters():
             param.requires_grad_(False)
+        for module in self.policy.modules():  # ONNX convolutions take no bfloat16 (onnxruntime)
+            if isinstance(module, NatureCNN):
+                module.compute_dtype = torch.float32
         self.box_observations = isinstance(agent.observation_space, gym.spaces.Box)
         wrapper = find_wrapper(agent.env, NormalizeObservation) if self.box_observations else None
         self.normalize = wrapper is not None

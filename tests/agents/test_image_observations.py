@@ -15,6 +15,7 @@ from torch import nn
 from trpo_lab import ACKTR, NPG, PPO, TRPO
 from trpo_lab.agents.base import OnPolicyAgent
 from trpo_lab.envs.visual import VisualChoiceEnv
+from trpo_lab.nn.extractors import NatureCNN
 from trpo_lab.optim import KFAC
 from trpo_lab.optim.fisher import sampled_fisher_loss
 
@@ -46,6 +47,24 @@ def test_acktr_with_amortised_statistics_learns_the_pixel_task() -> None:
     assert agent.evaluate(20).mean() >= 6.0
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("cls", [TRPO, PPO, ACKTR], ids=["trpo", "ppo", "acktr"])
+def test_a_bfloat16_trunk_learns_the_pixel_task(cls: type[OnPolicyAgent]) -> None:
+    """The defaults with the Nature CNN in bfloat16 (the Atari presets' setting) learn the
+    two-choice pixel task as the float32 defaults do; ACKTR's K-FAC statistics and the
+    weights stay float32."""
+    agent = cls(ENV, n_envs=8, seed=0, n_steps=32, policy_kwargs={"features_extractor_kwargs": {"compute_dtype": "bfloat16"}})
+    assert agent.policy.pi_features_extractor.compute_dtype == torch.bfloat16
+    agent.learn(2048)
+    assert agent.evaluate(20).mean() >= 6.0
+    assert all(p.dtype == torch.float32 for p in agent.policy.parameters())
+    if isinstance(agent, ACKTR):
+        conv = agent.policy.pi_features_extractor.cnn[0]
+        factors = agent.actor_optimizer.state[conv.weight]
+        assert factors["A"].dtype == factors["G"].dtype == torch.float32
+        assert torch.isfinite(factors["A"]).all() and torch.isfinite(factors["G"]).all()
+
+
 def test_images_are_stored_as_uint8_on_the_agents_device() -> None:
     agent = PPO(ENV, n_envs=2, seed=0, n_steps=4, policy_kwargs=SMALL)
     agent.collect_rollout()
@@ -69,6 +88,7 @@ def test_image_rollouts_act_through_the_torch_reference_path() -> None:
         (PPO, {"policy_kwargs": {**SMALL, "share_features_extractor": True}}),
         (ACKTR, {"policy_kwargs": {**SMALL, "share_features_extractor": True}}),
         (ACKTR, {}),
+        (ACKTR, {"policy_kwargs": {**SMALL, "features_extractor_kwargs": {"features_dim": 32, "compute_dtype": "bfloat16"}}}),
     ],
 )
 def test_save_load_predict_round_trip_with_images(tmp_path: Path, cls: type[OnPolicyAgent], kwargs: dict[str, Any]) -> None:
@@ -82,6 +102,8 @@ def test_save_load_predict_round_trip_with_images(tmp_path: Path, cls: type[OnPo
     np.testing.assert_array_equal(agent.predict(obs[0]), loaded.predict(obs[0]))
     for p, q in zip(agent.policy.state_dict().values(), loaded.policy.state_dict().values(), strict=True):
         assert torch.equal(p, q)
+    dtypes = [[m.compute_dtype for m in a.policy.modules() if isinstance(m, NatureCNN)] for a in (agent, loaded)]
+    assert dtypes[0] == dtypes[1] and dtypes[0]
 
 
 @pytest.mark.parametrize("share", [False, True])

@@ -150,3 +150,40 @@ def test_an_extractor_class_with_kwargs() -> None:
 def test_bad_spaces_and_extractors_are_named(space: gym.Space, extractor: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make_extractor(space, extractor)
+
+
+def test_a_bfloat16_nature_cnn_computes_in_bfloat16_and_returns_float32_features() -> None:
+    """The convolutions run under autocast in bfloat16; the weights, their gradients and the
+    features stay float32 and agree with the float32 network's to bfloat16's rounding."""
+    torch.manual_seed(0)
+    exact = NatureCNN(IMAGE_HWC, features_dim=16)
+    fast = NatureCNN(IMAGE_HWC, features_dim=16, compute_dtype="bfloat16")
+    fast.load_state_dict(exact.state_dict())
+    frames = torch.randint(0, 256, (32, 36, 40, 3), dtype=torch.uint8)
+    inside: list[torch.dtype] = []
+    fast.cnn[0].register_forward_hook(lambda module, inputs, output: inside.append(output.dtype))
+    features, reference = fast(frames), exact(frames)
+    assert inside == [torch.bfloat16] and features.dtype == torch.float32
+    error = (features - reference).norm() / reference.norm()
+    assert 0 < error < 0.02
+    features.square().sum().backward()
+    reference.square().sum().backward()
+    for p, q in zip(fast.parameters(), exact.parameters(), strict=True):
+        assert p.dtype == p.grad.dtype == torch.float32
+        assert torch.nn.functional.cosine_similarity(p.grad.flatten(), q.grad.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ("float16", r"compute_dtype: 'float16'; expected one of \['float32', 'bfloat16'\] \(float16 would need loss scaling"),
+        ("bf16", r"compute_dtype: 'bf16'; expected one of \['float32', 'bfloat16'\]$"),
+        (torch.bfloat16, r"compute_dtype: torch.bfloat16; expected one of"),
+    ],
+)
+def test_bad_compute_dtypes_are_named(value: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make_extractor(IMAGE_HWC, "nature_cnn", {"compute_dtype": value})
+    # a Dict space checks it even when no key is an image
+    with pytest.raises(ValueError, match=match):
+        make_extractor(gym.spaces.Dict({"x": gym.spaces.Discrete(3)}), "auto", {"compute_dtype": value})
