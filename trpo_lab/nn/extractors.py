@@ -48,8 +48,10 @@ __all__ = [
 ]
 
 EXTRACTORS = ("auto", "mlp", "nature_cnn")
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 """The names ``policy_kwargs.features_extractor`` accepts (or an ``nn.Module`` class)."""
+
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""The names ``features_extractor_kwargs.compute_dtype`` accepts for the Nature CNN."""
 
 _ACCEPTED = (
     "Box and Discrete (a Box of uint8 images, H x W x C or C x H x W in [0, 255], goes through a CNN), "
