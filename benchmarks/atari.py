@@ -22,7 +22,7 @@ The result file (``--out``, JSON, written atomically) holds every curve.
 
     python benchmarks/atari.py --frames 2000000 --seeds 3                 # the README figure
     python benchmarks/atari.py --frames 40000 --seeds 1 --out benchmarks/results/atari_pong_short.json
-    python benchmarks/atari.py --algos ppo --frames 40000 --set policy_kwargs.features_extractor_kwargs.compute_dtype=float32
+    python benchmarks/atari.py --algos ppo --frames 40000 --set policy_kwargs.features_extractor_kwargs.compute_dtype=bfloat16
 """
 
 from __future__ import annotations
