@@ -320,16 +320,26 @@ def test_the_guard_undoes_a_poisoned_update_of_every_agent(algo: str) -> None:
     for _ in range(2):
         agent._train_one_update()  # optimizer state exists now
     params, state = _parameters(agent), _state_vector(agent)
+    assert bool(agent._replaced_state_tensors()) == (algo == "acktr")  # K-FAC's factors, shared by the snapshot
     real_update = agent.update
 
     def poisoned(batch: Any) -> dict[str, float]:
         metrics = real_update(batch)
         from trpo_lab.agents.guard import tensor_leaves
 
+        replaced = {id(t) for t in agent._replaced_state_tensors()}
         with torch.no_grad():
             floating = [t for t in tensor_leaves(agent._optimizer_states()) if t.is_floating_point()]
             for tensor in [*agent.policy.parameters(), *floating]:
-                tensor.fill_(math.nan)
+                if id(tensor) not in replaced:
+                    tensor.fill_(math.nan)
+        # The tensors an optimizer replaces rather than modifies (K-FAC's factors and
+        # eigenbases) are poisoned the way that optimizer changes them: new tensors.
+        for optimizer in getattr(getattr(agent, "optimizer", None), "optimizers", {}).values():
+            for param_state in optimizer.state.values():
+                for key, value in param_state.items():
+                    if id(value) in replaced and value.is_floating_point():
+                        param_state[key] = torch.full_like(value, math.nan)
         return metrics
 
     agent.update = poisoned  # type: ignore[method-assign]

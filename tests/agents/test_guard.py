@@ -80,3 +80,68 @@ def test_tree_helpers_find_and_copy_every_tensor() -> None:
     copy = clone_tree(tree)
     copy["b"]["c"].fill_(0.0)
     assert tree["b"]["c"].item() == 5.0 and copy["d"] == "text" and isinstance(copy["a"][1], tuple)
+
+
+def _guard_with_replaced_state() -> tuple[torch.nn.Linear, dict[str, torch.Tensor], UpdateGuard]:
+    """A guard over an optimizer-like state whose "factor" is replaced, never mutated (as K-FAC's)."""
+    model = torch.nn.Linear(3, 2)
+    state = {"factor": torch.eye(3), "buffer": torch.zeros(2)}
+
+    def load(saved: dict[str, torch.Tensor]) -> None:
+        state.clear()
+        state.update(saved)
+
+    guard = UpdateGuard(model, lambda: dict(state), load, replaced_tensors=lambda: [state["factor"]])
+    return model, state, guard
+
+
+def test_replaced_tensors_are_shared_by_the_snapshot_and_restored() -> None:
+    model, state, guard = _guard_with_replaced_state()
+    factor, before = state["factor"], _flat(model)
+
+    def poison() -> dict[str, float]:
+        state["factor"] = torch.full((3, 3), math.nan)  # replaced, as K-FAC does
+        state["buffer"].fill_(math.nan)  # modified in place: the snapshot holds a copy
+        return {}
+
+    _, rejected = guard.run(poison, 1)
+    assert rejected and state["factor"] is factor and torch.equal(factor, torch.eye(3))
+    assert torch.equal(state["buffer"], torch.zeros(2)) and torch.equal(_flat(model), before)
+
+
+def test_a_replaced_tensor_modified_in_place_cannot_be_restored() -> None:
+    _, state, guard = _guard_with_replaced_state()
+
+    def broken_promise() -> dict[str, float]:
+        state["factor"].fill_(math.nan)
+        return {}
+
+    with pytest.raises(RuntimeError, match=r"shape \(3, 3\) listed by replaced_tensors was modified in place"):
+        guard.run(broken_promise, 1)
+
+
+def test_the_finiteness_check_reads_a_replaced_tensor_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import trpo_lab.agents.guard as guard_module
+
+    model, state, guard = _guard_with_replaced_state()
+    checked: list[list[torch.Tensor]] = []
+    real_all_finite = guard_module.all_finite
+
+    def recording(tensors: list[torch.Tensor]) -> bool:
+        checked.append(list(tensors))
+        return real_all_finite(tensors)
+
+    monkeypatch.setattr(guard_module, "all_finite", recording)
+
+    def read(tensors: list[torch.Tensor], tensor: torch.Tensor) -> bool:  # (parameters are read detached)
+        return any(t.data_ptr() == tensor.data_ptr() for t in tensors)
+
+    assert guard.is_finite() and read(checked[-1], state["factor"])
+    assert guard.is_finite() and not read(checked[-1], state["factor"])  # same tensor, same version
+    assert read(checked[-1], state["buffer"]) and all(read(checked[-1], p) for p in model.parameters())
+    state["factor"].mul_(2.0)  # a new version is read again
+    assert guard.is_finite() and read(checked[-1], state["factor"])
+    state["factor"] = torch.full((3, 3), math.inf)  # so is a new tensor, and it is caught
+    assert not guard.is_finite()
+    state["factor"] = torch.eye(3)
+    assert guard.is_finite() and read(checked[-1], state["factor"])

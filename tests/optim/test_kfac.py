@@ -891,3 +891,25 @@ def test_eigen_tolerance_drops_negligible_pairs_within_its_error_bound(tolerance
 def test_bad_eigen_tolerance_is_named(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         KFAC(nn.Linear(3, 2), **kwargs)
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_factors_and_eigenbases_are_replaced_never_modified_in_place(sync_free: bool) -> None:
+    """The promise behind KFAC.replaced_state_tensors, on which the agents' update guard shares
+    rather than copies them: statistics updates and refreshes assign new tensors."""
+    model = _mlp()
+    optimizer = KFAC(model, lr=0.1, inverse_every=2, sync_free=sync_free)
+    torch.manual_seed(1)
+    inputs, targets = torch.randn(32, 3), torch.randint(0, 4, (32,))
+    _training_step(optimizer, model, inputs, targets)
+    first_layer_a: list[Tensor] = []
+    for _ in range(4):  # statistics every step, a refresh every second one
+        before = [(t, t._version, t.clone()) for t in optimizer.replaced_state_tensors()]
+        # two layers x (A, G, their eigenvalues and eigenvectors[, the host path's deflated rows])
+        assert len(before) == 2 * (6 if sync_free else 8)
+        first_layer_a.append(before[0][0])
+        _training_step(optimizer, model, inputs, targets)
+        for tensor, version, values in before:
+            assert tensor._version == version and torch.equal(tensor, values)
+    after = optimizer.replaced_state_tensors()[0]
+    assert all(after is not earlier for earlier in first_layer_a)  # a new A after every statistics update

@@ -214,6 +214,10 @@ class ActorCriticKFAC:
     def state_dict(self) -> dict[str, Any]:
         return {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}
 
+    def replaced_state_tensors(self) -> list[Tensor]:
+        """Both KFACs' :meth:`KFAC.replaced_state_tensors`."""
+        return [tensor for optimizer in self.optimizers.values() for tensor in optimizer.replaced_state_tensors()]
+
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Load :meth:`state_dict` (``strict`` is accepted for SB3's loader and ignored)."""
         for name, optimizer in self.optimizers.items():
@@ -327,6 +331,9 @@ class ACKTR(OnPolicyAgent):
                 "last_kl": None if self._last_kl is None else self._last_kl.clone(),
             },
         }
+
+    def _replaced_state_tensors(self) -> list[Tensor]:
+        return self.optimizer.replaced_state_tensors()
 
     def _load_optimizer_states(self, states: Mapping[str, Any]) -> None:
         self.optimizer.load_state_dict(states)

@@ -231,7 +231,8 @@ class OnPolicyAgent(ABC):
         """Emulator frames per agent step (Atari's frame skip; 1 elsewhere): ``time/frames`` is logged when > 1."""
         self._setup()
         self.guard = UpdateGuard(
-            self.policy, self._optimizer_states, self._load_optimizer_states, self.max_consecutive_rejections
+            self.policy, self._optimizer_states, self._load_optimizer_states, self.max_consecutive_rejections,
+            self._replaced_state_tensors,
         )
         """Undoes non-finite updates and counts them."""
         self.data_parallel.join(self.policy, running_statistics(self.env), self.device)
@@ -273,6 +274,12 @@ class OnPolicyAgent(ABC):
     def _load_optimizer_states(self, states: Mapping[str, Any]) -> None:
         """Restore what :meth:`_optimizer_states` saved."""
         return None
+
+    def _replaced_state_tensors(self) -> list[Tensor]:
+        """Tensors of :meth:`_optimizer_states` that the optimizers replace and never modify in
+        place (the update guard shares rather than copies them; see :class:`UpdateGuard`).
+        Override in subclasses."""
+        return []
 
     def _learning_rate_optimizers(self) -> list[Any]:
         """The optimizers whose ``lr`` is ``learning_rate``; the loop sets it in each of their

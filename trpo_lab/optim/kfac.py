@@ -43,6 +43,11 @@ _COUNTER_NAMES: tuple[str, ...] = (
     "nonfinite_directions",
     "skipped_steps",
 )
+_REPLACED_KEYS: tuple[str, ...] = tuple(
+    f"{kind}{factor}" for factor in ("A", "G") for kind in ("", "eigenvalues_", "eigenvectors_", "zero_rows_")
+)
+"""Per-parameter state keys whose tensors are replaced, never modified in place
+(:meth:`KFAC.replaced_state_tensors`)."""
 #: Counters that the device-resident path (``sync_free``) keeps as device tensors (0-d int64).
 _DEVICE_COUNTER_NAMES: tuple[str, ...] = ("eigh_fallbacks", "stats_rejected", "nonfinite_directions", "skipped_steps")
 
@@ -653,8 +658,10 @@ class KFAC(torch.optim.Optimizer):
                 state["A"], state["G"] = factor_a, factor_g
             else:
                 weight = (1.0 - stat_decay) / (1.0 - stat_decay**updates)
-                state["A"].lerp_(factor_a, weight)
-                state["G"].lerp_(factor_g, weight)
+                # Out of place (see replaced_state_tensors): the same kernel as lerp_, so the
+                # same values, in a new tensor.
+                state["A"] = state["A"].lerp(factor_a, weight)
+                state["G"] = state["G"].lerp(factor_g, weight)
             state["stat_updates"] = updates
             state["updates_since_eigh"] = state.get("updates_since_eigh", 0) + 1
 
@@ -1151,6 +1158,19 @@ class KFAC(torch.optim.Optimizer):
             stats[f"kfac/eig_{factor}_max"] = extremes[:, 1].max()
         stats["kfac/cond_max"] = torch.stack(pieces["cond"]).max()
         return stats
+
+    def replaced_state_tensors(self) -> list[Tensor]:
+        """The state tensors this optimizer replaces and never modifies in place.
+
+        Each layer's factors ``A`` and ``G`` and their eigendecompositions (eigenvalues,
+        eigenvectors and deflated rows): a statistics update or a refresh assigns new tensors
+        to their state keys and leaves the old ones as they were. They are nearly all of the
+        state (35M values on ACKTR's Nature CNN), so :class:`~trpo_lab.agents.guard.UpdateGuard`
+        keeps references to them in its snapshot instead of copies, and checks each for
+        finiteness only once. The momentum buffers and counters are updated in place and are
+        not listed.
+        """
+        return [state[key] for state in self.state.values() for key in _REPLACED_KEYS if key in state]
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim state (per parameter: factors A and G, their eigendecompositions,
