@@ -913,3 +913,31 @@ def test_factors_and_eigenbases_are_replaced_never_modified_in_place(sync_free: 
             assert tensor._version == version and torch.equal(tensor, values)
     after = optimizer.replaced_state_tensors()[0]
     assert all(after is not earlier for earlier in first_layer_a)  # a new A after every statistics update
+
+
+@pytest.mark.parametrize(
+    "conv_kwargs",
+    [
+        dict(kernel_size=8, stride=4),  # the Nature CNN's first layer
+        dict(kernel_size=(3, 2), stride=(1, 2)),
+        dict(kernel_size=(2, 3), stride=(2, 1), padding=(1, 0), padding_mode="circular"),
+    ],
+    ids=["nature-conv1", "rectangular", "rectangular-circular"],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_rows_from_the_strided_view_equal_im2col(conv_kwargs: dict[str, object], channels_last: bool) -> None:
+    from trpo_lab.optim.kfac import _conv2d_padding, _layer_input_rows
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 2, **conv_kwargs)  # type: ignore[arg-type]
+    inputs = torch.randn(2, 3, 20, 17)
+    if channels_last:
+        inputs = inputs.to(memory_format=torch.channels_last)
+    padded = F.pad(inputs, _conv2d_padding(conv), mode="circular") if any(_conv2d_padding(conv)) else inputs
+    patches = F.unfold(padded, conv.kernel_size, stride=conv.stride)
+    expected = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    rows = _layer_input_rows(conv, inputs)
+    assert torch.equal(rows, expected)
+    # and they reproduce the layer: s = W a + b at every sample and position
+    outputs = conv(inputs).permute(0, 2, 3, 1).reshape(-1, 2)
+    torch.testing.assert_close(rows @ conv.weight.reshape(2, -1).T + conv.bias, outputs, rtol=1e-5, atol=1e-5)

@@ -102,6 +102,11 @@ def _layer_input_rows(module: nn.Linear | nn.Conv2d, inputs: Tensor) -> Tensor:
     Linear: every leading index of the input is one row. Conv2d: the im2col patches
     (padding, padding mode, stride and dilation honoured), one row per sample and output
     position, features ordered (channel, kernel row, kernel column) like ``W.reshape(out, -1)``.
+
+    Without dilation the patches are a strided view of the input (``Tensor.unfold`` over
+    height, then width), copied once into rows; ``F.unfold`` followed by the transpose to rows
+    copies twice and took 2.9x as long for the Nature CNN's first layer (93 against 32 ms at 128
+    frames, the same values).
     """
     if isinstance(module, nn.Conv2d):
         if inputs.dim() == 3:
@@ -110,9 +115,12 @@ def _layer_input_rows(module: nn.Linear | nn.Conv2d, inputs: Tensor) -> Tensor:
         if any(padding):
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
             inputs = F.pad(inputs, padding, mode=mode)
-        patches = F.unfold(
-            inputs, module.kernel_size, dilation=module.dilation, stride=module.stride
-        )
+        (kernel_h, kernel_w), (stride_h, stride_w) = module.kernel_size, module.stride
+        if module.dilation == (1, 1):
+            # (batch, channels, out_h, out_w, kernel_h, kernel_w) -> one row per sample and position
+            view = inputs.unfold(2, kernel_h, stride_h).unfold(3, kernel_w, stride_w)
+            return view.permute(0, 2, 3, 1, 4, 5).reshape(-1, inputs.shape[1] * kernel_h * kernel_w)
+        patches = F.unfold(inputs, module.kernel_size, dilation=module.dilation, stride=module.stride)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
     return inputs.reshape(-1, module.in_features)
 
