@@ -23,6 +23,7 @@ The result file (``--out``, JSON, written atomically) holds every curve.
     python benchmarks/atari.py --frames 2000000 --seeds 3                 # the README figure
     python benchmarks/atari.py --frames 40000 --seeds 1 --out benchmarks/results/atari_pong_short.json
     python benchmarks/atari.py --algos ppo --frames 40000 --set policy_kwargs.features_extractor_kwargs.compute_dtype=bfloat16
+    python benchmarks/atari.py --algos ppo --side ours --out ours.json   # one side: resumable pieces
 """
 
 from __future__ import annotations
@@ -118,6 +119,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="JSON result file (written atomically)")
     parser.add_argument(
+        "--side", choices=("both", "ours", "peer"), default="both",
+        help="both (default, interleaved per seed), or one side only: a long comparison in resumable pieces, "
+             "or another setting of ours (--set) against an earlier file's SB3 runs (they repeat exactly on "
+             "one machine); with one side no steps/s ratio is printed",
+    )
+    parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override one of our presets' values, as trpo-lab train --set does (repeatable; SB3's side is unchanged)",
     )
@@ -135,8 +142,10 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {}
     for algo in algos:
         for seed in seeds:
-            results.setdefault(f"ours/{algo}", []).append(run_ours(algo, args.env, seed, steps, args.set))
-            results.setdefault(f"sb3/{PAIRS[algo]}", []).append(run_theirs(PAIRS[algo], args.env, seed, steps))
+            if args.side != "peer":
+                results.setdefault(f"ours/{algo}", []).append(run_ours(algo, args.env, seed, steps, args.set))
+            if args.side != "ours":
+                results.setdefault(f"sb3/{PAIRS[algo]}", []).append(run_theirs(PAIRS[algo], args.env, seed, steps))
 
     print(f"{args.env}: {args.frames} frames = {steps} agent steps per run, seeds {seeds}, {args.threads} thread(s)"
           + (f", ours with {args.set}" if args.set else ""))
@@ -148,9 +157,9 @@ def main() -> None:
         finals = [r["curve"][-1][1] if r["curve"] else float("nan") for r in runs]
         print(f"{name:12s} {runs[0]['n_envs']:6d} {statistics.median(r['wall_s'] for r in runs):8.1f} "
               f"{rate[name]:8.1f} {str([round(f, 2) for f in finals]):>30s}")
-    for algo in algos:
-        ours_name, theirs_name = f"ours/{algo}", f"sb3/{PAIRS[algo]}"
-        print(f"steps/s ratio {ours_name} / {theirs_name} = {rate[ours_name] / rate[theirs_name]:.2f}x")
+    ratios = {} if args.side != "both" else {a: rate[f"ours/{a}"] / rate[f"sb3/{PAIRS[a]}"] for a in algos}
+    for algo, ratio in ratios.items():
+        print(f"steps/s ratio ours/{algo} / sb3/{PAIRS[algo]} = {ratio:.2f}x")
     for name, runs in results.items():
         for seed, r in zip(seeds, runs, strict=True):
             points = r["curve"][:: max(1, len(r["curve"]) // 8)]
@@ -159,8 +168,8 @@ def main() -> None:
         from trpo_lab.logging import atomic_write_text
 
         payload = {"env": args.env, "frames": args.frames, "agent_steps": steps, "seeds": seeds,
-                   "threads": args.threads, "overrides": args.set, "runs": results,
-                   "steps_per_s_ratio": {a: rate[f"ours/{a}"] / rate[f"sb3/{PAIRS[a]}"] for a in algos}}
+                   "threads": args.threads, "overrides": args.set, "side": args.side, "runs": results,
+                   "steps_per_s_ratio": ratios}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, json.dumps(payload, indent=1))
         print(f"wrote {args.out}")
