@@ -941,3 +941,38 @@ def test_conv_rows_from_the_strided_view_equal_im2col(conv_kwargs: dict[str, obj
     # and they reproduce the layer: s = W a + b at every sample and position
     outputs = conv(inputs).permute(0, 2, 3, 1).reshape(-1, 2)
     torch.testing.assert_close(rows @ conv.weight.reshape(2, -1).T + conv.bias, outputs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("n_rows", "size", "bias"),
+    [(600, 300, True), (1000, 577, False), (700, 640, True), (64, 400, True)],
+    ids=["two-blocks", "five-uneven-blocks", "five-blocks-bias", "fewer-rows-than-columns"],
+)
+def test_wide_input_factor_is_the_exact_symmetric_product(n_rows: int, size: int, bias: bool) -> None:
+    """The triangular product of wide factors (a convolution's patch rows) is RᵀR with the bias
+    row and column, written in place; narrow ones keep the plain GEMM."""
+    from trpo_lab.optim.kfac import _GRAM_BLOCK, _input_outer
+
+    assert size >= 2 * _GRAM_BLOCK
+    torch.manual_seed(0)
+    rows = torch.randn(n_rows, size, dtype=torch.float64)
+    extended = _with_ones(rows) if bias else rows
+    outer = _input_outer(rows, bias)
+    torch.testing.assert_close(outer, extended.T @ extended, rtol=1e-12, atol=1e-10)
+    narrow = torch.randn(50, 2 * _GRAM_BLOCK - 1)
+    assert torch.equal(_input_outer(narrow, False), narrow.mT @ narrow)
+
+
+def test_wide_conv2d_factor_equals_exact_expectation() -> None:
+    """A convolution with 32 x 3 x 3 = 288 patch features takes the triangular product: A is still
+    the mean of a aᵀ over samples and positions."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 4, kernel_size=3).double()
+    inputs = torch.randn(3, 32, 9, 9, dtype=torch.float64)
+    optimizer = KFAC(conv)
+    with optimizer.track_statistics():
+        conv(inputs).square().mean().backward()
+    patches = F.unfold(inputs, 3).transpose(1, 2).reshape(-1, 32 * 9)
+    rows = _with_ones(patches)
+    state = optimizer.state[conv.weight]
+    torch.testing.assert_close(state["A"], rows.T @ rows / rows.shape[0], rtol=1e-12, atol=1e-12)
