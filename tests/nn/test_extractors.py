@@ -152,6 +152,36 @@ def test_bad_spaces_and_extractors_are_named(space: gym.Space, extractor: str, m
         make_extractor(space, extractor)
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bfloat16_on_a_cpu_without_its_instructions_warns_once(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """oneDNN emulates bfloat16 on a CPU without AVX512-BF16 or AMX, many times slower than
+    float32: the first forward on such a CPU says so, once; with the instructions, or in
+    float32, nothing is said."""
+    import warnings
+
+    from trpo_lab.nn import extractors
+
+    monkeypatch.setattr(extractors, "cpu_has_native_bfloat16", lambda: native)
+    frames = torch.randint(0, 256, (2, 36, 40, 3), dtype=torch.uint8)
+    fast, exact = NatureCNN(IMAGE_HWC, features_dim=8, compute_dtype="bfloat16"), NatureCNN(IMAGE_HWC, features_dim=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast(frames), fast(frames), exact(frames)
+    messages = [str(w.message) for w in caught if "bfloat16 instructions" in str(w.message)]
+    if native:
+        assert messages == []
+    else:
+        assert len(messages) == 1
+        assert "compute_dtype='bfloat16' on a CPU without bfloat16 instructions" in messages[0]
+        assert "use 'float32' here" in messages[0]
+
+
+def test_the_cpu_bfloat16_query_answers_a_bool() -> None:
+    from trpo_lab.nn.extractors import cpu_has_native_bfloat16
+
+    assert cpu_has_native_bfloat16() in (True, False)
+
+
 def test_a_bfloat16_nature_cnn_computes_in_bfloat16_and_returns_float32_features() -> None:
     """The convolutions run under autocast in bfloat16; the weights, their gradients and the
     features stay float32 and agree with the float32 network's to bfloat16's rounding."""
