@@ -176,10 +176,12 @@ def test_bfloat16_on_a_cpu_without_its_instructions_warns_once(native: bool, mon
         assert "use 'float32' here" in messages[0]
 
 
-def test_the_cpu_bfloat16_query_answers_a_bool() -> None:
+def test_the_cpu_bfloat16_query_is_onednns_answer() -> None:
     from trpo_lab.nn.extractors import cpu_has_native_bfloat16
 
-    assert cpu_has_native_bfloat16() in (True, False)
+    query = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    expected = True if query is None else bool(query())
+    assert cpu_has_native_bfloat16() is expected
 
 
 def test_a_bfloat16_nature_cnn_computes_in_bfloat16_and_returns_float32_features() -> None:
