@@ -220,7 +220,7 @@ class NatureCNN(nn.Module):
     ) -> None:
         super().__init__()
         self.compute_dtype = _compute_dtype(compute_dtype)
-        self._checked_cpu_bfloat16 = False
+        self._check_cpu_bfloat16 = self.compute_dtype == torch.bfloat16  # cleared by the first forward on a CPU
         if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 3:
             raise ValueError(
                 f"Unsupported observation space {observation_space} for nature_cnn; expected a 3-D image Box "
@@ -262,8 +262,22 @@ class NatureCNN(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
+    def _warn_if_bfloat16_is_emulated(self) -> None:
+        """Once, on the first bfloat16 forward on a CPU: warn if oneDNN emulates bfloat16 there."""
+        self._check_cpu_bfloat16 = False
+        if not cpu_has_native_bfloat16():
+            warnings.warn(
+                "features_extractor_kwargs.compute_dtype='bfloat16' on a CPU without bfloat16 instructions "
+                "(AVX512-BF16 or AMX): oneDNN emulates them, and the Nature CNN runs many times slower than in "
+                "float32 (12.8x for the forward and backward of 256 Atari frames on one such CPU); use 'float32' here",
+                UserWarning,
+                stacklevel=3,
+            )
+
     def forward(self, obs: Tensor) -> Tensor:
         """Features ``(batch, features_dim)`` of a batch of raw images (any dtype)."""
+        if self._check_cpu_bfloat16 and obs.device.type == "cpu":
+            self._warn_if_bfloat16_is_emulated()
         if not self.channels_first:
             obs = obs.permute(0, 3, 1, 2)
         # Channels-last activations (the values, not the weights, whose layout stays contiguous)
@@ -273,16 +287,6 @@ class NatureCNN(nn.Module):
         # batch (a copy, then an in-place division of that copy), not three.
         # In bfloat16 the pixels 0-255 are exact and the division rounds once, as autocast's
         # own cast of a float32 input would.
-        if self.compute_dtype == torch.bfloat16 and obs.device.type == "cpu" and not self._checked_cpu_bfloat16:
-            self._checked_cpu_bfloat16 = True
-            if not cpu_has_native_bfloat16():
-                warnings.warn(
-                    "features_extractor_kwargs.compute_dtype='bfloat16' on a CPU without bfloat16 instructions "
-                    "(AVX512-BF16 or AMX): oneDNN emulates them, and the Nature CNN runs many times slower than in "
-                    "float32 (12.8x for the forward and backward of 256 Atari frames on one such CPU); use 'float32' here",
-                    UserWarning,
-                    stacklevel=2,
-                )
         x = obs.to(self.compute_dtype, memory_format=torch.channels_last, copy=True)
         if self.normalize_images:
             x = x.div_(255.0)
