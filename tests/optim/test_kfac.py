@@ -862,7 +862,7 @@ def test_eigen_tolerance_drops_negligible_pairs_within_its_error_bound(tolerance
         ours = torch.cat([directions[index], directions[index + 1].unsqueeze(1)], dim=1)
         error = float((ours - exact).norm() / exact.norm())
         assert 0.0 < error <= tolerance, (index, error)
-        vectors_g, vectors_a, _ = optimizer._truncated[id(state)][1]
+        vectors_g, vectors_a, *_ = optimizer._truncated[id(state)][1]
         kept += vectors_a.shape[1] + vectors_g.shape[1]
         assert vectors_a.shape[1] < size_a
     exact_directions = exact_optimizer.precondition(grads)
@@ -976,3 +976,50 @@ def test_wide_conv2d_factor_equals_exact_expectation() -> None:
     rows = _with_ones(patches)
     state = optimizer.state[conv.weight]
     torch.testing.assert_close(state["A"], rows.T @ rows / rows.shape[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("out", "fan_in", "kept_g", "kept_a", "g_first"),
+    [(8, 40, 2, 30, True), (8, 40, 8, 5, False), (512, 3137, 192, 697, True), (512, 3137, 511, 540, False)],
+)
+def test_truncated_preconditioning_takes_the_cheaper_order(
+    out: int, fan_in: int, kept_g: int, kept_a: int, g_first: bool
+) -> None:
+    """The order of the truncated sandwich is the one with fewer multiply-adds (both occur)."""
+    from trpo_lab.optim.kfac import _g_side_first
+
+    g_cost = kept_g * out * fan_in + kept_g * fan_in * kept_a
+    a_cost = out * fan_in * kept_a + kept_g * out * kept_a
+    assert (g_cost <= a_cost) is g_first
+    assert _g_side_first(out, fan_in, kept_g, kept_a) is g_first
+
+
+@pytest.mark.parametrize("kept", [(2, 30), (8, 5)], ids=["g_first", "a_first"])
+@pytest.mark.parametrize("dead", [(0, 0), (3, 0), (0, 11), (3, 11)], ids=["none", "g_rows", "a_rows", "both"])
+def test_truncated_preconditioning_on_live_rows_matches_the_formula(
+    kept: tuple[int, int], dead: tuple[int, int]
+) -> None:
+    """∇/γ − Q_G[(Q_Gᵀ∇Q_A) ⊙ C]Q_Aᵀ in either order, with the kept eigenvectors stored on the
+    live rows where the decompositions deflated zero rows: V is ∇/γ on the zero rows and
+    columns and the full formula everywhere (the gradient is not 0 there)."""
+    from trpo_lab.optim.kfac import _precondition_truncated
+
+    out, fan_in, damping = 8, 40, 0.01
+    generator = torch.Generator().manual_seed(0)
+
+    def basis(size: int, n_dead: int, n_kept: int) -> tuple[Tensor, Tensor | None]:
+        live = torch.randperm(size, generator=generator)[n_dead:].sort().values
+        full = torch.zeros(size, n_kept, dtype=torch.float64)
+        full[live] = torch.linalg.qr(torch.randn(live.numel(), live.numel(), dtype=torch.float64,
+                                                 generator=generator))[0][:, :n_kept]
+        return full, (live if n_dead else None)
+
+    grad = torch.randn(out, fan_in, dtype=torch.float64, generator=generator)
+    full_g, live_g = basis(out, dead[0], min(kept[0], out - dead[0]))
+    full_a, live_a = basis(fan_in, dead[1], min(kept[1], fan_in - dead[1]))
+    correction = torch.rand(full_g.shape[1], full_a.shape[1], dtype=torch.float64, generator=generator)
+    expected = grad / damping - full_g @ ((full_g.mT @ grad @ full_a) * correction) @ full_a.mT
+    stored_g = full_g if live_g is None else full_g[live_g]
+    stored_a = full_a if live_a is None else full_a[live_a]
+    ours = _precondition_truncated(grad, (stored_g, stored_a, correction, live_g, live_a), damping)
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-10)
