@@ -6,10 +6,19 @@ their documented fallback, the plain gradient, under the same momentum, KL-clip 
 gradient clip. The difference in time is therefore exactly what K-FAC adds: the Fisher
 pass's backward (to the layer outputs) and the statistics it records, the factor updates, the eigendecompositions (every
 ``inverse_every`` updates, so updates are timed in blocks of that many) and the
-preconditioning. Both agents update from the same rollout batch, in interleaved blocks,
-on one thread; each block is one whole cycle (``inverse_every · stats_every`` updates: one
-refresh, the Fisher passes and the updates that reuse the factors), timed as its mean per
-update, and the figure is the ratio of the blocks' median per-update times.
+preconditioning. Both agents update from the same rollout batches on one thread: before each
+update the K-FAC agent collects a fresh rollout with its own policy (not timed), as training
+does, and each agent updates on it in turn. A block is one whole cycle (``inverse_every ·
+stats_every`` updates: one refresh, the Fisher passes and the updates that reuse the
+factors), timed as its mean per update, and the figure is the ratio of the blocks' median
+per-update times.
+
+Fresh rollouts matter for K-FAC's cost: how many eigenvectors ``eigen_tolerance`` keeps, and
+so the cost of every preconditioned step, depends on the factors, and factors built from one
+batch updated on again and again are not those of training (on Pong after 160 updates, the fc
+layer's input factor keeps 540 of its 3137 eigenvectors on one batch, 1379 in a training run).
+``--fixed-batch`` is the method before 2026-12-07: every update on one batch, each agent's
+block in turn.
 
 The ACKTR paper's "10-25% more per update" (Wu et al., 2017, table 3) is measured as
 timesteps per second of whole training runs, environment included. ``--loop-steps N`` also
@@ -25,6 +34,7 @@ This script:
     python benchmarks/acktr_overhead.py --env Pendulum-v1
     python benchmarks/acktr_overhead.py --env CartPole-v1 --n-steps 256 --hidden 256 256
     python benchmarks/acktr_overhead.py --env PongNoFrameskip-v4 --blocks 3   # Nature CNN
+    python benchmarks/acktr_overhead.py --env PongNoFrameskip-v4 --blocks 3 --train-updates 400 --spectrum 1e-3
     python benchmarks/acktr_overhead.py --env PongNoFrameskip-v4 --blocks 3 --set stats_every=4
     python benchmarks/acktr_overhead.py --env PongNoFrameskip-v4 --blocks 2 --set eigen_tolerance=0 --spectrum 1e-3 1e-2
 """
@@ -42,7 +52,6 @@ from torch import Tensor
 
 from trpo_lab.agents.acktr import ACKTR
 from trpo_lab.config import parse_set_option
-from trpo_lab.optim.kfac import _truncated_basis
 from trpo_lab.presets import load_preset
 from trpo_lab.rollout.buffer import Observations, RolloutBatch
 
@@ -62,6 +71,22 @@ def _time_block(agent: ACKTR, batch: RolloutBatch, updates: int) -> float:
     return (time.perf_counter() - start) / updates
 
 
+def _time_block_on_rollouts(agents: dict[str, ACKTR], updates: int) -> dict[str, float]:
+    """One cycle along the K-FAC agent's own training run: before each update it collects a
+    fresh rollout with its current policy (not timed), and both agents update on that batch,
+    one after the other. Mean seconds per update of each agent."""
+    totals = dict.fromkeys(agents, 0.0)
+    for _ in range(updates):
+        agents["kfac"].collect_rollout()
+        batch = agents["kfac"].buffer.batch()
+        for name, agent in agents.items():
+            start = time.perf_counter()
+            agent.update(batch)
+            totals[name] += time.perf_counter() - start
+            agent.num_updates += 1
+    return {name: total / max(updates, 1) for name, total in totals.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="CartPole-v1")
@@ -73,6 +98,16 @@ def main() -> None:
     parser.add_argument("--loop-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
+        "--train-updates", type=int, default=0, metavar="N",
+        help="first train the K-FAC agent N updates on its own rollouts (not timed), so that the "
+        "timed cycles see the factors of a run that far in (their kept eigenvectors grow with training)",
+    )
+    parser.add_argument(
+        "--fixed-batch", action="store_true",
+        help="time every update on one rollout batch, each agent's block in turn (the method before "
+        "2026-12-07); by default each update takes a fresh rollout of the K-FAC agent, as training does",
+    )
+    parser.add_argument(
         "--spectrum", type=float, nargs="+", default=[], metavar="TAU",
         help="after timing, print how many eigenvectors of each layer's factors eigen_tolerance TAU keeps",
     )
@@ -81,6 +116,8 @@ def main() -> None:
         help="override a preset hyperparameter of both agents (TOML value), e.g. --set stats_every=4",
     )
     args = parser.parse_args()
+    if args.train_updates < 0:
+        parser.error(f"--train-updates must be >= 0, got {args.train_updates}")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="KFAC: no statistics recorded yet")
 
@@ -102,19 +139,28 @@ def main() -> None:
     config = agents["kfac"].config
     block = config.inverse_every * config.stats_every  # one whole cycle: refresh, Fisher passes, reuses
 
-    for agent in agents.values():  # warm-up: factors, eigendecompositions, allocator
-        _time_block(agent, batch, block)
     per_update: dict[str, list[float]] = {name: [] for name in agents}
-    for _ in range(args.blocks):
-        for name, agent in agents.items():
-            per_update[name].append(_time_block(agent, batch, block))
+    if args.fixed_batch:
+        for agent in agents.values():  # warm-up: factors, eigendecompositions, allocator
+            _time_block(agent, batch, block)
+        for _ in range(args.blocks):
+            for name, agent in agents.items():
+                per_update[name].append(_time_block(agent, batch, block))
+    else:
+        _time_block_on_rollouts({"kfac": agents["kfac"]}, args.train_updates)
+        _time_block_on_rollouts(agents, block)  # warm-up
+        for _ in range(args.blocks):
+            for name, seconds in _time_block_on_rollouts(agents, block).items():
+                per_update[name].append(seconds)
 
     median = {name: statistics.median(times) for name, times in per_update.items()}
     print(
         f"ACKTR update cost on {args.env}: batch {batch.size} samples ({n_envs} envs x "
         f"{config.n_steps} steps), inverse_every {config.inverse_every}, stats_every "
-        f"{config.stats_every}, {args.blocks} interleaved "
-        f"blocks of {block} updates per agent, {args.threads} thread(s), "
+        f"{config.stats_every}, {args.blocks} "
+        f"{'interleaved blocks on one batch' if args.fixed_batch else 'cycles on fresh rollouts'}"
+        f"{f' after {args.train_updates} training updates' if args.train_updates and not args.fixed_batch else ''} "
+        f"of {block} updates per agent, {args.threads} thread(s), "
         f"net_arch {agents['kfac'].config.policy_kwargs.get('net_arch', [64, 64])}"
     )
     for name, times in per_update.items():
@@ -130,18 +176,18 @@ def main() -> None:
 
 
 def _print_spectrum(agent: ACKTR, tolerance: float) -> None:
-    """Per K-FAC layer of the actor: the eigenvectors of A and G that ``eigen_tolerance`` keeps."""
-    damping = agent.actor_optimizer.param_groups[0]["damping"]
+    """Per K-FAC layer of the actor: the eigenvectors of A and G that ``eigen_tolerance`` keeps,
+    and the live (not deflated) rows they are stored on."""
+    optimizer = agent.actor_optimizer
+    damping = optimizer.param_groups[0]["damping"]
     print(f"  eigen_tolerance {tolerance:g} (damping {damping:g}) keeps, after {agent.num_updates} updates:")
-    for param, state in agent.actor_optimizer.state.items():
+    for param, state in optimizer.state.items():
         if "eigenvalues_A" not in state:
             continue
-        vectors_g, vectors_a, _ = _truncated_basis(
-            state["eigenvalues_A"], state["eigenvectors_A"], state["eigenvalues_G"], state["eigenvectors_G"],
-            damping, tolerance,
-        )
-        print(f"    {tuple(param.shape)!s:18s} A {vectors_a.shape[1]:5d} of {state['eigenvalues_A'].numel():5d}"
-              f"   G {vectors_g.shape[1]:4d} of {state['eigenvalues_G'].numel():4d}")
+        vectors_g, vectors_a, *_ = optimizer._truncated_basis(state, damping, tolerance)
+        size_a, size_g = state["eigenvalues_A"].numel(), state["eigenvalues_G"].numel()
+        print(f"    {tuple(param.shape)!s:18s} A {vectors_a.shape[1]:5d} of {size_a:5d} on {vectors_a.shape[0]:5d} rows"
+              f"   G {vectors_g.shape[1]:4d} of {size_g:4d} on {vectors_g.shape[0]:4d} rows")
 
 
 def _loop_throughput(env_id: str, kwargs: dict[str, Any], steps: int, repeats: int) -> None:
