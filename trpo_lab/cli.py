@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="experiment TOML file, or a name in experiments/ (default: the built-in 'default')")
     compare.add_argument("--algos", default=None, help="comma-separated algorithms, replacing the spec's")
     compare.add_argument("--envs", default=None, help="comma-separated environment ids, replacing the spec's")
-    compare.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1)")
+    compare.add_argument("--seeds", default=None, metavar="N|A-B,C",
+                         help="seeds: a count N (0..N-1), or a comma-separated list of seeds and ranges "
+                              "replacing the spec's, e.g. 10-15 or 12,14 (one seed: 15-15)")
     compare.add_argument("--steps", type=int, default=None, help="budget per run for every environment")
     compare.add_argument("--out", default=None, help="output folder (default: compare_out/EXPERIMENT)")
     compare.add_argument("--workers", type=int, default=None, help="worker processes (default: spec, else CPU count)")
@@ -351,17 +354,40 @@ def _comma_list(text: str | None, option: str) -> list[str] | None:
     return items
 
 
+def _seed_option(text: str | None) -> int | list[int] | None:
+    """``compare --seeds``: a count ``N`` (seeds 0..N-1), or seeds and ranges ``A-B`` (both ends
+    included) separated by commas, in the order given."""
+    if text is None:
+        return None
+    expected = "a count N >= 1 (seeds 0..N-1), or seeds and ranges such as 10-15 or 12,14 (one seed: 15-15)"
+    text = text.strip()
+    if re.fullmatch(r"\d+", text):
+        if int(text) < 1:
+            raise CLIError(f"Invalid --seeds: {text!r}; expected {expected}")
+        return int(text)
+    seeds: list[int] = []
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", item)
+        if match is None or (match.group(2) is not None and int(match.group(2)) < int(match.group(1))):
+            raise CLIError(f"Invalid --seeds: {text!r}; expected {expected}")
+        first = int(match.group(1))
+        seeds += range(first, int(match.group(2) if match.group(2) is not None else first) + 1)
+    if len(set(seeds)) != len(seeds):
+        raise CLIError(f"Invalid --seeds: {text!r}; a seed is given twice")
+    return seeds
+
+
 def _compare(args: argparse.Namespace) -> int:
     from trpo_lab.experiments import load_experiment, run_experiment
 
-    for option, value in (("--workers", args.workers), ("--seeds", args.seeds), ("--steps", args.steps),
+    for option, value in (("--workers", args.workers), ("--steps", args.steps),
                           ("--eval-episodes", args.eval_episodes)):
         if value is not None and value < 1:
             raise CLIError(f"Invalid {option}: {value}; expected >= 1")
     experiment = load_experiment(args.experiment).with_overrides(
         algos=_comma_list(args.algos, "--algos"),
         envs=_comma_list(args.envs, "--envs"),
-        seeds=args.seeds,
+        seeds=_seed_option(args.seeds),
         steps=args.steps,
         eval_episodes=args.eval_episodes,
         hyperparameters=_set_options(args.overrides),

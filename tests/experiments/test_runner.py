@@ -145,9 +145,30 @@ def test_changed_settings_in_an_existing_output_folder_are_refused(tmp_path: Pat
     assert len(err.splitlines()) == 1 and "other settings" in err and "total_timesteps" in err
 
 
+def test_seeds_option_runs_the_seeds_it_names(tmp_path: Path) -> None:
+    """``--seeds 3,5-6`` runs those seeds only (a count, ``--seeds 2``, is 0..1); a later call with
+    other seeds adds their runs to the same folder and skips the finished ones."""
+    spec = tmp_path / "spec.toml"
+    spec.write_text('algos = ["ppo"]\nenvs = ["CartPole-v1"]\nseeds = [1, 2]\nsteps = 256\neval_episodes = 1\n')
+    out = tmp_path / "out"
+    common = ["compare", str(spec), "--set", "n_steps=32", "--workers", "1", "--quiet", "--out", str(out)]
+    assert main([*common, "--seeds", "3,5-6"]) == 0
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == ["CartPole-v1-ppo-seed3", "CartPole-v1-ppo-seed5", "CartPole-v1-ppo-seed6"]
+    assert all((out / "runs" / name / "final.pt").is_file() for name in runs)
+    mtimes = {name: (out / "runs" / name / "final.pt").stat().st_mtime_ns for name in runs}
+    assert main([*common, "--seeds", "6,0"]) == 0
+    assert {p.name for p in (out / "runs").iterdir()} == {*runs, "CartPole-v1-ppo-seed0"}
+    assert (out / "runs" / "CartPole-v1-ppo-seed6" / "final.pt").stat().st_mtime_ns == mtimes["CartPole-v1-ppo-seed6"]
+
+
 @pytest.mark.parametrize(
     ("spec", "args", "message"),
     [
+        ('algos = ["trpo"]\nenvs = ["CartPole-v1"]\n', ["--seeds", "5-3"], "Invalid --seeds: '5-3'; expected a count N >= 1"),
+        ('algos = ["trpo"]\nenvs = ["CartPole-v1"]\n', ["--seeds", "0"], "Invalid --seeds: '0'; expected a count N >= 1"),
+        ('algos = ["trpo"]\nenvs = ["CartPole-v1"]\n', ["--seeds", "ten"], "Invalid --seeds: 'ten'"),
+        ('algos = ["trpo"]\nenvs = ["CartPole-v1"]\n', ["--seeds", "1,2-3,3"], "'1,2-3,3'; a seed is given twice"),
         ('algos = ["trpo", "sac"]\nenvs = ["CartPole-v1"]\n', [], "Unknown algorithm 'sac'"),
         ('algos = ["trpo"]\nenvs = ["CartPole-v7"]\n', [], "Unknown environment id 'CartPole-v7'"),
         ('algos = ["trpo"]\nsuite = "nosuch"\n', [], "Unknown env suite 'nosuch'"),

@@ -29,6 +29,17 @@ def test_command_line_overrides_reshape_the_grid(monkeypatch: pytest.MonkeyPatch
     assert "run_dir" not in ppo.settings() and ppo.settings()["total_timesteps"] == 1234
 
 
+def test_a_list_of_seeds_replaces_the_specs_in_its_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRPO_LAB_PRESETS", str(ROOT))
+    spec = {"algos": ["trpo"], "envs": ["CartPole-v1"], "seeds": [10, 11, 12]}
+    experiment = experiment_from_dict(spec, name="x", origin="test")
+    assert [r.seed for r in experiment.with_overrides(seeds=[15, 12]).runs("out")] == [15, 12]
+    assert [r.seed for r in experiment.with_overrides(seeds=2).runs("out")] == [0, 1]  # a count: 0..N-1
+    for bad in ([], [3, 3], [-1], [1.5]):
+        with pytest.raises(ValueError, match=r"Invalid --seeds: .*; expected distinct integers >= 0"):
+            experiment.with_overrides(seeds=bad)  # type: ignore[arg-type]
+
+
 def test_budgets_come_from_the_experiment_then_the_suite(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRPO_LAB_PRESETS", str(ROOT))
     spec = {"algos": ["trpo"], "suite": "classic", "envs": ["CartPole-v1", "Pendulum-v1"],

@@ -232,12 +232,13 @@ class Experiment:
         self,
         algos: Sequence[str] | None = None,
         envs: Sequence[str] | None = None,
-        seeds: int | None = None,
+        seeds: int | Sequence[int] | None = None,
         steps: int | None = None,
         eval_episodes: int | None = None,
         hyperparameters: Mapping[str, Any] | None = None,
     ) -> Experiment:
-        """The same experiment with command-line overrides applied (``seeds=N`` means 0..N-1).
+        """The same experiment with command-line overrides applied (``seeds=N`` means 0..N-1; a
+        sequence of seeds replaces the spec's, in its order).
 
         ``hyperparameters`` (``compare --set``) has the form of the spec's table: keys for every
         algorithm, and a table per algorithm or variant name (``--set trpo.target_kl=0.02``); it
@@ -262,10 +263,14 @@ class Experiment:
             changes["steps"] = {env_id: _budget(env_id, changes["envs"][env_id], self.steps) for env_id in envs}
             if not set(envs) <= set(self.envs):
                 changes["suite"] = None  # the envs now come from whichever suite lists them
-        if seeds is not None:
+        if isinstance(seeds, int):
             if seeds < 1:
                 raise ValueError(f"Invalid --seeds: {seeds}; expected >= 1")
             changes["seeds"] = list(range(seeds))
+        elif seeds is not None:
+            if not seeds or len(set(seeds)) != len(seeds) or not all(is_int(s) and s >= 0 for s in seeds):
+                raise ValueError(f"Invalid --seeds: {list(seeds)}; expected distinct integers >= 0")
+            changes["seeds"] = list(seeds)
         if steps is not None:
             changes["steps"] = {env_id: steps for env_id in changes.get("envs", self.envs)}
         if eval_episodes is not None:
