@@ -145,6 +145,24 @@ def test_changed_settings_in_an_existing_output_folder_are_refused(tmp_path: Pat
     assert len(err.splitlines()) == 1 and "other settings" in err and "total_timesteps" in err
 
 
+def test_a_result_without_its_agent_file_is_refused_not_retrained(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A finished run whose ``final.pt`` is missing (copied without it) is refused with one
+    line; the run folder, its ``result.json`` included, is left as it was."""
+    out = tmp_path / "out"
+    args = ["compare", "--algos", "ppo", "--envs", "CartPole-v1", "--seeds", "1", "--steps", "256", "--out", str(out)]
+    assert main(args) == 0
+    run_dir = out / "runs" / "CartPole-v1-ppo-seed0"
+    (run_dir / "final.pt").unlink()
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "result.json but no final.pt" in err and str(run_dir) in err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
 def test_seeds_option_runs_the_seeds_it_names(tmp_path: Path) -> None:
     """``--seeds 3,5-6`` runs those seeds only (a count, ``--seeds 2``, is 0..1); a later call with
     other seeds adds their runs to the same folder and skips the finished ones."""

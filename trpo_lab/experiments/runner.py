@@ -4,7 +4,8 @@ Every run trains in a worker process with one torch thread (:func:`execute_run`)
 its final agent deterministically and writes ``result.json`` last, atomically. A run is
 finished when its ``final.pt`` and ``result.json`` exist; rerunning a compare skips finished
 runs and continues unfinished ones from their ``checkpoint.pt``, and a rerun with other
-settings into the same folder is refused rather than mixing results.
+settings into the same folder is refused rather than mixing results, and so is a folder
+holding a ``result.json`` without its final agent (restarting it would delete the result).
 
 Ctrl-C or SIGTERM stops every running run at a fresh checkpoint (exit status 130 / 143):
 workers ignore SIGINT, and the main process answers the interrupt by sending each worker one
@@ -453,6 +454,14 @@ class CompareResult:
 
 def _check_existing(specs: Sequence[RunSpec]) -> None:
     for spec in specs:
+        final = "final.zip" if is_peer(spec.algo) else "final.pt"
+        if (spec.run_dir / RESULT_FILE).is_file() and not (spec.run_dir / final).is_file():
+            # a finished run whose agent file is missing (not copied, or deleted): starting it
+            # over would delete its result, so refuse instead
+            raise ValueError(
+                f"{spec.run_dir} holds a {RESULT_FILE} but no {final}; restore {final} to keep the "
+                "finished run, or delete the folder to train it again"
+            )
         stored = _read_json(spec.run_dir / SPEC_FILE)
         if stored is not None and stored != spec.settings():
             changed = sorted(k for k in set(stored) | set(spec.settings()) if stored.get(k) != spec.settings().get(k))
