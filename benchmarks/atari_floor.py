@@ -13,10 +13,10 @@ iteration (one rollout and one update):
 * ``flops``: the floating-point operations of one of our iterations (the rollout's forwards,
   the update's forward and backward passes, Adam), counted with
   ``torch.utils.flop_counter.FlopCounterMode``, and the same count for SB3's iteration;
-* ``peak``: this core's float32 rate, the best of large square ``torch.mm`` products (a
-  convolution or a product of the network's shapes runs below it, never above);
-* ``floor = emulator + flops / peak``: no program doing our iteration's work on this core
-  takes less;
+* ``peak``: this core's float32 rate, the best of large square ``torch.mm`` products (the
+  network's convolutions and products, timed alone, run below it);
+* ``floor = emulator + flops / peak``: what our iteration's work would take with every
+  operation at that rate (memory-bound ones cost time and no FLOPs, so the real bound is higher);
 * measured: our iterations (rollout, update) and SB3 PPO's (``rollout_start`` to
   ``rollout_start``), interleaved, ``--repeats`` times, medians.
 
