@@ -96,11 +96,17 @@ def test_compare_writes_every_promised_file_and_a_rerun_skips_finished_runs(tmp_
 
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs POSIX process groups")
-@pytest.mark.parametrize("workers", [2, 1], ids=["every run running", "runs queued behind one worker"])
-def test_sigterm_checkpoints_every_running_run_and_leaves_no_process(tmp_path: Path, workers: int) -> None:
+@pytest.mark.parametrize(
+    ("workers", "group"), [(2, False), (1, False), (1, True)],
+    ids=["every run running", "runs queued behind one worker", "the whole process group signalled"],
+)
+def test_sigterm_checkpoints_every_running_run_and_leaves_no_process(tmp_path: Path, workers: int, group: bool) -> None:
     """SIGTERM: the running runs stop at a checkpoint, and no queued run starts. With one worker
     for four runs the executor has already handed that worker its next run, which must not
-    start either (it used to, and trained until the shutdown's grace period killed it)."""
+    start either (it used to, and trained until the shutdown's grace period killed it). With the
+    signal sent to the process group (``kill -- -PGID``, a job scheduler) the worker gets it
+    twice, from the kernel and from the main process, and stops at once; it must not start its
+    next run either (it did: the second signal's plain KeyboardInterrupt was not noted)."""
     import signal
     import time
 
@@ -116,7 +122,10 @@ def test_sigterm_checkpoints_every_running_run_and_leaves_no_process(tmp_path: P
         while len(list((tmp_path / "out").glob("runs/*/checkpoint.pt"))) < workers:
             assert process.poll() is None and time.monotonic() < deadline, process.stderr and process.stderr.read()
             time.sleep(0.1)
-        process.send_signal(signal.SIGTERM)
+        if group:
+            os.killpg(process.pid, signal.SIGTERM)
+        else:
+            process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=120)
     finally:
         if process.poll() is None:

@@ -223,7 +223,7 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
 
             return execute_peer_run(spec, _report)
         return _train_and_evaluate(spec)
-    except TrainingInterrupted:
+    except KeyboardInterrupt:  # TrainingInterrupted, or a second signal's plain KeyboardInterrupt
         if _in_worker:
             _stopping.set()
         raise
