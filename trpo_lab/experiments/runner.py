@@ -117,10 +117,14 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _final_file(spec: RunSpec) -> str:
+    """The file name of a run's final agent (a peer run saves its SB3 model)."""
+    return "final.zip" if is_peer(spec.algo) else "final.pt"
+
+
 def finished_result(spec: RunSpec) -> dict[str, Any] | None:
     """The result record of a finished run with these settings, else ``None``."""
-    final = "final.zip" if is_peer(spec.algo) else "final.pt"  # a peer run saves its SB3 model
-    if not (spec.run_dir / final).is_file():
+    if not (spec.run_dir / _final_file(spec)).is_file():
         return None
     record = _read_json(spec.run_dir / RESULT_FILE)
     if record is None or record.get("settings") != spec.settings():
@@ -454,7 +458,7 @@ class CompareResult:
 
 def _check_existing(specs: Sequence[RunSpec]) -> None:
     for spec in specs:
-        final = "final.zip" if is_peer(spec.algo) else "final.pt"
+        final = _final_file(spec)
         if (spec.run_dir / RESULT_FILE).is_file() and not (spec.run_dir / final).is_file():
             # a finished run whose agent file is missing (not copied, or deleted): starting it
             # over would delete its result, so refuse instead
