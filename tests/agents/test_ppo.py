@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trpo_lab.agents.metrics import kl_sample, update_seed
-from trpo_lab.agents.ppo import PPO, optimizer_class, ppo_loss
+from trpo_lab.agents.ppo import PPO, PPOGradient, optimizer_class, ppo_loss, ppo_loss_by_hand
 from trpo_lab.nn.acting import NumpyActor
 from trpo_lab.presets import load_preset
 
@@ -99,6 +99,62 @@ def test_loss_matches_an_independent_formula_on_random_data() -> None:
     clipped = ((a > 0) & (ratio > 1.1)) | ((a < 0) & (ratio < 0.9))
     assert 0 < clipped.sum() < n
     np.testing.assert_allclose(new.grad.numpy(), np.where(clipped, 0.0, -ratio * a / n), atol=1e-12)
+
+
+@pytest.mark.parametrize("clip_range_vf", [None, 0.2])
+@pytest.mark.parametrize("ratios", [RATIOS, [1.0, 1.1, 0.9, 1.0]], ids=["every-branch", "ties-inside-the-range"])
+def test_loss_by_hand_equals_autograds(clip_range_vf: float | None, ratios: list[float]) -> None:
+    """The written-out derivatives of the PPO loss: every branch of the clipped surrogate,
+    ratios exactly at 1 and inside the range (min's ties), the value clip on both sides."""
+    x = _inputs(values=[1.0, 0.05, -0.5, 0.0], old_values=[0.0] * 4, returns=[1.0, 1.0, -1.0, 0.5])
+    x["log_probs"] = (x["old_log_probs"] + torch.log(torch.tensor(ratios, dtype=torch.float64))).requires_grad_()
+    terms = {"clip_range": 0.2, "clip_range_vf": clip_range_vf, "vf_coef": 0.7, "ent_coef": 0.03}
+    expected = ppo_loss(**x, **terms)
+    grads = torch.autograd.grad(expected.total, [x["log_probs"], x["entropy"], x["values"]])
+    loss, *ours = ppo_loss_by_hand(**{k: v.detach() for k, v in x.items()}, **terms)
+    for field in expected._fields:
+        torch.testing.assert_close(getattr(loss, field), getattr(expected, field).detach(), rtol=1e-14, atol=1e-15)
+    for mine, theirs in zip(ours, grads, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("env", ["CartPole-v1", "Pendulum-v1", "multidiscrete"])
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("clip_range_vf", [None, 0.05])
+def test_minibatch_gradient_by_hand_equals_autograds(env: str, activation: str, clip_range_vf: float | None) -> None:
+    """A minibatch's loss and gradient for every parameter, by hand (Discrete, Box) or with
+    autograd only from the loss to the networks' outputs (MultiDiscrete), equal autograd's
+    through the whole policy, after the policy moved away from the rollout's."""
+    from test_sync_free import MultiDiscreteTarget
+
+    agent = PPO(MultiDiscreteTarget if env == "multidiscrete" else env, n_envs=2, seed=1, n_steps=32,
+                clip_range_vf=clip_range_vf, ent_coef=0.01, policy_kwargs={"activation_fn": activation})
+    agent.collect_rollout()
+    with torch.no_grad():
+        for param in agent.policy.parameters():
+            param.add_(0.1 * torch.randn_like(param))  # ratios away from 1
+    minibatch = agent.buffer.batch().slice(0, 48)
+    obs = agent.policy.preprocess(minibatch.observations)
+    with torch.no_grad():
+        log_probs = agent.policy.distribution.log_prob(agent.policy.dist_params(obs), minibatch.actions)
+        # between the two middle |r − 1|: half the ratios clipped, none exactly at the edge
+        middle = (log_probs - minibatch.log_probs).exp().sub(1).abs().sort().values[23:25]
+        agent.current_values["clip_range"] = float(middle.mean())
+    expected = agent._minibatch_loss(minibatch, obs)
+    assert not isinstance(expected, PPOGradient)
+    parameters = list(agent.policy.parameters())
+    expected_grads = torch.autograd.grad(expected.total, parameters)
+    ours = agent._minibatch_loss(minibatch, obs, by_hand=True)
+    assert isinstance(ours, PPOGradient)
+    assert 0 < float(ours.loss.clip_fraction) < 1
+    for field in expected._fields:
+        torch.testing.assert_close(getattr(ours.loss, field), getattr(expected, field).detach())
+    by_param = {id(param): grad for param, grad in ours.grads}
+    assert len(by_param) == len(ours.grads) == len(parameters)
+    for param, grad in zip(parameters, expected_grads, strict=True):
+        assert not by_param[id(param)].requires_grad
+        # float32: differences of a few roundings of the tensor's largest entries
+        torch.testing.assert_close(by_param[id(param)], grad, rtol=1e-5, atol=1e-5 * float(grad.abs().max()))
 
 
 def test_optimizer_names_resolve_and_bad_ones_are_rejected() -> None:

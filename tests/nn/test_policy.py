@@ -314,3 +314,20 @@ def test_actor_fisher_product_leaves_other_actors_to_autograd() -> None:
     image = gym.spaces.Box(0, 255, (40, 40, 1), np.uint8)
     assert ActorCritic(image, gym.spaces.Discrete(2)).actor_fisher_product(torch.zeros(2, 40, 40, 1)) is None
     assert ActorCritic(box, gym.spaces.Discrete(2)).actor_fisher_product(torch.randn(3, 5)) is not None
+
+
+def test_forward_by_hand_is_left_to_autograd_beyond_plain_mlps_on_flat_features() -> None:
+    """PPO's graph-free forward needs tanh or ReLU MLPs on flat features; elsewhere it says so
+    (None) and the minibatch step takes autograd."""
+    box = gym.spaces.Box(-1, 1, (5,))
+    assert ActorCritic(box, gym.spaces.Discrete(2), activation_fn="elu").dist_params_and_value_by_hand(torch.randn(3, 5)) is None
+    image = gym.spaces.Box(0, 255, (40, 40, 1), np.uint8)
+    assert ActorCritic(image, gym.spaces.Discrete(2)).dist_params_and_value_by_hand(torch.zeros(2, 40, 40, 1)) is None
+    policy = ActorCritic(box, gym.spaces.Box(-1, 1, (2,)), log_std_init=-0.5)
+    obs = torch.randn(3, 5)
+    forward = policy.dist_params_and_value_by_hand(obs)
+    assert forward is not None
+    params, values, _ = forward
+    expected_params, expected_values = policy.dist_params_and_value(obs)
+    assert torch.equal(params, expected_params.detach()) and torch.equal(values, expected_values.detach())
+    assert not params.requires_grad and not values.requires_grad

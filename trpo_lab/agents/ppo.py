@@ -42,7 +42,7 @@ from trpo_lab.config import PPOConfig
 from trpo_lab.optim._flat import clip_grad_norm_
 from trpo_lab.rollout.buffer import Observations, RolloutBatch
 
-__all__ = ["PPO", "PPOLoss", "ppo_loss", "optimizer_class"]
+__all__ = ["PPO", "PPOLoss", "PPOGradient", "ppo_loss", "ppo_loss_by_hand", "optimizer_class"]
 
 _TORCH_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
@@ -119,6 +119,67 @@ def ppo_loss(
     return PPOLoss(total, policy_loss, value_loss, mean_entropy, approx_kl, clip_fraction)
 
 
+def ppo_loss_by_hand(
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    advantages: Tensor,
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    entropy: Tensor,
+    *,
+    clip_range: float,
+    clip_range_vf: float | None = None,
+    vf_coef: float = 0.5,
+    ent_coef: float = 0.0,
+) -> tuple[PPOLoss, Tensor, Tensor, Tensor]:
+    """:func:`ppo_loss` of graph-free inputs and its gradient with respect to ``log_probs``,
+    ``entropy`` and ``values`` (per sample), the derivatives written out.
+
+    ``∂L/∂ log π_i = −Â_i r_i / B`` where ``min`` takes the unclipped term (a tie, inside the
+    clip range, counts as unclipped: autograd splits it between two equal derivatives), 0
+    where it takes the clipped one, whose ratio is then outside the range;
+    ``∂L/∂V_i = 2 vf_coef (V_clip,i − R_i) / B`` (times 1 where ``V − V_old`` is inside
+    ``±ε_v``, else 0); ``∂L/∂H_i = −ent_coef / B``. Tested equal to autograd's gradient of
+    :func:`ppo_loss`. (One difference, on a set of measure zero: a ratio that rounds to exactly
+    ``1 ± ε`` gets the full unclipped derivative, where autograd may give half of it.)
+
+    Returns:
+        ``(loss, grad_log_probs, grad_entropy, grad_values)``.
+    """
+    with torch.no_grad():
+        count = log_probs.shape[0]
+        log_ratio = log_probs - old_log_probs
+        ratio = torch.exp(log_ratio)
+        unclipped = ratio * advantages
+        clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantages
+        policy_loss = -torch.min(unclipped, clipped).mean()
+        value_scale: float | Tensor = 2.0 * vf_coef / count
+        if clip_range_vf is not None:
+            moved = values - old_values
+            values = old_values + torch.clamp(moved, -clip_range_vf, clip_range_vf)
+            value_scale = moved.abs().le(clip_range_vf).to(values.dtype).mul_(value_scale)
+        residual = returns - values
+        value_loss = residual.square().mean()
+        mean_entropy = entropy.mean()
+        total = policy_loss + vf_coef * value_loss - ent_coef * mean_entropy
+        approx_kl = ((ratio - 1.0) - log_ratio).mean()
+        clip_fraction = ((ratio - 1.0).abs() > clip_range).to(ratio.dtype).mean()
+        grad_log_probs = unclipped.le(clipped).to(ratio.dtype).mul_(unclipped).mul_(-1.0 / count)
+        grad_values = residual.neg().mul_(value_scale)
+        grad_entropy = torch.full_like(entropy, -ent_coef / count)
+    loss = PPOLoss(total, policy_loss, value_loss, mean_entropy, approx_kl, clip_fraction)
+    return loss, grad_log_probs, grad_entropy, grad_values
+
+
+class PPOGradient(NamedTuple):
+    """A minibatch's :class:`PPOLoss` (detached) and the gradient of its total, as
+    ``(parameter, gradient)`` pairs."""
+
+    loss: PPOLoss
+    grads: list[tuple[Tensor, Tensor]]
+
+
 _IMPORTABLE_PACKAGES = ("torch.optim", "trpo_lab.optim")
 
 
@@ -192,26 +253,51 @@ class PPO(OnPolicyAgent):
     def _learning_rate_optimizers(self) -> list[Any]:
         return [self.optimizer]
 
-    def _minibatch_loss(self, minibatch: RolloutBatch) -> PPOLoss:
-        cfg, policy = self.config, self.policy
-        obs = policy.preprocess(minibatch.observations)
-        params, values = policy.dist_params_and_value(obs)
+    def _minibatch_loss(self, minibatch: RolloutBatch, obs: Any, by_hand: bool = False) -> PPOLoss | PPOGradient:
+        """The minibatch's :func:`ppo_loss` of preprocessed ``obs``. With ``by_hand``, where
+        the policy has a graph-free forward (:meth:`~trpo_lab.nn.policy.ActorCritic.dist_params_and_value_by_hand`),
+        its :class:`PPOGradient` instead: the loss and the parameters' gradient, the chain
+        rule written out (:func:`ppo_loss_by_hand`; autograd from the loss to the networks'
+        outputs where the distribution's derivatives are not written)."""
+        cfg, policy, dist = self.config, self.policy, self.policy.distribution
+        forward = policy.dist_params_and_value_by_hand(obs) if by_hand else None
+        if forward is None:
+            params, values = policy.dist_params_and_value(obs)
+        else:
+            params, values, backward = forward
         advantages = minibatch.advantages
         if cfg.normalize_advantage:
             advantages = self.reducer.normalize_advantages(advantages)
-        return ppo_loss(
-            policy.distribution.log_prob(params, minibatch.actions),
+        terms: dict[str, Any] = {
+            "clip_range": self.current_values["clip_range"],
+            "clip_range_vf": cfg.clip_range_vf,
+            "vf_coef": cfg.vf_coef,
+            "ent_coef": self.current_values["ent_coef"],
+        }
+        written = dist.log_prob_entropy_by_hand(params, minibatch.actions) if forward is not None else None
+        if forward is not None and written is not None:
+            log_probs, entropy, vjp = written
+            loss, grad_log_probs, grad_entropy, grad_values = ppo_loss_by_hand(
+                log_probs, minibatch.log_probs, advantages, values, minibatch.values, minibatch.returns, entropy,
+                **terms,
+            )
+            return PPOGradient(loss, backward(vjp(grad_log_probs, grad_entropy), grad_values))
+        if forward is not None:
+            params, values = params.requires_grad_(), values.detach().requires_grad_()
+        loss = ppo_loss(
+            dist.log_prob(params, minibatch.actions),
             minibatch.log_probs,
             advantages,
             values,
             minibatch.values,
             minibatch.returns,
-            policy.distribution.entropy(params),
-            clip_range=self.current_values["clip_range"],
-            clip_range_vf=cfg.clip_range_vf,
-            vf_coef=cfg.vf_coef,
-            ent_coef=self.current_values["ent_coef"],
+            dist.entropy(params),
+            **terms,
         )
+        if forward is None:
+            return loss
+        grad_params, grad_values = torch.autograd.grad(loss.total, (params, values), materialize_grads=True)
+        return PPOGradient(loss, backward(grad_params, grad_values))
 
     def _update_sync_free(self, batch: RolloutBatch) -> dict[str, Tensor | float]:
         """:meth:`update` with the ``target_kl`` early stop decided on the device.
@@ -273,9 +359,15 @@ class PPO(OnPolicyAgent):
     ) -> tuple[PPOLoss, Tensor]:
         """The minibatch's loss, its gradient in ``.grad`` (averaged over ranks) and its
         approximate KL, which rides in the gradients' bucket (itself in one process)."""
-        loss = self._minibatch_loss(minibatch)
+        result = self._minibatch_loss(minibatch, self.policy.preprocess(minibatch.observations), by_hand=True)
         self.optimizer.zero_grad(set_to_none=True)
-        torch.autograd.backward(loss.total)
+        if isinstance(result, PPOGradient):
+            loss = result.loss
+            for param, grad in result.grads:
+                param.grad = grad
+        else:
+            loss = result
+            torch.autograd.backward(loss.total)
         approx_kl = self.reducer.grads(parameters, minibatch.size, total_count, with_means=loss.approx_kl)
         assert approx_kl is not None
         return loss, approx_kl

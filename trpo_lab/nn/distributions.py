@@ -101,6 +101,17 @@ class ActionDistribution(ABC):
     def kl(self, old_params: Tensor, new_params: Tensor) -> Tensor:
         """Per-sample analytic KL(old || new)."""
 
+    def log_prob_entropy_by_hand(self, params: Tensor, actions: Tensor) -> LogProbEntropyVJP | None:
+        """:meth:`log_prob` and :meth:`entropy` of (graph-free) ``params`` with their
+        vector-Jacobian product written out, ``vjp(grad_log_probs, grad_entropy) -> grad_params``
+        (all per sample); None where it is not written (the caller then takes autograd).
+        Tested equal to autograd's."""
+        return None
+
+
+LogProbEntropyVJP = tuple[Tensor, Tensor, Callable[[Tensor, Tensor], Tensor]]
+"""``(log_probs, entropy, vjp)`` of :meth:`ActionDistribution.log_prob_entropy_by_hand`."""
+
 
 def _gumbel(shape: Sequence[int], generator: torch.Generator | None) -> Tensor:
     device = generator.device if generator is not None else torch.device("cpu")
@@ -158,6 +169,23 @@ class Categorical(ActionDistribution):
 
     def entropy(self, params: Tensor) -> Tensor:
         return _categorical_entropy(params)
+
+    def log_prob_entropy_by_hand(self, params: Tensor, actions: Tensor) -> LogProbEntropyVJP:
+        # ∂ log p_a / ∂l = onehot(a) − p;  ∂H/∂l = −p ⊙ (log p + H)
+        with torch.no_grad():
+            log_p = torch.log_softmax(params, dim=-1)
+            probs = log_p.exp()
+            index = actions.long().unsqueeze(-1)
+            log_probs = log_p.gather(-1, index).squeeze(-1)
+            entropy = -(probs * log_p).sum(-1)
+
+        def vjp(grad_log_probs: Tensor, grad_entropy: Tensor) -> Tensor:
+            with torch.no_grad():
+                weights = (log_p + entropy.unsqueeze(-1)).mul_(grad_entropy.unsqueeze(-1))
+                grad = probs.mul(weights.add_(grad_log_probs.unsqueeze(-1))).neg_()
+                return grad.scatter_add_(-1, index, grad_log_probs.unsqueeze(-1))
+
+        return log_probs, entropy, vjp
 
     def kl(self, old_params: Tensor, new_params: Tensor) -> Tensor:
         return _categorical_kl(old_params, new_params)
@@ -255,6 +283,24 @@ class DiagGaussian(ActionDistribution):
     def entropy(self, params: Tensor) -> Tensor:
         log_std = self._split(params)[1]
         return (log_std + 0.5 + _LOG_SQRT_2PI).sum(-1)
+
+    def log_prob_entropy_by_hand(self, params: Tensor, actions: Tensor) -> LogProbEntropyVJP:
+        # with z = (a − μ) e^{−s}: ∂ log p/∂μ = z e^{−s}, ∂ log p/∂s = z² − 1, ∂H/∂s = 1
+        with torch.no_grad():
+            mean, log_std = self._split(params)
+            inv_std = torch.exp(-log_std)
+            z = (actions - mean) * inv_std
+            log_probs = (-0.5 * z.square() - log_std - _LOG_SQRT_2PI).sum(-1)
+            entropy = (log_std + 0.5 + _LOG_SQRT_2PI).sum(-1)
+
+        def vjp(grad_log_probs: Tensor, grad_entropy: Tensor) -> Tensor:
+            with torch.no_grad():
+                weight = grad_log_probs.unsqueeze(-1)
+                grad_mean = z * inv_std * weight
+                grad_log_std = (z.square() - 1.0).mul_(weight).add_(grad_entropy.unsqueeze(-1))
+                return torch.cat([grad_mean, grad_log_std], dim=-1)
+
+        return log_probs, entropy, vjp
 
     def kl(self, old_params: Tensor, new_params: Tensor) -> Tensor:
         # KL(N(m0, s0^2) || N(m1, s1^2)) = log(s1/s0) + (s0^2 + (m0 - m1)^2) / (2 s1^2) - 1/2
