@@ -41,6 +41,7 @@ import torch
 import trpo_lab.agents.trpo as trpo_module
 from trpo_lab import PPO, TRPO
 from trpo_lab.agents.base import OnPolicyAgent
+from trpo_lab.experiments.peers import ZOO_SETTINGS, _model_kwargs, peer_settings
 from trpo_lab.nn.policy import ActorCritic
 
 PIECES = ("critic", "fisher", "ppo")
@@ -81,13 +82,22 @@ def sb3_ppo_train(env_id: str) -> Callable[[Any], Any]:
     from stable_baselines3 import PPO as SB3PPO
     from stable_baselines3.common.env_util import make_vec_env
 
-    from trpo_lab.experiments.peers import _model_kwargs, peer_settings
-
     settings = peer_settings("sb3-ppo", env_id)
     env = make_vec_env(env_id, n_envs=settings["n_envs"], seed=0)
     model: Any = SB3PPO("MlpPolicy", env, seed=0, device="cpu", verbose=0, **_model_kwargs(settings))
     model.learn(model.n_steps * settings["n_envs"])  # fills the buffer (and trains on it once)
     return lambda _batch: model.train()
+
+
+def sb3_differs(agent: OnPolicyAgent, env_id: str) -> str:
+    """Why SB3 PPO's ``train()`` is no like-for-like timing for ``agent`` (empty when it is):
+    no rl-zoo settings for the env, or other epochs, minibatches or rollout sizes than our preset's."""
+    if env_id not in ZOO_SETTINGS["sb3-ppo"]:
+        return f"no rl-zoo PPO settings here (only {', '.join(ZOO_SETTINGS['sb3-ppo'])})"
+    zoo, cfg = peer_settings("sb3-ppo", env_id), agent.config
+    ours = {"n_envs": agent.n_envs, **{k: getattr(cfg, k) for k in ("n_steps", "batch_size", "n_epochs")}}
+    different = {k: (v, zoo[k]) for k, v in ours.items() if zoo[k] != v}
+    return ", ".join(f"{k} {a} here, {b} in rl-zoo's table" for k, (a, b) in different.items())
 
 
 def describe(agent: OnPolicyAgent, piece: str) -> str:
@@ -115,7 +125,11 @@ def main() -> None:
             batch = agent.buffer.batch()
             calls: dict[str, Callable[[Any], Any]] = {"by hand": timed_call(agent, piece), "autograd": timed_call(agent, piece)}
             if piece == "ppo" and args.sb3:
-                calls["sb3"] = sb3_ppo_train(env_id)
+                differs = sb3_differs(agent, env_id)
+                if differs:
+                    print(f"{env_id}: SB3 skipped, {differs}")
+                else:
+                    calls["sb3"] = sb3_ppo_train(env_id)
             times: dict[str, list[float]] = {path: [] for path in calls}
             for repeat in range(args.repeats + 1):  # the first round warms up, untimed
                 for path, call in calls.items():
