@@ -162,8 +162,7 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
 
 def clip_grad_norm_(params: Sequence[Tensor], max_norm: float) -> Tensor:
     """``torch.nn.utils.clip_grad_norm_`` (2-norm, no error on non-finite norms) without its
-    per-call grouping by device and dtype, with one ``_foreach`` call each for the norms and
-    the scaling.
+    per-call grouping by device and dtype.
 
     The minibatch loops of PPO and of the TRPO critic clip after each of their many small
     steps, where torch's version (and ``torch.nn.utils.get_total_norm``) spends more time
@@ -180,9 +179,10 @@ def clip_grad_norm_(params: Sequence[Tensor], max_norm: float) -> Tensor:
     first = grads[0]
     if any(g.dtype != first.dtype or g.device != first.device or g.is_sparse for g in grads):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    total: Tensor = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    total: Tensor = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    torch._foreach_mul_(grads, scale)
+    for grad in grads:
+        grad.mul_(scale)
     return total
 
 
