@@ -103,20 +103,51 @@ def ppo_loss(
         vf_coef: Weight of the value loss.
         ent_coef: Weight of the entropy bonus.
     """
+    return _ppo_terms(log_probs, old_log_probs, advantages, values, old_values, returns, entropy, clip_range,
+                      clip_range_vf, vf_coef, ent_coef).loss
+
+
+class _Terms(NamedTuple):
+    """:func:`ppo_loss` and the intermediates its derivatives are written from."""
+
+    loss: PPOLoss
+    unclipped: Tensor  # r Â
+    clipped: Tensor  # clip(r, 1 − ε, 1 + ε) Â
+    residual: Tensor  # R − V_clip
+    value_moved: Tensor | None  # V − V_old, with the value clip only
+
+
+def _ppo_terms(
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    advantages: Tensor,
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    entropy: Tensor,
+    clip_range: float,
+    clip_range_vf: float | None,
+    vf_coef: float,
+    ent_coef: float,
+) -> _Terms:
     log_ratio = log_probs - old_log_probs
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantages
     policy_loss = -torch.min(unclipped, clipped).mean()
+    moved = None
     if clip_range_vf is not None:
-        values = old_values + torch.clamp(values - old_values, -clip_range_vf, clip_range_vf)
-    value_loss = (returns - values).square().mean()
+        moved = values - old_values
+        values = old_values + torch.clamp(moved, -clip_range_vf, clip_range_vf)
+    residual = returns - values
+    value_loss = residual.square().mean()
     mean_entropy = entropy.mean()
     total = policy_loss + vf_coef * value_loss - ent_coef * mean_entropy
     with torch.no_grad():
         approx_kl = ((ratio - 1.0) - log_ratio).mean()
         clip_fraction = ((ratio - 1.0).abs() > clip_range).to(ratio.dtype).mean()
-    return PPOLoss(total, policy_loss, value_loss, mean_entropy, approx_kl, clip_fraction)
+    loss = PPOLoss(total, policy_loss, value_loss, mean_entropy, approx_kl, clip_fraction)
+    return _Terms(loss, unclipped, clipped, residual, moved)
 
 
 def ppo_loss_by_hand(
@@ -148,28 +179,17 @@ def ppo_loss_by_hand(
         ``(loss, grad_log_probs, grad_entropy, grad_values)``.
     """
     with torch.no_grad():
+        terms = _ppo_terms(log_probs, old_log_probs, advantages, values, old_values, returns, entropy, clip_range,
+                           clip_range_vf, vf_coef, ent_coef)
         count = log_probs.shape[0]
-        log_ratio = log_probs - old_log_probs
-        ratio = torch.exp(log_ratio)
-        unclipped = ratio * advantages
-        clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantages
-        policy_loss = -torch.min(unclipped, clipped).mean()
         value_scale: float | Tensor = 2.0 * vf_coef / count
-        if clip_range_vf is not None:
-            moved = values - old_values
-            values = old_values + torch.clamp(moved, -clip_range_vf, clip_range_vf)
-            value_scale = moved.abs().le(clip_range_vf).to(values.dtype).mul_(value_scale)
-        residual = returns - values
-        value_loss = residual.square().mean()
-        mean_entropy = entropy.mean()
-        total = policy_loss + vf_coef * value_loss - ent_coef * mean_entropy
-        approx_kl = ((ratio - 1.0) - log_ratio).mean()
-        clip_fraction = ((ratio - 1.0).abs() > clip_range).to(ratio.dtype).mean()
-        grad_log_probs = unclipped.le(clipped).to(ratio.dtype).mul_(unclipped).mul_(-1.0 / count)
-        grad_values = residual.neg().mul_(value_scale)
+        if clip_range_vf is not None and terms.value_moved is not None:
+            value_scale = terms.value_moved.abs().le(clip_range_vf).to(values.dtype).mul_(value_scale)
+        unclipped = terms.unclipped
+        grad_log_probs = unclipped.le(terms.clipped).to(unclipped.dtype).mul_(unclipped).mul_(-1.0 / count)
+        grad_values = terms.residual.neg().mul_(value_scale)
         grad_entropy = torch.full_like(entropy, -ent_coef / count)
-    loss = PPOLoss(total, policy_loss, value_loss, mean_entropy, approx_kl, clip_fraction)
-    return loss, grad_log_probs, grad_entropy, grad_values
+    return terms.loss, grad_log_probs, grad_entropy, grad_values
 
 
 class PPOGradient(NamedTuple):

@@ -516,7 +516,7 @@ class ActorCritic(nn.Module):
         where autograd's graph and engine cost more than a small MLP's arithmetic. Tested
         equal to autograd's gradient of the same loss.
         """
-        if not isinstance(obs, Tensor) or not self.flat_features or self.share_features_extractor:
+        if not isinstance(obs, Tensor) or not self.flat_features:  # (flat features: no extractor to share)
             return None
         actor_layers, critic_layers = self.actor_layers(), self.critic_layers()
         actor = mlp_forward_cached(actor_layers, self.actor_activations, obs)
