@@ -11,7 +11,9 @@ policy definition and tested equal to autograd (DESIGN principle 1):
 - ``ppo``: PPO's minibatch steps take the loss's gradient through
   :func:`trpo_lab.agents.ppo.ppo_loss_by_hand`, the distribution's
   ``log_prob_entropy_by_hand`` and :meth:`~trpo_lab.nn.policy.ActorCritic.dist_params_and_value_by_hand`
-  instead of autograd; timed as the whole ``update`` (``n_epochs`` of minibatch steps). With
+  instead of autograd; timed as the whole ``update`` (``n_epochs`` of minibatch steps), and
+  (``compiled``) the same update of a second agent of the same preset with ``compile = true``
+  (the hand-written path through ``torch.compile``; compiled in the untimed first round). With
   ``--sb3``, SB3 PPO's ``train()`` runs the same epochs over its own buffer of the same size,
   with the settings ``benchmarks/mujoco.py`` gives it (``trpo_lab.experiments.peers``;
   envs with rl-zoo settings there only).
@@ -120,10 +122,16 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     for env_id in args.envs:
         for piece in args.pieces:
-            agent: OnPolicyAgent = (PPO if piece == "ppo" else TRPO).from_preset(env_id, seed=0)
+            agents: list[OnPolicyAgent] = (
+                [PPO.from_preset(env_id, seed=0, compile=compile) for compile in (False, True)] if piece == "ppo"
+                else [TRPO.from_preset(env_id, seed=0)]
+            )
+            agent = agents[0]
             agent.collect_rollout()
             batch = agent.buffer.batch()
             calls: dict[str, Callable[[Any], Any]] = {"by hand": timed_call(agent, piece), "autograd": timed_call(agent, piece)}
+            if piece == "ppo":
+                calls["compiled"] = timed_call(agents[1], piece)  # same preset and seed: the same policy to start
             if piece == "ppo" and args.sb3:
                 differs = sb3_differs(agent, env_id)
                 if differs:
@@ -142,11 +150,17 @@ def main() -> None:
             line = (f"{env_id}: batch {batch.size}, {describe(agent, piece)}: median by hand "
                     f"{1e3 * median['by hand']:.1f} ms, autograd {1e3 * median['autograd']:.1f} ms, "
                     f"autograd / by hand {median['autograd'] / median['by hand']:.2f}x")
+            if "compiled" in median:
+                line += (f"; compiled {1e3 * median['compiled']:.1f} ms, compiled / by hand "
+                         f"{median['compiled'] / median['by hand']:.2f}x")
             if "sb3" in median:
                 line += (f"; SB3 PPO train() {1e3 * median['sb3']:.1f} ms, by hand / SB3 "
                          f"{median['by hand'] / median['sb3']:.2f}x, autograd / SB3 {median['autograd'] / median['sb3']:.2f}x")
+                if "compiled" in median:
+                    line += f", compiled / SB3 {median['compiled'] / median['sb3']:.2f}x"
             print(line)
-            agent.close()
+            for each in agents:
+                each.close()
 
 
 if __name__ == "__main__":

@@ -157,6 +157,125 @@ def test_minibatch_gradient_by_hand_equals_autograds(env: str, activation: str, 
         torch.testing.assert_close(by_param[id(param)], grad, rtol=1e-5, atol=1e-5 * float(grad.abs().max()))
 
 
+def _moved_agent(**kwargs: Any) -> tuple[PPO, Any, Any]:
+    """A Pendulum agent after one rollout, its policy moved away from the rollout's (ratios
+    away from 1), and a 48-row minibatch of that rollout with its preprocessed observations."""
+    agent = PPO("Pendulum-v1", n_envs=2, seed=1, n_steps=32, clip_range_vf=0.05, ent_coef=0.01, **kwargs)
+    agent.collect_rollout()
+    with torch.no_grad():
+        for param in agent.policy.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    minibatch = agent.buffer.batch().slice(0, 48)
+    return agent, minibatch, agent.policy.preprocess(minibatch.observations)
+
+
+@pytest.mark.parametrize("by_hand", [True, False])
+def test_compiled_minibatch_loss_and_gradient_equal_eagers(by_hand: bool) -> None:
+    """compile = true: torch.compile (inductor) of a minibatch's loss and gradient, through
+    the hand-written path and through autograd's (the compiled graph's own backward), equals
+    the eager computation up to float32 roundings."""
+    agent, minibatch, obs = _moved_agent(compile=True)
+    parameters = list(agent.policy.parameters())
+
+    def loss_and_grads() -> tuple[Any, list[torch.Tensor]]:
+        result = agent._minibatch_loss(minibatch, obs, by_hand=by_hand)
+        if isinstance(result, PPOGradient):
+            by_param = {id(param): grad for param, grad in result.grads}
+            return result.loss, [by_param[id(param)] for param in parameters]
+        return result, list(torch.autograd.grad(result.total, parameters))
+
+    compiled_loss, compiled_grads = loss_and_grads()
+    assert agent._compiled_loss is not None and agent._compiled_loss_ran  # compiled, not the fallback
+    agent._compiled_loss = None
+    eager_loss, eager_grads = loss_and_grads()
+    assert isinstance(compiled_loss, PPOGradient) == isinstance(eager_loss, PPOGradient)
+    for field in eager_loss._fields:
+        torch.testing.assert_close(getattr(compiled_loss, field).detach(), getattr(eager_loss, field).detach())
+    for mine, theirs in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5 * float(theirs.abs().max()))
+
+
+def test_compiled_training_repeats_itself_and_stays_with_eagers() -> None:
+    def train(compile: bool) -> torch.Tensor:
+        agent = PPO("Pendulum-v1", n_envs=2, seed=3, n_steps=64, batch_size=32, n_epochs=2, compile=compile)
+        agent.learn(512, tensorboard=False)
+        assert agent._compiled_loss_ran == compile
+        return torch.nn.utils.parameters_to_vector(agent.policy.parameters()).detach()
+
+    compiled = train(True)
+    assert torch.equal(compiled, train(True))  # same seed, same machine: the same floats
+    torch.testing.assert_close(compiled, train(False), rtol=1e-4, atol=1e-5)  # other roundings, same steps
+
+
+def test_compile_traces_once_whatever_the_minibatch_size_and_clip_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dynamic shapes from the start: the short last minibatches (rollouts drop the autoreset
+    slots, so their size varies) and a scheduled clip range reuse the first compilation."""
+    graphs: list[Any] = []
+    real_compile = torch.compile
+
+    def counting_compile(fn: Any, **kwargs: Any) -> Any:
+        def backend(graph: Any, example_inputs: Any) -> Any:
+            graphs.append(graph)
+            return graph.forward
+
+        return real_compile(fn, backend=backend, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    agent = PPO("CartPole-v1", n_envs=2, seed=0, n_steps=32, batch_size=24, n_epochs=2, compile=True,
+                clip_range="linear:0.2:0")
+    agent.learn(64, tensorboard=False)
+    first = len(graphs)
+    assert first >= 1
+    sizes = set()
+    for _ in range(6):
+        agent.collect_rollout()
+        batch = agent.buffer.batch()
+        sizes.add(batch.size % 24)
+        agent.update(batch)
+        agent.current_values["clip_range"] *= 0.9
+    assert len(sizes) > 1 and len(graphs) == first
+
+
+def test_a_failed_compilation_warns_once_and_trains_as_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    def train(**kwargs: Any) -> torch.Tensor:
+        agent = PPO("Pendulum-v1", n_envs=2, seed=3, n_steps=64, batch_size=32, n_epochs=2, **kwargs)
+        agent.learn(256, tensorboard=False)
+        assert agent._compiled_loss is None
+        return torch.nn.utils.parameters_to_vector(agent.policy.parameters()).detach()
+
+    def failing_compile(fn: Any, **kwargs: Any) -> Any:
+        def compiled(*args: Any, **kw: Any) -> Any:
+            raise RuntimeError("InductorError: no C++ compiler found\n(traceback of the compiler)")
+
+        return compiled
+
+    eager = train()
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    with pytest.warns(RuntimeWarning, match=r"torch.compile failed \(RuntimeError: InductorError: no C\+\+ "
+                      r"compiler found\); the minibatch steps run uncompiled") as caught:
+        fallen_back = train(compile=True)
+    assert len([w for w in caught if "torch.compile" in str(w.message)]) == 1
+    assert torch.equal(fallen_back, eager)
+
+
+def test_a_failure_after_a_compiled_step_is_the_losss_own_and_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+
+    def flaky_compile(fn: Any, **kwargs: Any) -> Any:
+        def compiled(*args: Any, **kw: Any) -> Any:
+            calls.append(1)
+            if len(calls) > 1:
+                raise ValueError("a NaN in the minibatch")
+            return fn(*args, **kw)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", flaky_compile)
+    agent = PPO("Pendulum-v1", n_envs=2, seed=3, n_steps=64, batch_size=32, compile=True)
+    with pytest.raises(ValueError, match="a NaN in the minibatch"):
+        agent.learn(128, tensorboard=False)
+
+
 def test_optimizer_names_resolve_and_bad_ones_are_rejected() -> None:
     assert optimizer_class("adam") is torch.optim.Adam
     assert optimizer_class("SGD") is torch.optim.SGD

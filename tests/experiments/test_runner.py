@@ -154,6 +154,49 @@ def test_changed_settings_in_an_existing_output_folder_are_refused(tmp_path: Pat
     assert len(err.splitlines()) == 1 and "other settings" in err and "total_timesteps" in err
 
 
+def test_a_speed_only_setting_keeps_the_finished_runs_and_others_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``compile`` changes how fast PPO runs, not what it computes (``PPOConfig.speed_only``):
+    turning it on in a rerun skips the finished run; another hyperparameter is refused."""
+    out = tmp_path / "out"
+    args = ["compare", "--algos", "ppo", "--envs", "CartPole-v1", "--seeds", "1", "--steps", "256", "--out", str(out)]
+    assert main(args) == 0
+    result = out / "runs" / "CartPole-v1-ppo-seed0" / "result.json"
+    before = result.read_bytes(), result.stat().st_mtime_ns
+    assert main([*args, "--set", "ppo.compile=true"]) == 0
+    assert (result.read_bytes(), result.stat().st_mtime_ns) == before  # skipped, not trained again
+    capsys.readouterr()
+    assert main([*args, "--set", "ppo.n_epochs=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "other settings (hyperparameters differ)" in err
+
+
+def test_a_resumed_run_takes_a_changed_speed_only_setting(tmp_path: Path) -> None:
+    """A run checkpointed without ``compile`` and resumed with it goes on compiled, from its
+    checkpoint, and its ``spec.json`` records the setting it now runs with."""
+    from trpo_lab import PPO
+    from trpo_lab.experiments.runner import _start_or_resume
+    from trpo_lab.experiments.spec import RunSpec
+
+    run_dir = tmp_path / "runs" / "CartPole-v1-ppo-seed0"
+    spec = RunSpec(algo="ppo", env_id="CartPole-v1", seed=0, total_timesteps=1024, n_envs=2, vectorization="sync",
+                   hyperparameters={"n_steps": 32}, eval_episodes=2, run_dir=run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "spec.json").write_text(json.dumps(spec.settings()))
+    agent = PPO("CartPole-v1", n_envs=2, seed=0, n_steps=32)
+    agent.learn(128, tensorboard=False)
+    agent.save(run_dir / "checkpoint.pt")
+    agent.close()
+    spec.hyperparameters["compile"] = True
+    resumed = _start_or_resume(spec)
+    try:
+        assert resumed.config.compile and resumed.num_timesteps == agent.num_timesteps
+        assert json.loads((run_dir / "spec.json").read_text())["hyperparameters"]["compile"] is True
+    finally:
+        resumed.close()
+
+
 def test_a_result_without_its_agent_file_is_refused_not_retrained(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -35,6 +35,14 @@ if TYPE_CHECKING:
 __all__ = ["Reducer"]
 
 
+def standardize(advantages: Tensor) -> Tensor:
+    """``(Â − mean) / (std + 1e-8)`` over this process's samples (unbiased std); unchanged for
+    at most one sample. :meth:`Reducer.normalize_advantages` in one process; traceable by ``torch.compile``."""
+    if advantages.numel() <= 1:
+        return advantages
+    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+
 class Reducer:
     """Sample-weighted reductions over the ranks of a data-parallel run (identity in one process).
 
@@ -204,9 +212,7 @@ class Reducer:
         Left unchanged when there is at most one sample in all.
         """
         if self.context is None:
-            if advantages.numel() <= 1:
-                return advantages
-            return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            return standardize(advantages)
         wide = advantages.to(torch.float64)
         count = torch.tensor(float(advantages.numel()), dtype=torch.float64, device=advantages.device)
         total, total_sum, total_square = self.sum(torch.stack([count, wide.sum(), wide.square().sum()]))

@@ -35,7 +35,7 @@ import numpy as np
 from trpo_lab.experiments.peers import check_peer, is_peer
 from trpo_lab.experiments.ray_executor import import_ray, run_on_ray
 from trpo_lab.experiments.report import write_outputs
-from trpo_lab.experiments.spec import DEFAULT_TIMESTEPS, Experiment, RunSpec
+from trpo_lab.experiments.spec import DEFAULT_TIMESTEPS, Experiment, RunSpec, without_speed_only
 from trpo_lab.logging import FolderLock, atomic_write_text
 from trpo_lab.validation import check_int
 
@@ -127,7 +127,7 @@ def finished_result(spec: RunSpec) -> dict[str, Any] | None:
     if not (spec.run_dir / _final_file(spec)).is_file():
         return None
     record = _read_json(spec.run_dir / RESULT_FILE)
-    if record is None or record.get("settings") != spec.settings():
+    if record is None or not spec.same_run(record.get("settings")):
         return None
     return record
 
@@ -192,8 +192,10 @@ def _start_or_resume(spec: RunSpec) -> OnPolicyAgent:
 
     run_dir = spec.run_dir
     stored = _read_json(run_dir / SPEC_FILE)
-    if stored == spec.settings() and (run_dir / "checkpoint.pt").is_file():
-        return OnPolicyAgent.load(run_dir / "checkpoint.pt")
+    if spec.same_run(stored) and (run_dir / "checkpoint.pt").is_file():
+        if stored != spec.settings():  # a speed-only setting changed: the run goes on with the new one
+            atomic_write_text(run_dir / SPEC_FILE, json.dumps(spec.settings(), indent=2))
+        return OnPolicyAgent.load(run_dir / "checkpoint.pt", **spec.speed_only_hyperparameters())
     if run_dir.exists():  # started but never checkpointed: start over
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -467,8 +469,9 @@ def _check_existing(specs: Sequence[RunSpec]) -> None:
                 "finished run, or delete the folder to train it again"
             )
         stored = _read_json(spec.run_dir / SPEC_FILE)
-        if stored is not None and stored != spec.settings():
-            changed = sorted(k for k in set(stored) | set(spec.settings()) if stored.get(k) != spec.settings().get(k))
+        if stored is not None and not spec.same_run(stored):
+            stored, wanted = without_speed_only(stored), without_speed_only(spec.settings())
+            changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
             raise ValueError(
                 f"{spec.run_dir} holds a run with other settings ({', '.join(changed)} differ); "
                 "use another --out or delete it"

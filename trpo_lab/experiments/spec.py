@@ -107,6 +107,30 @@ class RunSpec:
         result: dict[str, Any] = json.loads(json.dumps(data))
         return result
 
+    def same_run(self, stored: Mapping[str, Any] | None) -> bool:
+        """Whether ``stored`` settings (a ``spec.json``, or a result's) describe this run: equal
+        to :meth:`settings` but for the hyperparameters that change only a run's speed
+        (``AgentConfig.speed_only``, such as PPO's ``compile``)."""
+        return stored is not None and without_speed_only(stored) == without_speed_only(self.settings())
+
+    def speed_only_hyperparameters(self) -> dict[str, Any]:
+        """This run's speed-only hyperparameters: what a resumed run applies over its checkpoint's."""
+        speed_only = _speed_only(self.algo)
+        return {k: v for k, v in self.hyperparameters.items() if k in speed_only}
+
+
+def _speed_only(algo: Any) -> frozenset[str]:
+    return CONFIGS[algo].speed_only if isinstance(algo, str) and algo in CONFIGS else frozenset()
+
+
+def without_speed_only(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's settings without its algorithm's speed-only hyperparameters (``AgentConfig.speed_only``)."""
+    speed_only = _speed_only(settings.get("algo"))
+    hyperparameters = settings.get("hyperparameters")
+    if not speed_only or not isinstance(hyperparameters, Mapping):
+        return dict(settings)
+    return {**settings, "hyperparameters": {k: v for k, v in hyperparameters.items() if k not in speed_only}}
+
 
 @dataclass(kw_only=True)
 class Experiment:

@@ -24,6 +24,7 @@ __all__ = [
     "any_nonfinite",
     "assign_flat_",
     "clip_grad_norm_",
+    "clip_grads_",
     "flat_params",
     "to_device_async",
     "total_numel",
@@ -179,6 +180,12 @@ def clip_grad_norm_(params: Sequence[Tensor], max_norm: float) -> Tensor:
     first = grads[0]
     if any(g.dtype != first.dtype or g.device != first.device or g.is_sparse for g in grads):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return clip_grads_(grads, max_norm)
+
+
+def clip_grads_(grads: Sequence[Tensor], max_norm: float) -> Tensor:
+    """:func:`clip_grad_norm_` of the gradient tensors themselves (one dtype and device, dense),
+    in place; returns their total norm before clipping. Traceable by ``torch.compile``."""
     total: Tensor = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for grad in grads:
