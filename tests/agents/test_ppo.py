@@ -245,14 +245,16 @@ def test_a_failed_compilation_warns_once_and_trains_as_eager(monkeypatch: pytest
 
     def failing_compile(fn: Any, **kwargs: Any) -> Any:
         def compiled(*args: Any, **kw: Any) -> Any:
-            raise RuntimeError("InductorError: no C++ compiler found\n(traceback of the compiler)")
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\n\nCommand:\ng++ x.cpp\n\n"
+                               "Output:\nx.cpp:1:1: error: 'vec' was not declared\n")
 
         return compiled
 
     eager = train()
     monkeypatch.setattr(torch, "compile", failing_compile)
-    with pytest.warns(RuntimeWarning, match=r"torch.compile failed \(RuntimeError: InductorError: no C\+\+ "
-                      r"compiler found\); the minibatch steps run uncompiled") as caught:
+    with pytest.warns(RuntimeWarning, match=r"torch.compile failed \(RuntimeError: InductorError: CppCompileError: "
+                      r"C\+\+ compile error; x.cpp:1:1: error: 'vec' was not declared\); the minibatch steps run "
+                      r"uncompiled") as caught:
         fallen_back = train(compile=True)
     assert len([w for w in caught if "torch.compile" in str(w.message)]) == 1
     assert torch.equal(fallen_back, eager)

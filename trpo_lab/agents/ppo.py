@@ -385,9 +385,12 @@ class PPO(OnPolicyAgent):
             except Exception as error:
                 if self._compiled_loss_ran:
                     raise
+                lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+                detail = next((line for line in lines[1:] if "error:" in line.lower()), "")  # a compiler's message
                 warnings.warn(
-                    f"PPO: torch.compile failed ({type(error).__name__}: {str(error).strip().splitlines()[0]}); "
-                    "the minibatch steps run uncompiled (set compile = false to silence this)",
+                    f"PPO: torch.compile failed ({type(error).__name__}: {lines[0]}"
+                    f"{'; ' + detail if detail else ''}); the minibatch steps run uncompiled (set compile = false "
+                    "to silence this)",
                     RuntimeWarning, stacklevel=2,
                 )
                 self._compiled_loss = None
