@@ -193,6 +193,14 @@ def test_a_resumed_run_takes_a_changed_speed_only_setting(tmp_path: Path) -> Non
     try:
         assert resumed.config.compile and resumed.num_timesteps == agent.num_timesteps
         assert json.loads((run_dir / "spec.json").read_text())["hyperparameters"]["compile"] is True
+        resumed.save(run_dir / "checkpoint.pt")  # now the checkpoint says compile = true
+    finally:
+        resumed.close()
+    del spec.hyperparameters["compile"]  # turned off again: the default, not the checkpoint's true
+    resumed = _start_or_resume(spec)
+    try:
+        assert not resumed.config.compile and resumed.num_timesteps == agent.num_timesteps
+        assert "compile" not in json.loads((run_dir / "spec.json").read_text())["hyperparameters"]
     finally:
         resumed.close()
 

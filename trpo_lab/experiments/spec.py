@@ -39,7 +39,7 @@ import difflib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_args
 
@@ -114,9 +114,13 @@ class RunSpec:
         return stored is not None and without_speed_only(stored) == without_speed_only(self.settings())
 
     def speed_only_hyperparameters(self) -> dict[str, Any]:
-        """This run's speed-only hyperparameters: what a resumed run applies over its checkpoint's."""
+        """This run's speed-only hyperparameters, each at its default where the run does not set
+        it: what a resumed run applies over its checkpoint's."""
         speed_only = _speed_only(self.algo)
-        return {k: v for k, v in self.hyperparameters.items() if k in speed_only}
+        if not speed_only:
+            return {}
+        defaults = {f.name: f.default for f in fields(CONFIGS[self.algo]) if f.name in speed_only}
+        return {k: self.hyperparameters.get(k, defaults[k]) for k in speed_only}
 
 
 def _speed_only(algo: Any) -> frozenset[str]:
